@@ -1,0 +1,32 @@
+# emtransfer developer tasks. `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# A local CPU wheel of torch; installing it before anything else keeps pip from
+# pulling gigabytes of CUDA wheels (unpinned torch, or nixl's dependencies).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv test demo lint clean
+
+venv: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install '$(TORCH_SPEC)'
+	$(PIP) install -e '.[dev,nixl]'
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q
+
+demo: venv
+	$(PY) -m emtransfer demo
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy emtransfer
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

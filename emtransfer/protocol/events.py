@@ -1,0 +1,217 @@
+"""Events fed into the state machines and actions they return.
+
+Events come from the peer (a decoded message), from the runtime (an allocation granted, a
+write completed, a deadline passed, the peer lost) or from the caller (data ready, abort).
+Actions are instructions for the runtime; the machines never perform I/O themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import TransferError
+
+# --------------------------------------------------------------------------------- events
+
+
+class Event:
+    """Base of every event."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DataReady(Event):
+    """Sender: the caller handed over the payload."""
+
+    total_tokens: int
+    meta: dict[str, Any] | None = None
+    digest: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InitReceived(Event):
+    blocks: tuple[int, ...]
+    capacity_tokens: int
+    expected_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeReceived(Event):
+    round: int
+    blocks: tuple[int, ...]
+    capacity_tokens: int
+    received_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkReceived(Event):
+    round: int
+    start: int
+    count: int
+    total_tokens: int
+    is_last: bool
+    meta: dict[str, Any] | None = None
+    digest: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Start(Event):
+    """Receiver: the caller asked for ``rid``. ``whole`` asks for the first allocation to be
+    granted in one piece (the zero-copy lease needs it)."""
+
+    expected_tokens: int | None = None
+    whole: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AllocGranted(Event):
+    """An allocation was granted. ``blocks`` are the block indices in order."""
+
+    blocks: tuple[int, ...]
+    capacity_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteDone(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class WriteFailed(Event):
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AbortReceived(Event):
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AbortAckReceived(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAbort(Event):
+    """The caller cancelled the request or the node is closing."""
+
+    reason: str = "aborted by caller"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeout(Event):
+    """The deadline of the current state passed."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLost(Event):
+    """The peer is gone and the transport confirmed no write from it can still land."""
+
+    reason: str = "peer lost"
+
+
+# -------------------------------------------------------------------------------- actions
+
+
+class Action:
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Alloc(Action):
+    """Allocate up to ``num_tokens`` (at least ``min_tokens``), then feed ``AllocGranted``."""
+
+    num_tokens: int
+    min_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Write(Action):
+    """Sender: stage tokens ``[src_start, src_start + count)`` of the payload into the granted
+    staging allocation and write them into the receiver's allocation of ``round`` from its token
+    ``dst_start``; feed ``WriteDone`` or ``WriteFailed``."""
+
+    round: int
+    src_start: int
+    dst_start: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class FreeStaging(Action):
+    """Sender: free the staging allocation of the write that just ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendInit(Action):
+    blocks: tuple[int, ...]
+    capacity_tokens: int
+    expected_tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SendResume(Action):
+    round: int
+    blocks: tuple[int, ...]
+    capacity_tokens: int
+    received_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendChunkDone(Action):
+    round: int
+    start: int
+    count: int
+    total_tokens: int
+    is_last: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SendAbort(Action):
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendAbortAck(Action):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver(Action):
+    """Receiver: tokens ``[start, start + count)`` of the payload sit at the head of the current
+    allocation; copy them out."""
+
+    round: int
+    start: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Free(Action):
+    """Receiver: free the current allocation."""
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantine(Action):
+    """Receiver: a write may still land in the current allocation; keep it out of circulation."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseQuarantine(Action):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Complete(Action):
+    total_tokens: int
+    meta: dict[str, Any] | None = None
+    digest: str | None = None
+    #: receiver: the payload is still in the current allocation (lease), not copied out
+    in_place: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Fail(Action):
+    error: TransferError = field(compare=False)

@@ -1,0 +1,67 @@
+"""The table-driven core shared by the sender and the receiver machines.
+
+Following h11's rule, everything that decides a transition lives in one table per role:
+``TRANSITIONS[(state, event type)] -> handler``. A pair missing from the table is an invalid
+event and raises :class:`ProtocolError` naming the role, the state and the event. Each handler
+returns the new state and the actions; the new state must be one the table allows for that
+pair (``ALLOWED``), so the table stays the single place to read the machine from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+from typing import Any, ClassVar, Generic, TypeVar
+
+from ..errors import ProtocolError
+from .events import Action, Event
+
+S = TypeVar("S", bound=Enum)
+Handler = Callable[[Any, Any], tuple[Any, list[Action]]]
+
+
+class Machine(Generic[S]):
+    """One request's protocol state on one side."""
+
+    ROLE: ClassVar[str]
+    #: (state, event type) -> (handler, allowed new states)
+    TRANSITIONS: ClassVar[dict[tuple[Any, type[Event]], tuple[Handler, frozenset[Any]]]]
+    #: state -> name of the Settings timeout that bounds it (absent: no deadline)
+    TIMEOUTS: ClassVar[dict[Any, str]]
+    TERMINAL: ClassVar[frozenset[Any]]
+
+    def __init__(self, rid: str, state: S) -> None:
+        self.rid = rid
+        self.state: S = state
+        self.history: list[tuple[S, str, S]] = []
+
+    @property
+    def finished(self) -> bool:
+        return self.state in self.TERMINAL
+
+    @property
+    def timeout_name(self) -> str | None:
+        """The Settings timeout that bounds the current state, if any."""
+        return self.TIMEOUTS.get(self.state)
+
+    def handle(self, event: Event) -> list[Action]:
+        entry = self.TRANSITIONS.get((self.state, type(event)))
+        if entry is None:
+            raise ProtocolError(
+                f"{self.ROLE} rid={self.rid!r}: event {type(event).__name__} is not valid "
+                f"in state {self.state.name}"
+            )
+        handler, allowed = entry
+        new_state, actions = handler(self, event)
+        if new_state not in allowed:  # pragma: no cover - a bug in a handler, not in the peer
+            raise AssertionError(
+                f"{self.ROLE}: {self.state.name} --{type(event).__name__}--> {new_state.name} "
+                "is not in the transition table"
+            )
+        self.history.append((self.state, type(event).__name__, new_state))
+        self.state = new_state
+        return actions
+
+    @classmethod
+    def valid_events(cls, state: S) -> set[type[Event]]:
+        return {ev for (st, ev) in cls.TRANSITIONS if st == state}

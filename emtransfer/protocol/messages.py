@@ -1,0 +1,133 @@
+"""Wire messages of the control connection, versioned and validated on receipt.
+
+Encoded as msgpack through msgspec: a tagged union decoded against typed structs, so a
+message with a wrong type, a missing field, an unknown field or a value out of range is
+refused with a :class:`ProtocolError` that says what was wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+import msgspec
+
+from ..errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_RID_LEN = 256
+MAX_BLOCKS = 1 << 20
+
+Rid = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_RID_LEN)]
+NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+Pos = Annotated[int, msgspec.Meta(gt=0)]
+Blocks = Annotated[list[NonNeg], msgspec.Meta(min_length=1, max_length=MAX_BLOCKS)]
+Reason = Annotated[str, msgspec.Meta(max_length=4096)]
+
+
+class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
+    """Base of every control message."""
+
+
+class Hello(Message, tag="hello"):
+    version: int
+    role: str
+    node_id: str
+    fingerprint: dict[str, Any]
+    num_blocks: Pos
+    transport: str
+    transport_meta: bytes = b""
+    nonce: bytes = b""
+    auth: bytes = b""
+
+
+class HelloAck(Message, tag="hello_ack"):
+    version: int
+    role: str
+    node_id: str
+    fingerprint: dict[str, Any]
+    num_blocks: Pos
+    transport: str
+    transport_meta: bytes = b""
+    auth: bytes = b""
+
+
+class Init(Message, tag="init"):
+    """Language -> encode: the receiver's first allocation for ``rid``."""
+
+    rid: Rid
+    blocks: Blocks
+    capacity_tokens: Pos
+    expected_tokens: Pos | None = None
+
+
+class ChunkDone(Message, tag="chunk"):
+    """Encode -> language: the write of ``round`` completed; ``total_tokens`` on every round."""
+
+    rid: Rid
+    round: NonNeg
+    start: NonNeg
+    count: Pos
+    total_tokens: Pos
+    is_last: bool
+    meta: dict[str, Any] | None = None
+    digest: str | None = None
+
+
+class Resume(Message, tag="resume"):
+    """Language -> encode: the receiver's next allocation (round >= 1)."""
+
+    rid: Rid
+    round: Pos
+    blocks: Blocks
+    capacity_tokens: Pos
+    received_tokens: Pos
+
+
+class Abort(Message, tag="abort"):
+    rid: Rid
+    reason: Reason = ""
+
+
+class AbortAck(Message, tag="abort_ack"):
+    """Confirms that no write for ``rid`` is in flight any more."""
+
+    rid: Rid
+
+
+class Heartbeat(Message, tag="heartbeat"):
+    seq: NonNeg = 0
+
+
+class Encode(Message, tag="encode"):
+    """Language asks its encoder to compute the embedding for ``rid``."""
+
+    rid: Rid
+    job: dict[str, Any]
+
+
+class Error(Message, tag="error"):
+    """A refusal of a message that could not be tied to a request (bad frame, bad handshake)."""
+
+    reason: Reason
+
+
+AnyMessage = Union[  # noqa: UP007 - msgspec needs a runtime Union of the tagged structs
+    Hello, HelloAck, Init, ChunkDone, Resume, Abort, AbortAck, Heartbeat, Encode, Error
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(AnyMessage)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes | bytearray | memoryview) -> AnyMessage:
+    """Decode and validate one message; anything malformed raises :class:`ProtocolError`."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid message: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"undecodable message: {exc}") from None

@@ -1,0 +1,242 @@
+"""The sender (encode side) machine of one request.
+
+It needs two things before it can write: the payload (``DataReady``) and the receiver's first
+allocation (``InitReceived``), in either order. Each round writes ``min(remaining, receiver
+capacity)`` tokens, staged through the sender's own pool in as many pieces as its staging
+allocations allow (no hold-and-wait: a staging allocation is held only while its write is in
+flight). A write in flight is never abandoned: aborts, peer loss and cancellation wait in
+``DRAINING`` for it to end before the staging blocks are freed and the peer is told.
+
+    NEW --DataReady--> WAIT_INIT --InitReceived--> STAGING
+    NEW --InitReceived--> WAIT_DATA --DataReady--> STAGING
+    STAGING --AllocGranted--> WRITING --WriteDone--> STAGING (more of this round)
+                                                 \\-> WAIT_RESUME --ResumeReceived--> STAGING
+                                                 \\-> DONE (last round)
+    WRITING --AbortReceived|LocalAbort|PeerLost--> DRAINING --WriteDone|WriteFailed--> FAILED
+"""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+
+from ..errors import PeerLost as PeerLostError
+from ..errors import ProtocolError, TransferAborted, TransferError, TransferTimeout
+from . import events as ev
+from .events import Action
+from .machine import Machine
+
+
+class SenderState(Enum):
+    NEW = auto()
+    WAIT_INIT = auto()
+    WAIT_DATA = auto()
+    STAGING = auto()
+    WRITING = auto()
+    WAIT_RESUME = auto()
+    DRAINING = auto()
+    DONE = auto()
+    FAILED = auto()
+
+
+S = SenderState
+Result = tuple[SenderState, list[Action]]
+
+
+class SenderMachine(Machine[SenderState]):
+    ROLE = "sender"
+
+    def __init__(self, rid: str, *, block_size: int, remote_num_blocks: int) -> None:
+        super().__init__(rid, S.NEW)
+        self.block_size = block_size
+        self.remote_num_blocks = remote_num_blocks
+        self.total: int | None = None
+        self.meta: dict | None = None
+        self.digest: str | None = None
+        self.round = -1
+        self.sent = 0  # tokens in completed rounds
+        self.dest_blocks: tuple[int, ...] = ()
+        self.round_count = 0  # tokens this round writes
+        self.round_written = 0  # of those, written so far
+        self.pending = 0  # tokens of the write in flight
+        self._init: ev.InitReceived | None = None
+        self._drain_reply: Action | None = None
+        self._drain_error: TransferError | None = None
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _check_allocation(self, blocks: tuple[int, ...], capacity: int) -> str | None:
+        if len(set(blocks)) != len(blocks):
+            return f"duplicate blocks in {list(blocks)}"
+        bad = [b for b in blocks if b >= self.remote_num_blocks]
+        if bad:
+            return f"blocks {bad} outside the receiver's pool of {self.remote_num_blocks}"
+        if capacity > len(blocks) * self.block_size:
+            return f"capacity {capacity} exceeds {len(blocks)} blocks of {self.block_size}"
+        return None
+
+    def _peer_error(self, why: str) -> Result:
+        err = ProtocolError(f"rid={self.rid!r}: {why}")
+        return S.FAILED, [ev.SendAbort(f"protocol error: {why}"), ev.Fail(err)]
+
+    def _begin_round(self, blocks: tuple[int, ...], capacity: int) -> Result:
+        assert self.total is not None
+        self.round += 1
+        self.dest_blocks = blocks
+        self.round_count = min(self.total - self.sent, capacity)
+        self.round_written = 0
+        return S.STAGING, [ev.Alloc(self.round_count, min_tokens=1)]
+
+    # -- handlers ----------------------------------------------------------------------------
+    def _data_first(self, e: ev.DataReady) -> Result:
+        self.total, self.meta, self.digest = e.total_tokens, e.meta, e.digest
+        return S.WAIT_INIT, []
+
+    def _init_first(self, e: ev.InitReceived) -> Result:
+        why = self._check_allocation(e.blocks, e.capacity_tokens)
+        if why:
+            return self._peer_error(f"Init: {why}")
+        self._init = e
+        return S.WAIT_DATA, []
+
+    def _data_after_init(self, e: ev.DataReady) -> Result:
+        self.total, self.meta, self.digest = e.total_tokens, e.meta, e.digest
+        assert self._init is not None
+        return self._begin_round(self._init.blocks, self._init.capacity_tokens)
+
+    def _init_after_data(self, e: ev.InitReceived) -> Result:
+        why = self._check_allocation(e.blocks, e.capacity_tokens)
+        if why:
+            return self._peer_error(f"Init: {why}")
+        return self._begin_round(e.blocks, e.capacity_tokens)
+
+    def _granted(self, e: ev.AllocGranted) -> Result:
+        n = min(e.capacity_tokens, self.round_count - self.round_written)
+        self.pending = n
+        start = self.sent + self.round_written
+        return S.WRITING, [ev.Write(self.round, start, self.round_written, n)]
+
+    def _written(self, e: ev.WriteDone) -> Result:
+        assert self.total is not None
+        self.round_written += self.pending
+        self.pending = 0
+        if self.round_written < self.round_count:
+            rest = self.round_count - self.round_written
+            return S.STAGING, [ev.FreeStaging(), ev.Alloc(rest, min_tokens=1)]
+        start = self.sent
+        self.sent += self.round_count
+        last = self.sent == self.total
+        chunk = ev.SendChunkDone(self.round, start, self.round_count, self.total, last)
+        if last:
+            done = ev.Complete(self.total, self.meta, self.digest)
+            return S.DONE, [ev.FreeStaging(), chunk, done]
+        return S.WAIT_RESUME, [ev.FreeStaging(), chunk]
+
+    def _write_failed(self, e: ev.WriteFailed) -> Result:
+        err = TransferError(f"rid={self.rid!r}: write of round {self.round} failed: {e.reason}")
+        return S.FAILED, [ev.FreeStaging(), ev.SendAbort(f"write failed: {e.reason}"), ev.Fail(err)]
+
+    def _resume(self, e: ev.ResumeReceived) -> Result:
+        if e.round != self.round + 1:
+            return self._peer_error(f"Resume for round {e.round}, expected {self.round + 1}")
+        if e.received_tokens != self.sent:
+            return self._peer_error(
+                f"Resume says {e.received_tokens} tokens received, {self.sent} were sent"
+            )
+        why = self._check_allocation(e.blocks, e.capacity_tokens)
+        if why:
+            return self._peer_error(f"Resume: {why}")
+        return self._begin_round(e.blocks, e.capacity_tokens)
+
+    def _timeout(self, e: ev.Timeout) -> Result:
+        err = TransferTimeout(f"rid={self.rid!r}: timed out in sender state {self.state.name}")
+        # before Init the receiver holds nothing of ours: no Abort needed
+        acts: list[Action] = [] if self.state is S.WAIT_INIT else [ev.SendAbort("sender timeout")]
+        return S.FAILED, [*acts, ev.Fail(err)]
+
+    def _aborted(self, e: ev.AbortReceived) -> Result:
+        err = TransferAborted(f"rid={self.rid!r}: aborted by receiver: {e.reason}")
+        return S.FAILED, [ev.SendAbortAck(), ev.Fail(err)]
+
+    def _local_abort(self, e: ev.LocalAbort) -> Result:
+        err = TransferAborted(f"rid={self.rid!r}: {e.reason}")
+        acts: list[Action] = [] if self.state in (S.NEW, S.WAIT_INIT) else [ev.SendAbort(e.reason)]
+        return S.FAILED, [*acts, ev.Fail(err)]
+
+    def _lost(self, e: ev.PeerLost) -> Result:
+        return S.FAILED, [ev.Fail(PeerLostError(f"rid={self.rid!r}: {e.reason}"))]
+
+    def _drain_on_abort(self, e: ev.AbortReceived) -> Result:
+        self._drain_reply = ev.SendAbortAck()
+        self._drain_error = TransferAborted(f"rid={self.rid!r}: aborted by receiver: {e.reason}")
+        return S.DRAINING, []
+
+    def _drain_on_local(self, e: ev.LocalAbort) -> Result:
+        self._drain_reply = ev.SendAbort(e.reason)
+        self._drain_error = TransferAborted(f"rid={self.rid!r}: {e.reason}")
+        return S.DRAINING, []
+
+    def _drain_on_lost(self, e: ev.PeerLost) -> Result:
+        self._drain_reply = None
+        self._drain_error = PeerLostError(f"rid={self.rid!r}: {e.reason}")
+        return S.DRAINING, []
+
+    def _drained(self, e: ev.Event) -> Result:
+        assert self._drain_error is not None
+        reply = [self._drain_reply] if self._drain_reply is not None else []
+        return S.FAILED, [ev.FreeStaging(), *reply, ev.Fail(self._drain_error)]
+
+    def _drain_more(self, e: ev.Event) -> Result:
+        # a second reason to stop while draining: the peer asked for an ack, or vanished
+        if isinstance(e, ev.AbortReceived):
+            self._drain_reply = ev.SendAbortAck()
+        elif isinstance(e, ev.PeerLost):
+            self._drain_reply = None
+        return S.DRAINING, []
+
+    def _ack_late(self, e: ev.AbortReceived) -> Result:
+        # the receiver gave up while we finished or failed: nothing is in flight, say so
+        return self.state, [ev.SendAbortAck()]
+
+    def _ignore(self, e: ev.Event) -> Result:
+        return self.state, []
+
+    TIMEOUTS = {
+        S.WAIT_INIT: "init_timeout",
+        S.WAIT_DATA: "data_timeout",
+        S.STAGING: "alloc_timeout",
+        S.WAIT_RESUME: "resume_timeout",
+    }
+    TERMINAL = frozenset({S.DONE, S.FAILED})
+
+
+_F = frozenset
+_M = SenderMachine
+_WAITING = (S.NEW, S.WAIT_INIT, S.WAIT_DATA, S.STAGING, S.WAIT_RESUME)
+SenderMachine.TRANSITIONS = {
+    (S.NEW, ev.DataReady): (_M._data_first, _F({S.WAIT_INIT})),
+    (S.NEW, ev.InitReceived): (_M._init_first, _F({S.WAIT_DATA, S.FAILED})),
+    (S.WAIT_INIT, ev.InitReceived): (_M._init_after_data, _F({S.STAGING, S.FAILED})),
+    (S.WAIT_DATA, ev.DataReady): (_M._data_after_init, _F({S.STAGING})),
+    (S.STAGING, ev.AllocGranted): (_M._granted, _F({S.WRITING})),
+    (S.WRITING, ev.WriteDone): (_M._written, _F({S.STAGING, S.WAIT_RESUME, S.DONE})),
+    (S.WRITING, ev.WriteFailed): (_M._write_failed, _F({S.FAILED})),
+    (S.WAIT_RESUME, ev.ResumeReceived): (_M._resume, _F({S.STAGING, S.FAILED})),
+    (S.WRITING, ev.AbortReceived): (_M._drain_on_abort, _F({S.DRAINING})),
+    (S.WRITING, ev.LocalAbort): (_M._drain_on_local, _F({S.DRAINING})),
+    (S.WRITING, ev.PeerLost): (_M._drain_on_lost, _F({S.DRAINING})),
+    (S.DRAINING, ev.WriteDone): (_M._drained, _F({S.FAILED})),
+    (S.DRAINING, ev.WriteFailed): (_M._drained, _F({S.FAILED})),
+    (S.DRAINING, ev.AbortReceived): (_M._drain_more, _F({S.DRAINING})),
+    (S.DRAINING, ev.LocalAbort): (_M._drain_more, _F({S.DRAINING})),
+    (S.DRAINING, ev.PeerLost): (_M._drain_more, _F({S.DRAINING})),
+    (S.DONE, ev.AbortReceived): (_M._ack_late, _F({S.DONE})),
+    (S.DONE, ev.LocalAbort): (_M._ignore, _F({S.DONE})),
+    (S.DONE, ev.PeerLost): (_M._ignore, _F({S.DONE})),
+    (S.FAILED, ev.AbortReceived): (_M._ack_late, _F({S.FAILED})),
+    (S.FAILED, ev.LocalAbort): (_M._ignore, _F({S.FAILED})),
+    (S.FAILED, ev.PeerLost): (_M._ignore, _F({S.FAILED})),
+    (S.FAILED, ev.Timeout): (_M._ignore, _F({S.FAILED})),
+    **{(st, ev.Timeout): (_M._timeout, _F({S.FAILED})) for st in _WAITING if st is not S.NEW},
+    **{(st, ev.AbortReceived): (_M._aborted, _F({S.FAILED})) for st in _WAITING},
+    **{(st, ev.LocalAbort): (_M._local_abort, _F({S.FAILED})) for st in _WAITING},
+    **{(st, ev.PeerLost): (_M._lost, _F({S.FAILED})) for st in _WAITING},
+}

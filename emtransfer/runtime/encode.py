@@ -1,0 +1,306 @@
+"""The encode role: holds computed embeddings and pushes them into the receivers' blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import torch
+
+from ..allocator import Allocation
+from ..buffers import payload_digest
+from ..errors import InvalidRequest, PayloadError, PeerLost, ProtocolError, TransferError
+from ..protocol import SenderMachine, SenderState
+from ..protocol import events as ev
+from ..protocol import messages as m
+from .channel import Channel, register_local, unregister_local
+from .node import OFFLOAD_BYTES, Node, Peer
+from .session import Session
+
+
+@dataclass(frozen=True)
+class SendStats:
+    rid: str
+    num_tokens: int
+    nbytes: int
+    rounds: int
+    writes: int
+    elapsed_s: float
+    #: first write posted to last write completed
+    transfer_s: float
+    alloc_wait_s: float
+    digest: str | None
+
+
+class SenderSession(Session):
+    ALLOC_STATES = frozenset({SenderState.STAGING})
+    machine: SenderMachine
+
+    def __init__(self, node: EncodeNode, rid: str) -> None:
+        machine = SenderMachine(rid, block_size=node.settings.block_size, remote_num_blocks=0)
+        super().__init__(node, machine, None)
+        self.payload: Mapping[str, torch.Tensor] | None = None
+        self.staging: Allocation | None = None
+        self.writes = 0
+        self.t_first_write: float | None = None
+        self.t_last_write = 0.0
+        self._write_task: asyncio.Task[None] | None = None
+
+    def bind(self, peer: Peer) -> None:
+        self.peer = peer
+        self.machine.remote_num_blocks = peer.num_blocks
+        peer.sessions[self.rid] = self
+
+    def _granted(self, allocation: Allocation) -> ev.Event:
+        self.staging = allocation
+        return ev.AllocGranted(allocation.blocks, allocation.capacity_tokens)
+
+    def _send(self, msg: m.Message) -> None:
+        try:
+            assert self.peer is not None
+            self.peer.send(msg)
+        except PeerLost:
+            self.log.debug("peer gone; message dropped", msg=type(msg).__name__)
+
+    async def _execute(self, action: ev.Action) -> None:
+        mach = self.machine
+        match action:
+            case ev.Alloc():
+                self._start_alloc(action)
+            case ev.Write():
+                self._write_task = asyncio.create_task(self._write(action))
+            case ev.FreeStaging():
+                if self.staging is not None:
+                    self.node.allocator.free(self.staging)
+                    self.staging = None
+            case ev.SendChunkDone():
+                last = action.is_last
+                self._send(
+                    m.ChunkDone(
+                        rid=self.rid,
+                        round=action.round,
+                        start=action.start,
+                        count=action.count,
+                        total_tokens=action.total_tokens,
+                        is_last=last,
+                        meta=mach.meta if last else None,
+                        digest=mach.digest if last else None,
+                    )
+                )
+                self.node.metrics.rounds.inc()
+                if action.round > 0:
+                    self.node.metrics.resumes.inc()
+                if last:
+                    self.log.debug("last chunk sent", rounds=action.round + 1)
+                elif action.round >= 0:
+                    self.log.info(
+                        "round sent, awaiting resume",
+                        round=action.round,
+                        sent=action.start + action.count,
+                        total=action.total_tokens,
+                    )
+            case ev.SendAbort():
+                self._send(m.Abort(rid=self.rid, reason=action.reason))
+            case ev.SendAbortAck():
+                self._send(m.AbortAck(rid=self.rid))
+            case ev.Complete():
+                self._complete(action)
+            case ev.Fail():
+                self._set_error(action.error)
+            case _:  # pragma: no cover
+                raise ProtocolError(f"sender cannot execute {action!r}")
+
+    async def _write(self, action: ev.Write) -> None:
+        node = self.node
+        try:
+            staging, payload, peer = self.staging, self.payload, self.peer
+            assert staging is not None and payload is not None and peer is not None
+            dest = Allocation(self.rid, self.machine.dest_blocks, node.settings.block_size, 0)
+            runs = staging.runs_to(dest, action.count, dst_start=action.dst_start)
+            ops = node.registry.write_ops(runs)
+            nbytes = action.count * node.registry.token_nbytes
+
+            def stage() -> None:
+                node.registry.write(staging, payload, count=action.count, src_start=action.src_start)
+
+            if nbytes >= OFFLOAD_BYTES:
+                await asyncio.get_running_loop().run_in_executor(node.executor, stage)
+            else:
+                stage()
+            if self.t_first_write is None:
+                self.t_first_write = time.perf_counter()
+            await node.transport.write(peer.transport_id, ops, tag=f"{self.rid}/{action.round}")
+            self.t_last_write = time.perf_counter()
+            self.writes += 1
+            node.metrics.bytes.labels("out").inc(nbytes)
+            self.feed(ev.WriteDone())
+        except Exception as exc:  # the transport failed: the machine decides what follows
+            self.log.warning("write failed", error=repr(exc), round=action.round)
+            self.feed(ev.WriteFailed(repr(exc)))
+
+    def _complete(self, action: ev.Complete) -> None:
+        now = time.perf_counter()
+        stats = SendStats(
+            rid=self.rid,
+            num_tokens=action.total_tokens,
+            nbytes=action.total_tokens * self.node.registry.token_nbytes,
+            rounds=self.machine.round + 1,
+            writes=self.writes,
+            elapsed_s=now - self.t_start,
+            transfer_s=self.t_last_write - (self.t_first_write or now),
+            alloc_wait_s=self.alloc_wait_s,
+            digest=action.digest,
+        )
+        self.node.metrics.transfers.labels("ok").inc()
+        self.node.metrics.duration.observe(stats.elapsed_s)
+        self._set_result(stats)
+
+    async def _crash_cleanup(self) -> None:
+        if self._write_task is not None:
+            await asyncio.wait([self._write_task])
+        if self.staging is not None:
+            self.node.allocator.free(self.staging)
+            self.staging = None
+        if self.peer is not None and self.peer.alive:
+            self._send(m.Abort(rid=self.rid, reason="sender failed"))
+
+
+class EncodeNode(Node):
+    """Owns the encode side's pool, transport and control listener."""
+
+    role = "encode"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._senders: dict[str, SenderSession] = {}
+        self.address: str = ""
+
+    async def start(self) -> None:
+        await super().start()
+        if not self.address:
+            self.address = register_local(self)
+
+    async def close(self) -> None:
+        unregister_local(self.address)
+        await super().close()
+
+    def _unbound_sessions(self) -> list[Session]:
+        return [s for s in self._senders.values() if s.peer is None]
+
+    # -- the API -------------------------------------------------------------------------------
+    async def send(
+        self,
+        rid: str,
+        tensors: Mapping[str, torch.Tensor],
+        meta: dict[str, Any] | None = None,
+    ) -> SendStats:
+        """Push ``tensors`` for ``rid`` to whichever receiver asks for it (its ``Init`` may come
+        before or after this call) and return once the last round was written."""
+        _check_rid(rid)
+        num_tokens = self.registry.check_payload(tensors)
+        if meta is not None:
+            try:
+                msgspec.msgpack.encode(meta)
+                assert isinstance(meta, dict)
+            except (TypeError, AssertionError, msgspec.EncodeError) as exc:
+                raise PayloadError(f"meta must be a dict of plain values: {exc}") from None
+        if self._closing:
+            raise TransferError("node is closing")
+        session = self._senders.get(rid)
+        if session is not None and (
+            session.payload is not None or session.machine.state is not SenderState.WAIT_DATA
+        ):
+            raise InvalidRequest(f"rid {rid!r} is already in flight on this node")
+        digest = None
+        if self.settings.verify_digest:
+            digest = payload_digest(tensors, list(self.registry.layouts))
+        if session is None:
+            session = SenderSession(self, rid)
+            self._senders[rid] = session
+            session.start()
+        session.payload = tensors
+        session.feed(ev.DataReady(num_tokens, meta, digest))
+        try:
+            result: SendStats = await asyncio.shield(session.result)
+            return result
+        except asyncio.CancelledError:
+            if session.running:
+                session.feed(ev.LocalAbort("send cancelled by caller"))
+            raise
+
+    # -- peers ---------------------------------------------------------------------------------
+    async def accept(self, channel: Channel) -> Peer | None:
+        """Serve the handshake of a language node that connected on ``channel``."""
+        try:
+            hello = await self._recv_hello(channel)
+            if not isinstance(hello, m.Hello):
+                raise ProtocolError(f"expected Hello, got {type(hello).__name__}")
+            self._check_hello(hello, expected_role="language")
+            channel.send(m.HelloAck(**self._hello_fields()))
+            return await self._add_peer(channel, hello)
+        except TransferError as exc:
+            self.log.warning("handshake refused", error=str(exc))
+            try:
+                channel.send(m.Error(reason=f"handshake refused: {exc}"))
+            except PeerLost:
+                pass
+            channel.close()
+            return None
+
+    def _on_message(self, peer: Peer, msg: m.AnyMessage) -> None:
+        match msg:
+            case m.Init():
+                self._on_init(peer, msg)
+            case m.Resume():
+                event: ev.Event = ev.ResumeReceived(
+                    msg.round, tuple(msg.blocks), msg.capacity_tokens, msg.received_tokens
+                )
+                self._to_session(peer, msg.rid, event)
+            case m.Abort():
+                self._to_session(peer, msg.rid, ev.AbortReceived(msg.reason))
+            case m.Heartbeat():
+                pass
+            case _:
+                raise ProtocolError(f"unexpected {type(msg).__name__} from a language node")
+
+    def _on_init(self, peer: Peer, msg: m.Init) -> None:
+        event = ev.InitReceived(tuple(msg.blocks), msg.capacity_tokens, msg.expected_tokens)
+        session = self._senders.get(msg.rid)
+        if session is None:
+            if self._closing:
+                peer.send(m.Abort(rid=msg.rid, reason="encode node closing"))
+                return
+            session = SenderSession(self, msg.rid)
+            self._senders[msg.rid] = session
+            session.start()
+        if session.peer is None:
+            session.bind(peer)
+        elif session.peer is not peer:
+            peer.send(m.Abort(rid=msg.rid, reason="rid already in flight with another receiver"))
+            return
+        session.feed(event)
+
+    def _to_session(self, peer: Peer, rid: str, event: ev.Event) -> None:
+        session = peer.sessions.get(rid)
+        if session is not None and session.running:
+            session.feed(event)
+        elif isinstance(event, ev.AbortReceived):
+            peer.send(m.AbortAck(rid=rid))  # nothing of rid is in flight here
+        else:
+            peer.send(m.Abort(rid=rid, reason=f"unknown rid {rid!r}"))
+            raise ProtocolError(f"{type(event).__name__} for unknown rid {rid!r}")
+
+    def _session_ended(self, session: Session) -> None:
+        if self._senders.get(session.rid) is session:
+            del self._senders[session.rid]
+        if session.peer is not None and session.peer.sessions.get(session.rid) is session:
+            del session.peer.sessions[session.rid]
+
+
+def _check_rid(rid: object) -> None:
+    if not isinstance(rid, str) or not 0 < len(rid) <= m.MAX_RID_LEN:
+        raise InvalidRequest(f"rid must be a non-empty string of at most {m.MAX_RID_LEN} chars")

@@ -1,0 +1,348 @@
+"""The language role: reserves blocks, receives the rounds, hands the embedding to the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..allocator import Allocation
+from ..buffers import payload_digest
+from ..errors import CapacityError, InvalidRequest, PeerLost, ProtocolError, TransferError
+from ..protocol import ReceiverMachine, ReceiverState
+from ..protocol import events as ev
+from ..protocol import messages as m
+from .channel import LocalChannel, lookup_local
+from .encode import _check_rid
+from .node import OFFLOAD_BYTES, Node, Peer
+from .session import Session
+
+
+@dataclass
+class Received:
+    """A received payload. With :meth:`LanguageNode.lease`, ``tensors`` may be views into the
+    pool (``zero_copy``), valid until the lease closes."""
+
+    rid: str
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    num_tokens: int
+    rounds: int
+    digest: str | None
+    zero_copy: bool = False
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class ReceiverSession(Session):
+    ALLOC_STATES = frozenset({ReceiverState.ALLOCATING})
+    machine: ReceiverMachine
+
+    def __init__(self, node: LanguageNode, rid: str, peer: Peer) -> None:
+        s = node.settings
+        machine = ReceiverMachine(rid, block_size=s.block_size, default_tokens=s.default_tokens)
+        super().__init__(node, machine, peer)
+        self.current: Allocation | None = None
+        self.quarantined: Allocation | None = None
+        self.out: dict[str, torch.Tensor] | None = None
+        self.copy_s = 0.0
+        self.t_init = 0.0
+        self.t_last_chunk = 0.0
+
+    def _loop_done(self) -> bool:
+        return self.machine.finished or self.machine.state is ReceiverState.QUARANTINED
+
+    def _granted(self, allocation: Allocation) -> ev.Event:
+        self.current = allocation
+        return ev.AllocGranted(allocation.blocks, allocation.capacity_tokens)
+
+    async def _to_event(self, item: object) -> ev.Event | None:
+        if isinstance(item, m.ChunkDone):
+            if self.machine.state is ReceiverState.WAIT_CHUNK and self.peer is not None:
+                nbytes = item.count * self.node.registry.token_nbytes
+                tag = f"{self.rid}/{item.round}"
+                await self.node.transport.wait_landed(self.peer.transport_id, tag, nbytes)
+            self.t_last_chunk = time.perf_counter()
+            return ev.ChunkReceived(
+                item.round, item.start, item.count, item.total_tokens, item.is_last,
+                item.meta, item.digest,
+            )
+        return await super()._to_event(item)
+
+    def _send(self, msg: m.Message) -> None:
+        try:
+            assert self.peer is not None
+            self.peer.send(msg)
+        except PeerLost:
+            self.log.debug("peer gone; message dropped", msg=type(msg).__name__)
+
+    async def _execute(self, action: ev.Action) -> None:
+        alloc = self.node.allocator
+        match action:
+            case ev.Alloc():
+                self._start_alloc(action)
+            case ev.SendInit():
+                self.t_init = time.perf_counter()
+                self._send(
+                    m.Init(
+                        rid=self.rid,
+                        blocks=list(action.blocks),
+                        capacity_tokens=action.capacity_tokens,
+                        expected_tokens=action.expected_tokens,
+                    )
+                )
+            case ev.SendResume():
+                self.log.info(
+                    "resume",
+                    round=action.round,
+                    blocks=len(action.blocks),
+                    received=action.received_tokens,
+                    total=self.machine.total,
+                )
+                self._send(
+                    m.Resume(
+                        rid=self.rid,
+                        round=action.round,
+                        blocks=list(action.blocks),
+                        capacity_tokens=action.capacity_tokens,
+                        received_tokens=action.received_tokens,
+                    )
+                )
+            case ev.Deliver():
+                await self._deliver(action)
+            case ev.Free():
+                assert self.current is not None
+                alloc.free(self.current)
+                self.current = None
+            case ev.Quarantine():
+                assert self.current is not None
+                alloc.quarantine(self.current)
+                self.quarantined, self.current = self.current, None
+                self.log.warning("allocation quarantined", blocks=list(self.quarantined.blocks))
+            case ev.ReleaseQuarantine():
+                assert self.quarantined is not None
+                alloc.release_quarantine(self.quarantined)
+                self.quarantined = None
+                self._forget()
+            case ev.SendAbort():
+                self._send(m.Abort(rid=self.rid, reason=action.reason))
+            case ev.Complete():
+                self._complete(action)
+            case ev.Fail():
+                self._set_error(action.error)
+            case _:  # pragma: no cover
+                raise ProtocolError(f"receiver cannot execute {action!r}")
+
+    async def _deliver(self, action: ev.Deliver) -> None:
+        node, cur, total = self.node, self.current, self.machine.total
+        assert cur is not None and total is not None
+        if self.out is None:
+            self.out = node.registry.empty_like_payload(total)
+        out = self.out
+        t0 = time.perf_counter()
+
+        def copy() -> None:
+            node.registry.read_into(cur, out, count=action.count, out_start=action.start)
+
+        if action.count * node.registry.token_nbytes >= OFFLOAD_BYTES:
+            await asyncio.get_running_loop().run_in_executor(node.executor, copy)
+        else:
+            copy()
+        self.copy_s += time.perf_counter() - t0
+
+    def _complete(self, action: ev.Complete) -> None:
+        node = self.node
+        zero_copy = False
+        if action.in_place:
+            assert self.current is not None
+            views = node.registry.views(self.current, count=action.total_tokens)
+            zero_copy = views is not None
+            tensors = views or node.registry.read(self.current, count=action.total_tokens)
+        else:
+            assert self.out is not None
+            tensors = self.out
+        if node.settings.verify_digest and action.digest is not None:
+            got = payload_digest(tensors, list(node.registry.layouts))
+            if got != action.digest:
+                self._release_in_place()
+                self._set_error(
+                    TransferError(f"rid={self.rid!r}: digest mismatch {got} != {action.digest}")
+                )
+                return
+        now = time.perf_counter()
+        nbytes = action.total_tokens * node.registry.token_nbytes
+        stats = {
+            "elapsed_s": now - self.t_start,
+            "transfer_s": self.t_last_chunk - self.t_init,
+            "alloc_wait_s": self.alloc_wait_s,
+            "copy_s": self.copy_s,
+            "bytes": float(nbytes),
+        }
+        node.metrics.bytes.labels("in").inc(nbytes)
+        node.metrics.transfers.labels("ok").inc()
+        node.metrics.duration.observe(stats["elapsed_s"])
+        self._set_result(
+            Received(
+                rid=self.rid,
+                tensors=tensors,
+                meta=action.meta or {},
+                num_tokens=action.total_tokens,
+                rounds=self.machine.round + 1,
+                digest=action.digest,
+                zero_copy=zero_copy,
+                stats=stats,
+            )
+        )
+
+    def _release_in_place(self) -> None:
+        if self.current is not None:
+            self.node.allocator.free(self.current)
+            self.current = None
+
+    def take_allocation(self) -> Allocation | None:
+        """Hand the in-place allocation to a lease (which frees it on exit)."""
+        a, self.current = self.current, None
+        return a
+
+    def _forget(self) -> None:
+        if self.peer is not None and self.peer.sessions.get(self.rid) is self:
+            del self.peer.sessions[self.rid]
+
+    async def _crash_cleanup(self) -> None:
+        if self.current is not None:
+            # a write may still land here: keep it out of circulation until the peer is gone
+            self.node.allocator.quarantine(self.current)
+            self.quarantined, self.current = self.current, None
+            self._send(m.Abort(rid=self.rid, reason="receiver failed"))
+
+
+class LanguageNode(Node):
+    """Owns the language side's pool and transport; connects to encode nodes."""
+
+    role = "language"
+
+    async def connect(self, address: str) -> Peer:
+        """Connect and handshake with the encode node at ``address``."""
+        if not address.startswith("local://"):
+            raise InvalidRequest(f"unsupported address {address!r}")
+        server = lookup_local(address)
+        ours, theirs = LocalChannel.pair()
+        accepting = asyncio.create_task(server.accept(theirs))
+        try:
+            return await self.handshake(ours)
+        finally:
+            await accepting
+
+    async def handshake(self, channel: LocalChannel | Any) -> Peer:
+        """Run the client side of the handshake on a fresh channel."""
+        channel.send(m.Hello(**self._hello_fields()))
+        try:
+            ack = await self._recv_hello(channel)
+            if isinstance(ack, m.Error):
+                raise ProtocolError(f"encode node refused the connection: {ack.reason}")
+            if not isinstance(ack, m.HelloAck):
+                raise ProtocolError(f"expected HelloAck, got {type(ack).__name__}")
+            self._check_hello(ack, expected_role="encode")
+        except BaseException:
+            channel.close()
+            raise
+        return await self._add_peer(channel, ack)
+
+    # -- the API -------------------------------------------------------------------------------
+    async def receive(
+        self, rid: str, peer: Peer, expected_tokens: int | None = None
+    ) -> Received:
+        """Receive the payload of ``rid`` from ``peer``. Without ``expected_tokens`` the first
+        allocation is ``default_blocks``; longer payloads resume into further allocations."""
+        session = self._open(rid, peer, expected_tokens, whole=False)
+        async with peer.inflight:
+            result: Received = await self._run(session, expected_tokens, whole=False)
+            return result
+
+    @asynccontextmanager
+    async def lease(
+        self, rid: str, peer: Peer, expected_tokens: int | None = None
+    ) -> AsyncIterator[Received]:
+        """Receive into one allocation and lend it: ``tensors`` are views into the pool when the
+        payload fits one allocation of consecutive blocks (else copies). Freed at exit."""
+        want = expected_tokens or self.settings.default_tokens
+        if self.allocator.blocks_for(want) > self.allocator.num_blocks:
+            raise CapacityError(
+                f"a lease of {want} tokens needs {self.allocator.blocks_for(want)} blocks; the "
+                f"pool has {self.allocator.num_blocks}"
+            )
+        session = self._open(rid, peer, expected_tokens, whole=True)
+        async with peer.inflight:
+            got: Received = await self._run(session, expected_tokens, whole=True)
+        held = session.take_allocation()
+        try:
+            yield got
+        finally:
+            if held is not None:
+                self.allocator.free(held)
+
+    def _open(
+        self, rid: str, peer: Peer, expected_tokens: int | None, *, whole: bool
+    ) -> ReceiverSession:
+        _check_rid(rid)
+        if expected_tokens is not None and (
+            not isinstance(expected_tokens, int) or expected_tokens <= 0
+        ):
+            raise InvalidRequest(f"expected_tokens must be a positive integer, got {expected_tokens!r}")
+        if not peer.alive:
+            raise PeerLost(f"peer {peer.node_id} is gone")
+        if self._closing:
+            raise TransferError("node is closing")
+        if rid in peer.sessions:
+            raise InvalidRequest(f"rid {rid!r} is already in flight with peer {peer.node_id}")
+        session = ReceiverSession(self, rid, peer)
+        peer.sessions[rid] = session
+        return session
+
+    async def _run(self, session: ReceiverSession, expected: int | None, *, whole: bool) -> Any:
+        session.feed(ev.Start(expected, whole))
+        session.start()
+        try:
+            return await asyncio.shield(session.result)
+        except asyncio.CancelledError:
+            if session.running:
+                session.feed(ev.LocalAbort("receive cancelled by caller"))
+            raise
+
+    # -- control messages ----------------------------------------------------------------------
+    def _on_message(self, peer: Peer, msg: m.AnyMessage) -> None:
+        match msg:
+            case m.ChunkDone():
+                self._to_session(peer, msg.rid, msg)
+            case m.Abort():
+                self._to_session(peer, msg.rid, ev.AbortReceived(msg.reason))
+            case m.AbortAck():
+                session = peer.sessions.get(msg.rid)
+                if session is not None and not session.running:
+                    asyncio.ensure_future(session.step(ev.AbortAckReceived()))
+                elif session is not None:
+                    session.feed(ev.AbortAckReceived())
+            case m.Heartbeat():
+                pass
+            case _:
+                raise ProtocolError(f"unexpected {type(msg).__name__} from an encode node")
+
+    def _to_session(self, peer: Peer, rid: str, item: object) -> None:
+        session = peer.sessions.get(rid)
+        if session is None:
+            raise ProtocolError(f"{type(item).__name__} for unknown rid {rid!r}")
+        if session.running:
+            session.feed(item)
+        elif isinstance(item, ev.AbortReceived):  # quarantined: the sender confirms it stopped
+            asyncio.ensure_future(session.step(item))
+
+    def _session_ended(self, session: Session) -> None:
+        assert isinstance(session, ReceiverSession)
+        if session.quarantined is None:
+            session._forget()
+        inflight = sum(len(p.sessions) for p in self.peers.values())
+        self.metrics.inflight.set(inflight)

@@ -1,0 +1,263 @@
+"""What both roles share: the pool, the transport, the peers and their control channels,
+the handshake, and an orderly shutdown that leaves no block behind."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import structlog
+
+from ..allocator import BlockAllocator
+from ..buffers import BufferRegistry
+from ..errors import ConfigError, PeerLost, ProtocolError, TransferError
+from ..protocol import PROTOCOL_VERSION
+from ..protocol import events as ev
+from ..protocol import messages as m
+from ..settings import Settings
+from ..transport import Transport, create_transport
+from .channel import Channel
+from .metrics import Metrics
+from .session import Session
+
+#: payloads at least this large are copied on the executor, not on the event loop
+OFFLOAD_BYTES = 1 << 20
+_peer_serial = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Peer:
+    """A connected peer node: its control channel and the requests it shares with us."""
+
+    node_id: str
+    role: str
+    num_blocks: int
+    channel: Channel
+    inflight: asyncio.Semaphore
+    sessions: dict[str, Session] = field(default_factory=dict)
+    alive: bool = True
+    reader: asyncio.Task[None] | None = None
+    #: the transport's name for this peer (unique per connection, so a restarted peer is new)
+    transport_id: str = ""
+
+    def send(self, msg: m.Message) -> None:
+        if not self.alive:
+            raise PeerLost(f"peer {self.node_id} is gone")
+        self.channel.send(msg)
+
+
+class Node:
+    """Base of :class:`EncodeNode` and :class:`LanguageNode`."""
+
+    role: ClassVar[str]
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        transport: Transport | None = None,
+        **overrides: Any,
+    ) -> None:
+        if settings is None:
+            settings = Settings(**overrides)
+        elif overrides:
+            settings = Settings(**{**settings.model_dump(), **overrides})
+        self.settings = settings
+        self.node_id = f"{self.role}-{uuid.uuid4().hex[:12]}"
+        self.allocator = BlockAllocator(settings.num_blocks, settings.block_size)
+        self.registry = BufferRegistry.from_settings(settings)
+        self.transport = transport or create_transport(settings, self.registry)
+        self.metrics = Metrics(self.role, self.allocator)
+        self.peers: dict[str, Peer] = {}
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="emtransfer-copy")
+        self.log = structlog.get_logger("emtransfer").bind(node=self.node_id, role=self.role)
+        self._started = False
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def __aenter__(self) -> Any:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        await self.transport.start()
+        self._started = True
+        self.log.info(
+            "node started",
+            transport=self.transport.name,
+            blocks=self.settings.num_blocks,
+            block_size=self.settings.block_size,
+            pool_mib=round(self.registry.nbytes / 2**20, 1),
+        )
+
+    async def close(self) -> None:
+        """Abort what is in flight, drain writes, drop the peers, release the transport."""
+        if self._closing:
+            return
+        self._closing = True
+        sessions = [s for p in self.peers.values() for s in p.sessions.values()]
+        sessions += self._unbound_sessions()
+        for s in sessions:
+            if s.running:
+                s.feed(ev.LocalAbort("node closing"))
+        tasks = [s.task for s in sessions if s.task is not None and not s.task.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.settings.abort_ack_timeout)
+        for peer in list(self.peers.values()):
+            peer.channel.close()
+            await self._peer_lost(peer, "node closing")
+        await self.transport.close()
+        self.executor.shutdown(wait=True)
+        leaks = self.allocator.leak_report()
+        if leaks:
+            self.log.error("blocks still held at close", leaks=leaks)
+        self.log.info("node closed")
+
+    def _unbound_sessions(self) -> list[Session]:
+        return []
+
+    # -- queries -------------------------------------------------------------------------------
+    def leak_report(self) -> dict[str, list[int]]:
+        return self.allocator.leak_report()
+
+    def health(self) -> dict[str, Any]:
+        a = self.allocator
+        return {
+            "role": self.role,
+            "node_id": self.node_id,
+            "transport": self.transport.name,
+            "pool": {
+                "blocks_total": a.num_blocks,
+                "blocks_free": a.num_free,
+                "blocks_quarantined": a.num_quarantined,
+                "waiters": a.num_waiters,
+            },
+            "inflight": sum(len(p.sessions) for p in self.peers.values()),
+            "peers": [p.node_id for p in self.peers.values() if p.alive],
+        }
+
+    # -- handshake -----------------------------------------------------------------------------
+    def _hello_fields(self) -> dict[str, Any]:
+        return {
+            "version": PROTOCOL_VERSION,
+            "role": self.role,
+            "node_id": self.node_id,
+            "fingerprint": self.settings.fingerprint(),
+            "num_blocks": self.settings.num_blocks,
+            "transport": self.transport.name,
+            "transport_meta": self.transport.metadata(),
+        }
+
+    def _check_hello(self, hello: m.Hello | m.HelloAck, expected_role: str) -> None:
+        """Refuse a peer that does not speak our protocol or lays out its pools differently."""
+        if hello.version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"protocol version mismatch: peer {hello.version}, ours {PROTOCOL_VERSION}"
+            )
+        if hello.role != expected_role:
+            raise ProtocolError(f"peer role is {hello.role!r}, expected {expected_role!r}")
+        if hello.transport != self.transport.name:
+            raise ConfigError(
+                f"transport mismatch: peer uses {hello.transport!r}, we use {self.transport.name!r}"
+            )
+        ours = self.settings.fingerprint()
+        diff = _first_difference(ours, hello.fingerprint)
+        if diff is not None:
+            path, mine, theirs = diff
+            raise ConfigError(f"settings mismatch on {path}: ours {mine!r}, peer's {theirs!r}")
+
+    async def _recv_hello(self, channel: Channel) -> m.AnyMessage:
+        try:
+            async with asyncio.timeout(self.settings.bootstrap_timeout):
+                return await channel.recv()
+        except TimeoutError:
+            raise PeerLost(
+                f"no handshake within bootstrap_timeout={self.settings.bootstrap_timeout}s"
+            ) from None
+
+    async def _add_peer(self, channel: Channel, hello: m.Hello | m.HelloAck) -> Peer:
+        peer = Peer(
+            node_id=hello.node_id,
+            role=hello.role,
+            num_blocks=hello.num_blocks,
+            channel=channel,
+            inflight=asyncio.Semaphore(self.settings.max_inflight_per_peer),
+            transport_id=f"{hello.node_id}#{next(_peer_serial)}",
+        )
+        await self.transport.add_peer(peer.transport_id, hello.transport_meta)
+        old = self.peers.get(peer.node_id)
+        if old is not None:
+            await self._peer_lost(old, "replaced by a new connection")
+        self.peers[peer.node_id] = peer
+        self.metrics.peers.set(len(self.peers))
+        peer.reader = asyncio.create_task(self._read(peer), name=f"emtransfer:read:{peer.node_id}")
+        self.log.info("peer connected", peer=peer.node_id, via=channel.description)
+        return peer
+
+    # -- control messages ----------------------------------------------------------------------
+    async def _read(self, peer: Peer) -> None:
+        reason = "connection closed"
+        try:
+            while True:
+                msg = await peer.channel.recv()
+                try:
+                    self._on_message(peer, msg)
+                except TransferError as exc:
+                    self.log.warning("refused message", peer=peer.node_id, error=str(exc))
+        except PeerLost as exc:
+            reason = str(exc)
+        except ProtocolError as exc:
+            # an undecodable frame: the stream can no longer be trusted
+            reason = f"protocol error: {exc}"
+            self.log.warning("dropping peer", peer=peer.node_id, error=reason)
+        finally:
+            peer.channel.close()
+            await self._peer_lost(peer, reason)
+
+    def _on_message(self, peer: Peer, msg: m.AnyMessage) -> None:
+        raise NotImplementedError
+
+    async def _peer_lost(self, peer: Peer, reason: str) -> None:
+        """Fail every request of the peer once the transport confirmed nothing can land."""
+        if not peer.alive:
+            return
+        peer.alive = False
+        if self.peers.get(peer.node_id) is peer:
+            del self.peers[peer.node_id]
+        self.metrics.peers.set(len(self.peers))
+        await self.transport.remove_peer(peer.transport_id)
+        self.log.warning("peer lost", peer=peer.node_id, reason=reason, requests=len(peer.sessions))
+        for session in list(peer.sessions.values()):
+            if session.running:
+                session.feed(ev.PeerLost(reason))
+            else:  # a quarantined allocation waiting for an AbortAck that will not come
+                await session.step(ev.PeerLost(reason))
+        if peer.reader is not None and peer.reader is not asyncio.current_task():
+            peer.reader.cancel()
+
+    def _session_ended(self, session: Session) -> None:
+        raise NotImplementedError
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in a or key not in b:
+                return sub, a.get(key), b.get(key)
+            found = _first_difference(a[key], b[key], sub)
+            if found:
+                return found
+        return None
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        a, b = list(a), list(b)
+    return None if a == b else (path or "fingerprint", a, b)

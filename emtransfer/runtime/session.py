@@ -1,0 +1,195 @@
+"""The per-request coroutine: one event queue, one deadline per state, actions executed.
+
+A session owns exactly one protocol machine. Everything that happens to the request --
+a message from the peer, an allocation granted, a write completed, a deadline, the caller
+giving up -- becomes an event on its queue, and only this coroutine feeds the machine. The
+subclasses (sender, receiver) execute the actions that are specific to their side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from ..allocator import Allocation
+from ..errors import ProtocolError, TransferError
+from ..protocol import events as ev
+from ..protocol.machine import Machine
+
+if TYPE_CHECKING:
+    from .node import Node, Peer
+
+
+class _Granted:
+    """An allocation task finished; ``token`` tells a current grant from a stale one."""
+
+    __slots__ = ("allocation", "token")
+
+    def __init__(self, token: object, allocation: Allocation) -> None:
+        self.token = token
+        self.allocation = allocation
+
+
+class Session:
+    """Drives one request's machine on one node."""
+
+    #: states in which an allocation may be outstanding
+    ALLOC_STATES: frozenset[Any] = frozenset()
+
+    def __init__(self, node: Node, machine: Machine[Any], peer: Peer | None) -> None:
+        self.node = node
+        self.machine = machine
+        self.peer = peer
+        self.rid = machine.rid
+        self.settings = node.settings
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
+        self.result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.task: asyncio.Task[None] | None = None
+        self.log = node.log.bind(rid=self.rid)
+        self.t_start = time.perf_counter()
+        self.alloc_wait_s = 0.0
+        self._alloc_token: object | None = None
+        self._alloc_task: asyncio.Task[None] | None = None
+        self._error_override: TransferError | None = None
+
+    # -- feeding -------------------------------------------------------------------------------
+    def feed(self, event: object) -> None:
+        self.queue.put_nowait(event)
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"emtransfer:{self.rid}")
+
+    @property
+    def running(self) -> bool:
+        """True while the coroutine drives the machine (not once it has handed back a result)."""
+        return self.task is not None and not self.task.done()
+
+    def _loop_done(self) -> bool:
+        return self.machine.finished
+
+    async def _run(self) -> None:
+        m = self.machine
+        loop = asyncio.get_running_loop()
+        state, deadline = None, None
+        try:
+            while not self._loop_done():
+                if m.state is not state:
+                    state = m.state
+                    name = m.timeout_name
+                    deadline = None if name is None else loop.time() + getattr(self.settings, name)
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        item = await self.queue.get()
+                except TimeoutError:
+                    item = ev.Timeout()
+                await self.step(item)
+        except Exception as exc:  # a bug: end the request cleanly rather than leak or hang
+            self.log.exception("session crashed", state=m.state.name)
+            await self._crash_cleanup()
+            self._set_error(exc if isinstance(exc, TransferError) else TransferError(repr(exc)))
+        finally:
+            self._cancel_alloc()
+            self.node._session_ended(self)
+
+    async def step(self, item: object) -> None:
+        """Turn one queue item into a machine event and execute the resulting actions."""
+        event = await self._to_event(item)
+        if event is None:
+            return
+        m = self.machine
+        before = m.state
+        try:
+            actions = m.handle(event)
+        except ProtocolError as exc:
+            if not self._is_remote(event):
+                raise
+            # the peer sent something that is invalid in this state: end the request
+            self.log.warning("protocol violation by peer", error=str(exc), state=before.name)
+            self._error_override = exc
+            actions = m.handle(ev.LocalAbort(f"protocol error: {exc}"))
+        self.log.debug(
+            "transition", frm=before.name, to=m.state.name, trigger=type(event).__name__
+        )
+        if m.state not in self.ALLOC_STATES:
+            self._cancel_alloc()
+        for action in actions:
+            await self._execute(action)
+
+    @staticmethod
+    def _is_remote(event: ev.Event) -> bool:
+        return isinstance(
+            event,
+            ev.InitReceived | ev.ResumeReceived | ev.ChunkReceived | ev.AbortReceived
+            | ev.AbortAckReceived,
+        )
+
+    async def _to_event(self, item: object) -> ev.Event | None:
+        if isinstance(item, _Granted):
+            if item.token is not self._alloc_token:
+                self.node.allocator.free(item.allocation)  # stale: the machine moved on
+                return None
+            self._alloc_token = None
+            self._alloc_task = None
+            return self._granted(item.allocation)
+        assert isinstance(item, ev.Event)
+        return item
+
+    # -- allocation ----------------------------------------------------------------------------
+    def _start_alloc(self, action: ev.Alloc) -> None:
+        token = object()
+        self._alloc_token = token
+        t0 = time.perf_counter()
+
+        async def alloc() -> None:
+            try:
+                a = await self.node.allocator.alloc(
+                    action.num_tokens, self.rid, timeout=None, min_tokens=action.min_tokens
+                )
+            except TransferError as exc:  # can never fit: end the request with that error
+                self._error_override = exc
+                self.feed(ev.LocalAbort(str(exc)))
+                return
+            waited = time.perf_counter() - t0
+            self.alloc_wait_s += waited
+            self.node.metrics.alloc_wait.observe(waited)
+            self.feed(_Granted(token, a))
+
+        self._alloc_task = asyncio.create_task(alloc())
+
+    def _cancel_alloc(self) -> None:
+        self._alloc_token = None
+        if self._alloc_task is not None:
+            self._alloc_task.cancel()  # a grant racing the cancel is freed as stale
+            self._alloc_task = None
+
+    # -- results -------------------------------------------------------------------------------
+    def _set_result(self, value: Any) -> None:
+        if not self.result.done():
+            self.result.set_result(value)
+
+    def _set_error(self, error: BaseException) -> None:
+        if self._error_override is not None:
+            error, self._error_override = self._error_override, None
+        if not self.result.done():
+            self.result.set_exception(error)
+            self.result.exception()  # mark retrieved: a caller that left must not warn
+        reason = type(error).__name__
+        self.node.metrics.failures.labels(reason).inc()
+        self.log.info("request failed", error=str(error), reason=reason)
+
+    # -- subclass hooks ------------------------------------------------------------------------
+    def _granted(self, allocation: Allocation) -> ev.Event:
+        raise NotImplementedError
+
+    async def _execute(self, action: ev.Action) -> None:
+        raise NotImplementedError
+
+    async def _crash_cleanup(self) -> None:
+        raise NotImplementedError
+
+
+def get_logger() -> Any:
+    return structlog.get_logger("emtransfer")

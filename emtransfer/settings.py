@@ -1,0 +1,243 @@
+"""Settings: defaults < config TOML < environment (EMTRANSFER_*, SGLANG_* aliases) < arguments."""
+
+from __future__ import annotations
+
+import os
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+from emtransfer.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+FIELD_DTYPES = (*FLOAT_DTYPES, "int64", "int32", "int16", "int8", "uint8", "bool")
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
+_DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")
+#: Legacy SGLang variable names, read when the EMTRANSFER_* variable is not set.
+SGLANG_ALIASES = {
+    "block_size": "SGLANG_MULTIMODAL_BLOCK_SIZE",
+    "default_blocks": "SGLANG_DEFAULT_MULTIMODAL_BLOCKS",
+    "num_blocks": "SGLANG_EMBEDDING_CACHE_BUFFER_SIZE",
+}
+CONFIG_ENV = "EMTRANSFER_CONFIG"
+PosInt = Annotated[int, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+_config_file: ContextVar[str | Path | None] = ContextVar("emtransfer_config_file", default=None)
+
+
+def _dtype(value: str, allowed: tuple[str, ...]) -> str:
+    name = _DTYPE_ALIASES.get(value.strip().lower(), value.strip().lower())
+    if name not in allowed:
+        raise ValueError(f"must be one of {', '.join(allowed)}")
+    return name
+
+
+def _device(value: str) -> str:
+    if not _DEVICE_RE.fullmatch(value := value.strip().lower()):
+        raise ValueError("must be cpu, cuda or cuda:N")
+    return value
+
+
+FloatDtype = Annotated[str, AfterValidator(lambda v: _dtype(v, FLOAT_DTYPES))]
+FieldDtype = Annotated[str, AfterValidator(lambda v: _dtype(v, FIELD_DTYPES))]
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    dt: torch.dtype = getattr(torch, name)
+    return dt
+
+
+class FieldSpec(BaseModel):
+    """An extra per-token field: its per-token shape and its dtype."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    shape: tuple[PosInt, ...]
+    dtype: FieldDtype
+
+
+class _TomlSource(TomlConfigSettingsSource):
+    """Top-level keys, or an ``[emtransfer]`` table (which wins over top-level keys)."""
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        data = super()._read_file(file_path)
+        table = data.pop("emtransfer", None)
+        return {**data, **table} if isinstance(table, dict) else data
+
+
+class _SGLangAliasSource(PydanticBaseSettingsSource):
+    """Reads the SGLANG_* aliases; ranks below EMTRANSFER_* variables."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return os.environ.get(SGLANG_ALIASES.get(field_name, "")), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: os.environ[v] for k, v in SGLANG_ALIASES.items() if v in os.environ}
+
+
+def _describe(err: Any) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        msg = "unknown setting"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<"}.get(kind, "<=")
+        msg = f"must be {op} {next(iter(ctx.values()))}"
+    else:
+        msg = str(err["msg"]).removeprefix("Value error, ")
+    if not loc:
+        return f"invalid settings: {msg}"
+    value = "'**********'" if loc == "auth_token" else repr(err.get("input"))
+    return f"invalid setting {loc}={value}: {msg}"
+
+
+class Settings(BaseSettings):
+    """Every knob of emtransfer. Invalid values raise :class:`ConfigError` naming the setting."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMTRANSFER_", frozen=True, extra="forbid", use_attribute_docstrings=True
+    )
+
+    block_size: PosInt = 128
+    """Tokens per block (alias SGLANG_MULTIMODAL_BLOCK_SIZE)."""
+    default_blocks: PosInt = 8
+    """Blocks reserved when the length is unknown (alias SGLANG_DEFAULT_MULTIMODAL_BLOCKS)."""
+    num_blocks: PosInt = 64
+    """Pool size in blocks per node. Alias SGLANG_EMBEDDING_CACHE_BUFFER_SIZE: in SGLang's design
+    that is the number of buffer blocks of the embedding cache (default 64), so it maps 1:1."""
+    hidden_size: PosInt = 4096
+    dtype: FloatDtype = "bfloat16"
+    """dtype of the embeddings field: float32, float16, bfloat16, float64 (fp32/fp16/bf16)."""
+    device: Annotated[str, AfterValidator(_device)] = "cpu"
+    """Pool device: cpu, cuda or cuda:N."""
+    fields: dict[str, FieldSpec] = Field(default_factory=dict)
+    """Extra per-token fields besides the (reserved) embeddings, in order."""
+    transport: Literal["auto", "nixl", "torch", "tcp", "local"] = "auto"
+    host: str = "127.0.0.1"
+    bootstrap_port: int = Field(0, ge=0, le=65535)
+    """Control channel port; 0 picks a free port."""
+    bootstrap_timeout: PosFloat = 10.0
+    init_timeout: PosFloat = 30.0
+    """Encode side waiting for the receiver's Init."""
+    data_timeout: PosFloat = 60.0
+    """Encode side holding an Init while waiting for the embedding to be produced."""
+    chunk_timeout: PosFloat = 30.0
+    resume_timeout: PosFloat = 30.0
+    alloc_timeout: PosFloat = 30.0
+    abort_ack_timeout: PosFloat = 5.0
+    heartbeat_interval: PosFloat = 1.0
+    heartbeat_timeout: PosFloat = 5.0
+    """Seconds without a heartbeat before the peer is lost; must be > heartbeat_interval."""
+    max_inflight_per_peer: PosInt = 64
+    auth_token: SecretStr | None = None
+    verify_digest: bool = False
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise ConfigError("; ".join(_describe(err) for err in e.errors())) from e
+        except SettingsError as e:
+            raise ConfigError(f"invalid settings: {e}") from e
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``config_file`` (or $EMTRANSFER_CONFIG), environment and overrides."""
+        token = _config_file.set(config_file)
+        try:
+            return cls(**overrides)
+        finally:
+            _config_file.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = (init_settings, env_settings, _SGLangAliasSource(settings_cls))
+        path = _config_file.get() or os.environ.get(CONFIG_ENV)
+        if not path:
+            return sources
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            return (*sources, _TomlSource(settings_cls, toml_file=path))
+        except Exception as e:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {e}") from e
+
+    @field_validator("fields")
+    @classmethod
+    def _check_fields(cls, v: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
+        if "embeddings" in v or "" in v:
+            raise ValueError("field names 'embeddings' (always present) and '' are reserved")
+        return v
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> Settings:
+        if (d := self.default_blocks) > (n := self.num_blocks):
+            raise ValueError(f"default_blocks={d} must be <= num_blocks={n}")
+        if (t := self.heartbeat_timeout) <= (i := self.heartbeat_interval):
+            raise ValueError(f"heartbeat_timeout={t} must be > heartbeat_interval={i}")
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The embeddings dtype as a ``torch.dtype``."""
+        return _torch_dtype(self.dtype)
+
+    @property
+    def device_kind(self) -> Literal["cpu", "cuda"]:
+        return "cpu" if self.device == "cpu" else "cuda"
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the whole pool holds."""
+        return self.num_blocks * self.block_size
+
+    @property
+    def default_tokens(self) -> int:
+        """Tokens of a default (unknown-length) allocation."""
+        return self.default_blocks * self.block_size
+
+    def _field_names(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        extra = {n: (f.shape, f.dtype) for n, f in self.fields.items()}
+        return {"embeddings": ((self.hidden_size,), self.dtype), **extra}
+
+    def field_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per-token shape and dtype of every field, ``embeddings`` first."""
+        return {n: (shape, _torch_dtype(dt)) for n, (shape, dt) in self._field_names().items()}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What two peers must agree on: block size, device kind, fields' shapes and dtypes."""
+        fields = {n: {"shape": list(s), "dtype": dt} for n, (s, dt) in self._field_names().items()}
+        return {"block_size": self.block_size, "device_kind": self.device_kind, "fields": fields}
+
+
+__all__ = ["FIELD_DTYPES", "FLOAT_DTYPES", "SGLANG_ALIASES", "FieldSpec", "Settings"]
