@@ -1,8 +1,16 @@
-"""Data-plane engines behind one small interface (:class:`Transport`)."""
+"""Data-plane engines behind one small interface (:class:`Transport`).
+
+One module per engine: ``local`` (in-process), ``tcp`` (asyncio sockets, the fallback),
+``nixl`` (NIXL/UCX), ``torch`` (torch.distributed: gloo for CPU pools, NCCL for CUDA pools).
+Engines with optional dependencies are imported only when chosen.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
+
+import structlog
 
 from ..errors import ConfigError
 from .base import Transport, TransportError
@@ -12,13 +20,47 @@ if TYPE_CHECKING:
     from ..buffers import BufferRegistry
     from ..settings import Settings
 
+_MODULES = {"local": "local", "tcp": "tcp", "nixl": "nixl", "torch": "torch"}
+_log = structlog.get_logger("emtransfer")
+
+
+def transport_class(name: str) -> type[Transport]:
+    if name not in _MODULES:
+        raise ConfigError(f"invalid setting transport={name!r}: choose from {sorted(_MODULES)}")
+    module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    cls: type[Transport] = module.TRANSPORT
+    return cls
+
+
+def transport_unavailable(name: str) -> str | None:
+    """Why transport ``name`` cannot run on this machine, or None when it can."""
+    try:
+        cls = transport_class(name)
+    except ImportError as exc:
+        return f"{name} transport cannot be imported: {exc}"
+    return cls.unavailable()
+
 
 def create_transport(settings: Settings, registry: BufferRegistry) -> Transport:
-    """The transport named by ``settings.transport`` (``auto``: the best one that works)."""
+    """The transport named by ``settings.transport``; ``auto`` picks nixl when it imports and
+    initialises, else tcp, and logs the choice."""
     name = settings.transport
-    if name in ("local", "auto"):
-        return LocalTransport(registry)
-    raise ConfigError(f"invalid setting transport={name!r}: not available in this build")
+    if name == "auto":
+        why = transport_unavailable("nixl")
+        name = "nixl" if why is None else "tcp"
+        _log.info("transport chosen", transport=name, nixl_unavailable=why)
+    else:
+        why = transport_unavailable(name)
+        if why is not None:
+            raise ConfigError(f"invalid setting transport={name!r}: {why}")
+    return transport_class(name).from_settings(settings, registry)
 
 
-__all__ = ["LocalTransport", "Transport", "TransportError", "create_transport"]
+__all__ = [
+    "LocalTransport",
+    "Transport",
+    "TransportError",
+    "create_transport",
+    "transport_class",
+    "transport_unavailable",
+]

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..buffers import BufferRegistry, WriteOp
 from ..errors import TransferError
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 
 class TransportError(TransferError):
@@ -27,6 +30,15 @@ class Transport(ABC):
 
     def __init__(self, registry: BufferRegistry) -> None:
         self.registry = registry
+
+    @classmethod
+    def from_settings(cls, settings: Settings, registry: BufferRegistry) -> Transport:
+        return cls(registry)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this engine cannot run here (a missing library, no device), or None."""
+        return None
 
     async def start(self) -> None:
         """Register the pools with the engine (once per node, never per request)."""
@@ -45,8 +57,9 @@ class Transport(ABC):
         pools; raises :class:`TransportError` on failure."""
 
     async def wait_landed(self, peer_id: str, tag: str, nbytes: int) -> None:
-        """Receiver side: return once ``nbytes`` written under ``tag`` are in the local pools.
-        Engines whose write completion already implies remote completion need not wait."""
+        """Receiver side: return once ``nbytes`` (summed over every field and every write made
+        under ``tag``) from ``peer_id`` are in the local pools, then forget the tag. Engines
+        whose sender-side completion already implies remote delivery need not wait."""
 
     async def remove_peer(self, peer_id: str) -> None:
         """Tear the peer down. After this returns no write from or to it can land."""

@@ -1,0 +1,157 @@
+"""One conformance suite for every data-plane transport that can run here, each driven
+between two OS processes (``transport_harness``): contiguous, scattered and partial-block
+descriptor lists, concurrent writes, the whole pool at once, and refusals."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from transport_harness import BLOCK_SIZE, run_pair
+
+from emtransfer.allocator import Allocation
+from emtransfer.buffers import WriteOp
+
+
+def available_transports() -> list[Any]:
+    params: list[Any] = []
+    for name in ("tcp", "nixl", "torch"):
+        reason = _unavailable(name)
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def _unavailable(name: str) -> str | None:
+    from emtransfer.transport import transport_unavailable
+
+    return transport_unavailable(name)
+
+
+def _alloc(blocks: list[int]) -> Allocation:
+    return Allocation("r", tuple(blocks), BLOCK_SIZE, 0)
+
+
+def _cases(registry: Any) -> list[list[WriteOp]]:
+    """Descriptor lists as the runtime builds them: runs between two allocations."""
+    cases = []
+    # contiguous on both sides
+    cases.append(_alloc(list(range(0, 16))).runs_to(_alloc(list(range(32, 48))), 256))
+    # the design note's scrambled lists, both directions
+    scrambled = [15, 16, 17, 18, 19, 14, 13, 12, 11, 10, 4, 3, 2, 1, 0]
+    cases.append(_alloc(list(range(20, 35))).runs_to(_alloc(scrambled), 15 * BLOCK_SIZE))
+    cases.append(_alloc([9, 3, 4, 5, 0]).runs_to(_alloc([40, 41, 50, 7, 8]), 5 * BLOCK_SIZE - 3))
+    # a partial block at an offset inside the destination allocation
+    cases.append(_alloc([60, 61]).runs_to(_alloc([1, 63]), 21, dst_start=5))
+    # the whole pool, reversed block order on the destination
+    n = registry.num_blocks
+    cases.append(_alloc(list(range(n))).runs_to(_alloc(list(reversed(range(n)))), n * BLOCK_SIZE))
+    return [registry.write_ops(runs) for runs in cases]
+
+
+def _fill(registry: Any, seed: int) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for name in registry.layouts:
+        view = registry.byte_view(name)
+        view.copy_(torch.randint(0, 256, (view.numel(),), dtype=torch.uint8, generator=g))
+
+
+def _expected(registry: Any, seed: int) -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in registry.layouts:
+        n = registry.byte_view(name).numel()
+        out[name] = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+    return out
+
+
+def _nbytes(ops: list[WriteOp]) -> int:
+    return sum(op.nbytes for op in ops)
+
+
+async def _recv(conn: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+
+
+async def _connect(transport: Any, conn: Any) -> None:
+    await transport.start()
+    conn.send(("meta", transport.metadata()))
+    _, meta = await _recv(conn)
+    await transport.add_peer("peer", meta)
+
+
+async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -> None:
+    from emtransfer.transport import TransportError
+
+    await _connect(transport, conn)
+    cases = _cases(registry)
+    if role == "sender":
+        for i, ops in enumerate(cases):
+            _fill(registry, seed=i)
+            await transport.write("peer", ops, tag=f"case{i}")
+            conn.send(("check", i, f"case{i}", [(o.field, o.src_offset, o.dst_offset, o.nbytes) for o in ops]))
+            assert (await _recv(conn))[0] == "checked"
+        # 16 concurrent writes to disjoint destinations, one tag each
+        _fill(registry, seed=99)
+        batches = [
+            _alloc([k]).runs_to(_alloc([63 - k]), BLOCK_SIZE) for k in range(16)
+        ]
+        ops_list = [registry.write_ops(r) for r in batches]
+        await asyncio.gather(
+            *(transport.write("peer", ops, tag=f"many{k}") for k, ops in enumerate(ops_list))
+        )
+        for k, ops in enumerate(ops_list):
+            conn.send(("check", 99, f"many{k}", [(o.field, o.src_offset, o.dst_offset, o.nbytes) for o in ops]))
+            assert (await _recv(conn))[0] == "checked"
+        # refusals: past the end of the peer's pool, an unknown peer, a removed peer
+        pool_bytes = registry.byte_view("embeddings").numel()
+        errors = []
+        bad = [WriteOp("embeddings", 0, pool_bytes - 8, 16)]
+        for peer, ops in (("peer", bad), ("nobody", cases[0])):
+            try:
+                await transport.write(peer, ops, tag="bad")
+                errors.append(f"no error for {peer}")
+            except TransportError:
+                pass
+        conn.send(("done-writing",))
+        await _recv(conn)  # receiver confirms it is still healthy
+        await transport.remove_peer("peer")
+        try:
+            await transport.write("peer", cases[0], tag="after-remove")
+            errors.append("write after remove_peer succeeded")
+        except TransportError:
+            pass
+        await transport.close()
+        conn.send(("ok", errors))
+    else:
+        checked = 0
+        while True:
+            msg = await _recv(conn)
+            if msg[0] == "done-writing":
+                break
+            _, seed, tag, raw = msg
+            ops = [WriteOp(*o) for o in raw]
+            await asyncio.wait_for(transport.wait_landed("peer", tag, _nbytes(ops)), 30)
+            want = _expected(registry, seed)
+            for op in ops:
+                got = registry.byte_view(op.field)[op.dst_offset : op.dst_offset + op.nbytes]
+                exp = want[op.field][op.src_offset : op.src_offset + op.nbytes]
+                assert bool((got == exp).all()), f"{tag}: bytes differ for {op}"
+            checked += 1
+            conn.send(("checked",))
+        conn.send(("alive",))
+        await transport.close()
+        conn.send(("ok", checked))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", available_transports())
+def test_transport_conformance(name: str) -> None:
+    sender, receiver = run_pair(name, scenario_writes, timeout=100)
+    assert sender == [], sender
+    assert receiver == 5 + 16

@@ -1,0 +1,121 @@
+"""Two-process harness for transport conformance: a sender process and a receiver process,
+each with its own registered pools, exchanging transport metadata over a pipe.
+
+Every transport that can run here is driven through the same cases by
+``tests/test_transport_conformance.py``. The child processes are spawned (not forked) so
+that engines with threads (NIXL, gloo) start clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+FIELDS = {"embeddings": ((1024,), "float32"), "mrope_positions": ((3,), "int64")}
+NUM_BLOCKS = 64
+BLOCK_SIZE = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_registry(num_blocks: int = NUM_BLOCKS) -> Any:
+    import torch
+
+    from emtransfer.buffers import BufferRegistry
+
+    fields = {k: (shape, getattr(torch, dt)) for k, (shape, dt) in FIELDS.items()}
+    return BufferRegistry(fields, num_blocks=num_blocks, block_size=BLOCK_SIZE)
+
+
+def make_transport(name: str, registry: Any, rank: int, env: dict[str, str]) -> Any:
+    os.environ.update(env)
+    from emtransfer.settings import Settings
+    from emtransfer.transport import create_transport
+
+    settings = Settings(
+        transport=name,
+        hidden_size=1024,
+        dtype="float32",
+        num_blocks=registry.num_blocks,
+        block_size=BLOCK_SIZE,
+        fields={"mrope_positions": {"shape": [3], "dtype": "int64"}},
+    )
+    return create_transport(settings, registry)
+
+
+def _child(
+    role: str, name: str, conn: Any, env: dict[str, str], scenario: Callable[..., Any]
+) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        registry = make_registry()
+        transport = make_transport(name, registry, 0 if role == "sender" else 1, env)
+        asyncio.run(scenario(role, transport, registry, conn))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+    finally:
+        conn.close()
+
+
+def run_pair(
+    name: str,
+    scenario: Callable[..., Any],
+    *,
+    timeout: float = 60.0,
+) -> list[Any]:
+    """Run ``scenario(role, transport, registry, conn)`` in two processes; return what each
+    side sent last on its pipe (``("ok", value)``), raising if either side failed."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    pipes = [ctx.Pipe() for _ in range(2)]
+    procs = []
+    for rank, role in enumerate(("sender", "receiver")):
+        env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        p = ctx.Process(target=_child, args=(role, name, pipes[rank][1], env, scenario))
+        p.start()
+        procs.append(p)
+    # relay: each side's messages go to the other, until both report a result
+    results: list[Any] = [None, None]
+    import time
+
+    deadline = time.monotonic() + timeout
+    ends = [pipes[0][0], pipes[1][0]]
+    try:
+        while any(r is None for r in results):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{name}: transport pair did not finish in {timeout}s")
+            ready = mp.connection.wait([e for i, e in enumerate(ends) if results[i] is None], left)
+            for e in ready:
+                i = ends.index(e)
+                try:
+                    msg = e.recv()
+                except EOFError:
+                    raise RuntimeError(f"{name}: side {i} exited without a result") from None
+                kind = msg[0]
+                if kind == "error":
+                    raise RuntimeError(f"{name}: side {i} failed:\n{msg[1]}")
+                if kind == "ok":
+                    results[i] = msg[1]
+                else:  # relay to the other side
+                    ends[1 - i].send(msg)
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return results
