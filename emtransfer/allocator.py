@@ -142,6 +142,8 @@ class BlockAllocator:
         self._quarantined: dict[int, Allocation] = {}
         self._waiters: deque[_Waiter] = deque()
         self._serials = itertools.count(1)
+        #: fewest free blocks ever seen (the pool's high-water mark is num_blocks - low_water)
+        self.low_water = num_blocks
 
     # -- queries -----------------------------------------------------------------------------
     @property
@@ -175,10 +177,12 @@ class BlockAllocator:
 
     # -- alloc -------------------------------------------------------------------------------
     def _check_request(self, num_tokens: int, min_tokens: int | None) -> tuple[int, int]:
-        if not isinstance(num_tokens, int) or num_tokens <= 0:
+        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens <= 0:
             raise CapacityError(f"num_tokens must be a positive integer, got {num_tokens!r}")
+        if min_tokens is not None and (not isinstance(min_tokens, int) or min_tokens <= 0):
+            raise CapacityError(f"min_tokens must be a positive integer, got {min_tokens!r}")
         want = self.blocks_for(num_tokens)
-        least = want if min_tokens is None else self.blocks_for(max(1, min_tokens))
+        least = want if min_tokens is None else self.blocks_for(min_tokens)
         if least > want:
             raise CapacityError(f"min_tokens={min_tokens} exceeds num_tokens={num_tokens}")
         if least > self.num_blocks:
@@ -192,6 +196,8 @@ class BlockAllocator:
         serial = next(self._serials)
         free, owner = self._free, self._owner
         blocks = tuple(free.pop() for _ in range(n))
+        if len(free) < self.low_water:
+            self.low_water = len(free)
         for b in blocks:
             owner[b] = serial
         alloc = Allocation(rid, blocks, self.block_size, serial)
@@ -221,25 +227,39 @@ class BlockAllocator:
         least, most = self._check_request(num_tokens, min_tokens)
         if not self._waiters and len(self._free) >= least:
             return self._take(min(most, len(self._free)), rid)
-        fut: asyncio.Future[Allocation] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Allocation] = loop.create_future()
         waiter = _Waiter(least, most, rid, fut)
         self._waiters.append(waiter)
+
+        def expire() -> None:
+            if fut.done():
+                return
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            fut.set_exception(
+                TransferTimeout(
+                    f"no {least} free blocks for rid={rid!r} within {timeout}s "
+                    f"({self.num_free}/{self.num_blocks} free, {len(self._waiters)} waiting)"
+                )
+            )
+            self._wake()  # the head may have been blocking smaller requests
+
+        handle = loop.call_later(timeout, expire) if timeout is not None else None
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except BaseException as exc:  # deadline or cancellation
-            if fut.done() and not fut.cancelled():
-                self.free(fut.result())  # granted in the same tick the wait ended
-            else:
+            return await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.free(fut.result())  # granted in the same tick the wait was cancelled
+            elif not fut.done() or fut.cancelled():
                 fut.cancel()
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-                self._wake()  # the head may have been blocking smaller requests
-            if isinstance(exc, TimeoutError):
-                raise TransferTimeout(
-                    f"no {least} free blocks for rid={rid!r} within {timeout}s "
-                    f"({self.num_free}/{self.num_blocks} free, {len(self._waiters)} waiting)"
-                ) from None
+                self._wake()
             raise
+        finally:
+            if handle is not None:
+                handle.cancel()
 
     def _wake(self) -> None:
         while self._waiters:
@@ -278,15 +298,17 @@ class BlockAllocator:
     def quarantine(self, allocation: Allocation) -> None:
         """Keep a live allocation's blocks out of circulation until :meth:`release_quarantine`:
         a write may still land in them."""
-        if self._live.pop(allocation.serial, None) is not allocation:
+        if self._live.get(allocation.serial) is not allocation:
             raise AllocatorError(f"cannot quarantine allocation of rid={allocation.rid!r}: not live")
+        del self._live[allocation.serial]
         self._quarantined[allocation.serial] = allocation
 
     def release_quarantine(self, allocation: Allocation) -> None:
-        if self._quarantined.pop(allocation.serial, None) is not allocation:
+        if self._quarantined.get(allocation.serial) is not allocation:
             raise AllocatorError(
                 f"allocation of rid={allocation.rid!r} is not quarantined; cannot release it"
             )
+        del self._quarantined[allocation.serial]
         self._release(allocation)
 
     def check_owned(self, rid: str, blocks: list[int] | tuple[int, ...]) -> None:

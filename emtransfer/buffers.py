@@ -94,7 +94,9 @@ class BufferRegistry:
             raise PayloadError(f"payload must be a mapping of field name to tensor, got {type(tensors).__name__}")
         unknown = set(tensors) - set(self.layouts)
         if unknown:
-            raise PayloadError(f"unknown fields {sorted(unknown)}; this node has {list(self.layouts)}")
+            raise PayloadError(
+                f"unknown fields {sorted(unknown, key=str)}; this node has {list(self.layouts)}"
+            )
         missing = set(self.layouts) - set(tensors)
         if missing:
             raise PayloadError(f"missing fields {sorted(missing)}")

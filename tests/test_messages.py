@@ -72,6 +72,7 @@ SAMPLES: list[m.Message] = [
     m.Heartbeat(seq=12345),
     m.Encode(rid="req-1", job={"num_tokens": 300, "image": None}),
     m.Error(reason="bad frame"),
+    m.Challenge(version=m.PROTOCOL_VERSION, nonce=b"\x00" * 16),
 ]
 
 MESSAGE_TYPES = set(m.Message.__subclasses__())
@@ -120,7 +121,7 @@ def test_encoding_is_tagged_with_type() -> None:
     tags = {as_dict(s)["type"] for s in SAMPLES}
     assert tags == {
         "hello", "hello_ack", "init", "chunk", "resume", "abort", "abort_ack",
-        "heartbeat", "encode", "error",
+        "heartbeat", "encode", "error", "challenge",
     }  # fmt: skip
 
 
@@ -279,6 +280,18 @@ def test_bad_field_value_is_refused(base: dict[str, Any], field: str, value: Any
 )
 def test_other_bounds_are_refused(msg: dict[str, Any]) -> None:
     refused(raw(msg))
+
+
+def test_block_list_length_is_bounded() -> None:
+    at_limit = m.Init(rid="r", blocks=list(range(m.MAX_BLOCKS)), capacity_tokens=1)
+    assert m.decode(m.encode(at_limit)) == at_limit
+    err = refused(raw(dict(INIT, blocks=list(range(m.MAX_BLOCKS + 1)))))
+    assert "blocks" in str(err)
+
+
+def test_challenge_nonce_must_be_bytes() -> None:
+    refused(raw({"type": "challenge", "version": 1, "nonce": "text"}))
+    refused(raw({"type": "challenge", "version": 1}))
 
 
 def test_error_message_says_what_was_wrong() -> None:

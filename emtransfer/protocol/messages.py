@@ -15,7 +15,7 @@ from ..errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_RID_LEN = 256
-MAX_BLOCKS = 1 << 20
+MAX_BLOCKS = 1 << 16
 
 Rid = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_RID_LEN)]
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
@@ -26,6 +26,13 @@ Reason = Annotated[str, msgspec.Meta(max_length=4096)]
 
 class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
     """Base of every control message."""
+
+
+class Challenge(Message, tag="challenge"):
+    """Encode -> language, first on a new connection: the nonce the client's proof covers."""
+
+    version: int
+    nonce: bytes
 
 
 class Hello(Message, tag="hello"):
@@ -112,7 +119,7 @@ class Error(Message, tag="error"):
 
 
 AnyMessage = Union[  # noqa: UP007 - msgspec needs a runtime Union of the tagged structs
-    Hello, HelloAck, Init, ChunkDone, Resume, Abort, AbortAck, Heartbeat, Encode, Error
+    Challenge, Hello, HelloAck, Init, ChunkDone, Resume, Abort, AbortAck, Heartbeat, Encode, Error
 ]
 
 _encoder = msgspec.msgpack.Encoder()
@@ -129,5 +136,5 @@ def decode(data: bytes | bytearray | memoryview) -> AnyMessage:
         return _decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"invalid message: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"undecodable message: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise ProtocolError(f"undecodable message: {type(exc).__name__}: {exc}") from None

@@ -48,6 +48,7 @@ class ReceiverMachine(Machine[ReceiverState]):
         self.total: int | None = None
         self.capacity = 0
         self.whole = False
+        self.expected: int | None = None
 
     def _alloc_next(self, want: int, whole: bool) -> Result:
         self.round += 1
@@ -59,13 +60,13 @@ class ReceiverMachine(Machine[ReceiverState]):
         if e.expected_tokens is not None and e.expected_tokens <= 0:
             raise ProtocolError(f"rid={self.rid!r}: expected_tokens must be > 0")
         self.whole = e.whole
+        self.expected = e.expected_tokens
         return self._alloc_next(e.expected_tokens or self.default_tokens, e.whole)
 
     def _granted(self, e: ev.AllocGranted) -> Result:
         self.capacity = e.capacity_tokens
         if self.round == 0:
-            expected = self.total  # None on round 0
-            return R.WAIT_CHUNK, [ev.SendInit(e.blocks, e.capacity_tokens, expected)]
+            return R.WAIT_CHUNK, [ev.SendInit(e.blocks, e.capacity_tokens, self.expected)]
         msg = ev.SendResume(self.round, e.blocks, e.capacity_tokens, self.received)
         return R.WAIT_CHUNK, [msg]
 
@@ -169,6 +170,8 @@ ReceiverMachine.TRANSITIONS = {
     (R.QUARANTINED, ev.Timeout): (_M._ignore, _F({R.QUARANTINED})),
     (R.DONE, ev.AbortReceived): (_M._ignore, _F({R.DONE})),
     (R.DONE, ev.LocalAbort): (_M._ignore, _F({R.DONE})),
+    (R.DONE, ev.PeerLost): (_M._ignore, _F({R.DONE})),
+    (R.DONE, ev.Timeout): (_M._ignore, _F({R.DONE})),
     (R.FAILED, ev.AbortReceived): (_M._ignore, _F({R.FAILED})),
     (R.FAILED, ev.AbortAckReceived): (_M._ignore, _F({R.FAILED})),
     (R.FAILED, ev.LocalAbort): (_M._ignore, _F({R.FAILED})),

@@ -61,6 +61,7 @@ class SenderMachine(Machine[SenderState]):
         self._init: ev.InitReceived | None = None
         self._drain_reply: Action | None = None
         self._drain_error: TransferError | None = None
+        self._peer_gone = False
 
     # -- helpers -----------------------------------------------------------------------------
     def _check_allocation(self, blocks: tuple[int, ...], capacity: int) -> str | None:
@@ -175,6 +176,7 @@ class SenderMachine(Machine[SenderState]):
         return S.DRAINING, []
 
     def _drain_on_lost(self, e: ev.PeerLost) -> Result:
+        self._peer_gone = True
         self._drain_reply = None
         self._drain_error = PeerLostError(f"rid={self.rid!r}: {e.reason}")
         return S.DRAINING, []
@@ -186,11 +188,17 @@ class SenderMachine(Machine[SenderState]):
 
     def _drain_more(self, e: ev.Event) -> Result:
         # a second reason to stop while draining: the peer asked for an ack, or vanished
-        if isinstance(e, ev.AbortReceived):
+        if isinstance(e, ev.PeerLost):
+            self._peer_gone = True
+        if self._peer_gone:
+            self._drain_reply = None  # nobody left to tell
+        elif isinstance(e, ev.AbortReceived):
             self._drain_reply = ev.SendAbortAck()
-        elif isinstance(e, ev.PeerLost):
-            self._drain_reply = None
         return S.DRAINING, []
+
+    def _late_init(self, e: ev.InitReceived) -> Result:
+        # the receiver allocated after we gave up: tell it, so it frees at once
+        return self.state, [ev.SendAbort("request already ended on the sender")]
 
     def _ack_late(self, e: ev.AbortReceived) -> Result:
         # the receiver gave up while we finished or failed: nothing is in flight, say so
@@ -233,6 +241,8 @@ SenderMachine.TRANSITIONS = {
     (S.DONE, ev.PeerLost): (_M._ignore, _F({S.DONE})),
     (S.FAILED, ev.AbortReceived): (_M._ack_late, _F({S.FAILED})),
     (S.FAILED, ev.LocalAbort): (_M._ignore, _F({S.FAILED})),
+    (S.FAILED, ev.InitReceived): (_M._late_init, _F({S.FAILED})),
+    (S.FAILED, ev.ResumeReceived): (_M._ignore, _F({S.FAILED})),
     (S.FAILED, ev.PeerLost): (_M._ignore, _F({S.FAILED})),
     (S.FAILED, ev.Timeout): (_M._ignore, _F({S.FAILED})),
     **{(st, ev.Timeout): (_M._timeout, _F({S.FAILED})) for st in _WAITING if st is not S.NEW},
