@@ -24,8 +24,9 @@ def frame(msg: m.Message) -> bytes:
 
 
 class FrameDecoder:
-    """Feed bytes in, take validated messages out. Any violation raises :class:`ProtocolError`
-    and the decoder stays broken (the stream cannot be resynchronised)."""
+    """Feed bytes in, take frame bodies out. A bad length raises :class:`ProtocolError` and
+    the decoder stays broken (the stream cannot be resynchronised); the bodies are decoded
+    one by one by :func:`messages.decode`, so one invalid message does not end the stream."""
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self.max_frame = max_frame
@@ -37,11 +38,11 @@ class FrameDecoder:
     def pending_bytes(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[m.AnyMessage]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         if self._broken is not None:
             raise self._broken
         self._buf += data
-        out: list[m.AnyMessage] = []
+        out: list[bytes] = []
         try:
             while True:
                 if self._need is None:
@@ -57,7 +58,7 @@ class FrameDecoder:
                 body = bytes(self._buf[: self._need])
                 del self._buf[: self._need]
                 self._need = None
-                out.append(m.decode(body))
+                out.append(body)
         except ProtocolError as exc:
             self._broken = exc
             raise

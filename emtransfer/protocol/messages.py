@@ -113,9 +113,25 @@ class Encode(Message, tag="encode"):
 
 
 class Error(Message, tag="error"):
-    """A refusal of a message that could not be tied to a request (bad frame, bad handshake)."""
+    """A refusal of a message that could not be tied to a request (bad frame, bad handshake).
+    ``kind`` is ``"config"`` when the two nodes' settings disagree."""
 
     reason: Reason
+    kind: str = ""
+
+
+class InvalidMessage(ProtocolError):
+    """One message failed validation; the stream around it is intact. ``rid`` is the request
+    it seems to belong to, when that much could be read."""
+
+    def __init__(self, text: str, rid: str | None = None) -> None:
+        super().__init__(text)
+        self.rid = rid
+
+
+def reason(text: str) -> str:
+    """A reason that fits in a message (long ones are cut, never refused)."""
+    return text if len(text) <= 4000 else text[:3990] + " [...]"
 
 
 AnyMessage = Union[  # noqa: UP007 - msgspec needs a runtime Union of the tagged structs
@@ -131,10 +147,19 @@ def encode(msg: Message) -> bytes:
 
 
 def decode(data: bytes | bytearray | memoryview) -> AnyMessage:
-    """Decode and validate one message; anything malformed raises :class:`ProtocolError`."""
+    """Decode and validate one message; anything malformed raises :class:`InvalidMessage`."""
     try:
         return _decoder.decode(data)
     except msgspec.ValidationError as exc:
-        raise ProtocolError(f"invalid message: {exc}") from None
+        raise InvalidMessage(f"invalid message: {exc}", _guess_rid(data)) from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
-        raise ProtocolError(f"undecodable message: {type(exc).__name__}: {exc}") from None
+        raise InvalidMessage(f"undecodable message: {type(exc).__name__}: {exc}") from None
+
+
+def _guess_rid(data: bytes | bytearray | memoryview) -> str | None:
+    try:
+        raw = msgspec.msgpack.decode(data)
+    except Exception:
+        return None
+    rid = raw.get("rid") if isinstance(raw, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= MAX_RID_LEN else None

@@ -66,10 +66,10 @@ class SenderMachine(Machine[SenderState]):
     # -- helpers -----------------------------------------------------------------------------
     def _check_allocation(self, blocks: tuple[int, ...], capacity: int) -> str | None:
         if len(set(blocks)) != len(blocks):
-            return f"duplicate blocks in {list(blocks)}"
+            return f"{len(blocks) - len(set(blocks))} duplicate blocks in {_few(blocks)}"
         bad = [b for b in blocks if b >= self.remote_num_blocks]
         if bad:
-            return f"blocks {bad} outside the receiver's pool of {self.remote_num_blocks}"
+            return f"{len(bad)} blocks {_few(bad)} outside the receiver's pool of {self.remote_num_blocks}"
         if capacity > len(blocks) * self.block_size:
             return f"capacity {capacity} exceeds {len(blocks)} blocks of {self.block_size}"
         return None
@@ -214,6 +214,11 @@ class SenderMachine(Machine[SenderState]):
         S.WAIT_RESUME: "resume_timeout",
     }
     TERMINAL = frozenset({S.DONE, S.FAILED})
+
+
+def _few(blocks: tuple[int, ...] | list[int]) -> str:
+    head = ", ".join(map(str, blocks[:8]))
+    return f"[{head}{', ...' if len(blocks) > 8 else ''}]"
 
 
 _F = frozenset

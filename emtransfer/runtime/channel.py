@@ -31,7 +31,8 @@ class Channel(ABC):
     @abstractmethod
     async def recv(self) -> m.AnyMessage:
         """The next valid message; :class:`PeerLost` at the end of the connection,
-        :class:`~emtransfer.errors.ProtocolError` for a malformed one."""
+        :class:`~emtransfer.protocol.messages.InvalidMessage` for one malformed message (the
+        stream goes on), :class:`~emtransfer.errors.ProtocolError` for a broken stream."""
 
     @abstractmethod
     def close(self) -> None:

@@ -17,6 +17,7 @@ from ..errors import InvalidRequest, PayloadError, PeerLost, ProtocolError, Tran
 from ..protocol import SenderMachine, SenderState
 from ..protocol import events as ev
 from ..protocol import messages as m
+from . import control
 from .channel import Channel, register_local, unregister_local
 from .node import OFFLOAD_BYTES, Node, Peer
 from .session import Session
@@ -104,7 +105,7 @@ class SenderSession(Session):
                         total=action.total_tokens,
                     )
             case ev.SendAbort():
-                self._send(m.Abort(rid=self.rid, reason=action.reason))
+                self._send(m.Abort(rid=self.rid, reason=m.reason(action.reason)))
             case ev.SendAbortAck():
                 self._send(m.AbortAck(rid=self.rid))
             case ev.Complete():
@@ -177,15 +178,30 @@ class EncodeNode(Node):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._senders: dict[str, SenderSession] = {}
+        self._server: asyncio.Server | None = None
+        #: where language nodes connect: ``host:port``, or ``local://...`` in-process
         self.address: str = ""
 
     async def start(self) -> None:
+        """Start the pool and transport, and listen for language nodes: in-process only with the
+        ``local`` transport, else on ``host:bootstrap_port`` (0 picks a free port)."""
         await super().start()
-        if not self.address:
+        if self.address:
+            return
+        if self.transport.name == "local":
             self.address = register_local(self)
+            return
+        self._server = await control.listen(
+            self.settings.host, self.settings.bootstrap_port, self.accept
+        )
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self.address = f"{host}:{port}"
+        self.log.info("listening", address=self.address)
 
     async def close(self) -> None:
         unregister_local(self.address)
+        if self._server is not None:
+            self._server.close()
         await super().close()
 
     def _unbound_sessions(self) -> list[Session]:
@@ -203,16 +219,13 @@ class EncodeNode(Node):
         _check_rid(rid)
         num_tokens = self.registry.check_payload(tensors)
         if meta is not None:
-            try:
-                msgspec.msgpack.encode(meta)
-                assert isinstance(meta, dict)
-            except (TypeError, AssertionError, msgspec.EncodeError) as exc:
-                raise PayloadError(f"meta must be a dict of plain values: {exc}") from None
+            _check_meta(meta)
         if self._closing:
             raise TransferError("node is closing")
         session = self._senders.get(rid)
         if session is not None and (
-            session.payload is not None or session.machine.state is not SenderState.WAIT_DATA
+            session.payload is not None
+            or session.machine.state not in (SenderState.NEW, SenderState.WAIT_DATA)
         ):
             raise InvalidRequest(f"rid {rid!r} is already in flight on this node")
         digest = None
@@ -235,21 +248,7 @@ class EncodeNode(Node):
     # -- peers ---------------------------------------------------------------------------------
     async def accept(self, channel: Channel) -> Peer | None:
         """Serve the handshake of a language node that connected on ``channel``."""
-        try:
-            hello = await self._recv_hello(channel)
-            if not isinstance(hello, m.Hello):
-                raise ProtocolError(f"expected Hello, got {type(hello).__name__}")
-            self._check_hello(hello, expected_role="language")
-            channel.send(m.HelloAck(**self._hello_fields()))
-            return await self._add_peer(channel, hello)
-        except TransferError as exc:
-            self.log.warning("handshake refused", error=str(exc))
-            try:
-                channel.send(m.Error(reason=f"handshake refused: {exc}"))
-            except PeerLost:
-                pass
-            channel.close()
-            return None
+        return await self._serve_handshake(channel, client_role="language")
 
     def _on_message(self, peer: Peer, msg: m.AnyMessage) -> None:
         match msg:
@@ -299,6 +298,16 @@ class EncodeNode(Node):
             del self._senders[session.rid]
         if session.peer is not None and session.peer.sessions.get(session.rid) is session:
             del session.peer.sessions[session.rid]
+
+
+def _check_meta(meta: object) -> None:
+    """meta travels in ChunkDone: it must survive the wire schema (string keys, plain values)."""
+    try:
+        probe = m.ChunkDone(rid="r", round=0, start=0, count=1, total_tokens=1, is_last=True,
+                            meta=meta)  # type: ignore[arg-type]
+        m.decode(m.encode(probe))
+    except (TypeError, ValueError, msgspec.EncodeError, ProtocolError) as exc:
+        raise PayloadError(f"meta must be a dict with string keys and plain values: {exc}") from None
 
 
 def _check_rid(rid: object) -> None:

@@ -17,6 +17,7 @@ from ..errors import CapacityError, InvalidRequest, PeerLost, ProtocolError, Tra
 from ..protocol import ReceiverMachine, ReceiverState
 from ..protocol import events as ev
 from ..protocol import messages as m
+from . import control
 from .channel import LocalChannel, lookup_local
 from .encode import _check_rid
 from .node import OFFLOAD_BYTES, Node, Peer
@@ -129,7 +130,7 @@ class ReceiverSession(Session):
                 self.quarantined = None
                 self._forget()
             case ev.SendAbort():
-                self._send(m.Abort(rid=self.rid, reason=action.reason))
+                self._send(m.Abort(rid=self.rid, reason=m.reason(action.reason)))
             case ev.Complete():
                 self._complete(action)
             case ev.Fail():
@@ -220,63 +221,78 @@ class ReceiverSession(Session):
             self._send(m.Abort(rid=self.rid, reason="receiver failed"))
 
 
+def _check_expected(expected_tokens: object) -> None:
+    if expected_tokens is not None and (
+        not isinstance(expected_tokens, int)
+        or isinstance(expected_tokens, bool)
+        or expected_tokens <= 0
+    ):
+        raise InvalidRequest(f"expected_tokens must be a positive integer, got {expected_tokens!r}")
+
+
 class LanguageNode(Node):
     """Owns the language side's pool and transport; connects to encode nodes."""
 
     role = "language"
 
     async def connect(self, address: str) -> Peer:
-        """Connect and handshake with the encode node at ``address``."""
-        if not address.startswith("local://"):
-            raise InvalidRequest(f"unsupported address {address!r}")
-        server = lookup_local(address)
-        ours, theirs = LocalChannel.pair()
-        accepting = asyncio.create_task(server.accept(theirs))
-        try:
-            return await self.handshake(ours)
-        finally:
-            await accepting
+        """The live connection to the encode node at ``address`` (``host:port`` or
+        ``local://...``), connecting -- or reconnecting after a restart -- when needed."""
+        for peer in self.peers.values():
+            if peer.address == address and peer.alive:
+                return peer
+        if address.startswith("local://"):
+            server = lookup_local(address)
+            ours, theirs = LocalChannel.pair()
+            accepting = asyncio.create_task(server.accept(theirs))
+            try:
+                return await self._client_handshake(ours, "encode", address)
+            finally:
+                await accepting
+        channel = await control.connect(address, self.settings.bootstrap_timeout)
+        return await self._client_handshake(channel, "encode", address)
 
-    async def handshake(self, channel: LocalChannel | Any) -> Peer:
-        """Run the client side of the handshake on a fresh channel."""
-        channel.send(m.Hello(**self._hello_fields()))
-        try:
-            ack = await self._recv_hello(channel)
-            if isinstance(ack, m.Error):
-                raise ProtocolError(f"encode node refused the connection: {ack.reason}")
-            if not isinstance(ack, m.HelloAck):
-                raise ProtocolError(f"expected HelloAck, got {type(ack).__name__}")
-            self._check_hello(ack, expected_role="encode")
-        except BaseException:
-            channel.close()
-            raise
-        return await self._add_peer(channel, ack)
+    async def _resolve(self, peer: Peer | str) -> Peer:
+        if isinstance(peer, str):
+            return await self.connect(peer)
+        if not peer.alive and peer.address:
+            return await self.connect(peer.address)
+        return peer
 
     # -- the API -------------------------------------------------------------------------------
     async def receive(
-        self, rid: str, peer: Peer, expected_tokens: int | None = None
+        self, rid: str, peer: Peer | str, expected_tokens: int | None = None
     ) -> Received:
-        """Receive the payload of ``rid`` from ``peer``. Without ``expected_tokens`` the first
-        allocation is ``default_blocks``; longer payloads resume into further allocations."""
-        session = self._open(rid, peer, expected_tokens, whole=False)
+        """Receive the payload of ``rid`` from ``peer`` (a :class:`Peer` or an address). Without
+        ``expected_tokens`` the first allocation is ``default_blocks``; longer payloads resume
+        into further allocations."""
+        _check_rid(rid)
+        _check_expected(expected_tokens)
+        peer = await self._resolve(peer)
+        self._check_new(rid, peer)
         async with peer.inflight:
+            session = self._open(rid, peer)
             result: Received = await self._run(session, expected_tokens, whole=False)
             return result
 
     @asynccontextmanager
     async def lease(
-        self, rid: str, peer: Peer, expected_tokens: int | None = None
+        self, rid: str, peer: Peer | str, expected_tokens: int | None = None
     ) -> AsyncIterator[Received]:
         """Receive into one allocation and lend it: ``tensors`` are views into the pool when the
         payload fits one allocation of consecutive blocks (else copies). Freed at exit."""
+        _check_rid(rid)
+        _check_expected(expected_tokens)
         want = expected_tokens or self.settings.default_tokens
         if self.allocator.blocks_for(want) > self.allocator.num_blocks:
             raise CapacityError(
                 f"a lease of {want} tokens needs {self.allocator.blocks_for(want)} blocks; the "
                 f"pool has {self.allocator.num_blocks}"
             )
-        session = self._open(rid, peer, expected_tokens, whole=True)
+        peer = await self._resolve(peer)
+        self._check_new(rid, peer)
         async with peer.inflight:
+            session = self._open(rid, peer)
             got: Received = await self._run(session, expected_tokens, whole=True)
         held = session.take_allocation()
         try:
@@ -285,20 +301,16 @@ class LanguageNode(Node):
             if held is not None:
                 self.allocator.free(held)
 
-    def _open(
-        self, rid: str, peer: Peer, expected_tokens: int | None, *, whole: bool
-    ) -> ReceiverSession:
-        _check_rid(rid)
-        if expected_tokens is not None and (
-            not isinstance(expected_tokens, int) or expected_tokens <= 0
-        ):
-            raise InvalidRequest(f"expected_tokens must be a positive integer, got {expected_tokens!r}")
+    def _check_new(self, rid: str, peer: Peer) -> None:
         if not peer.alive:
             raise PeerLost(f"peer {peer.node_id} is gone")
         if self._closing:
             raise TransferError("node is closing")
         if rid in peer.sessions:
             raise InvalidRequest(f"rid {rid!r} is already in flight with peer {peer.node_id}")
+
+    def _open(self, rid: str, peer: Peer) -> ReceiverSession:
+        self._check_new(rid, peer)  # again: the in-flight limit may have made us wait
         session = ReceiverSession(self, rid, peer)
         peer.sessions[rid] = session
         return session

@@ -4,7 +4,10 @@ the handshake, and an orderly shutdown that leaves no block behind."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import itertools
+import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +46,10 @@ class Peer:
     reader: asyncio.Task[None] | None = None
     #: the transport's name for this peer (unique per connection, so a restarted peer is new)
     transport_id: str = ""
+    #: where we connected to (language side), for reconnecting after the peer restarts
+    address: str = ""
+    last_seen: float = 0.0
+    heartbeat: asyncio.Task[None] | None = None
 
     def send(self, msg: m.Message) -> None:
         if not self.alive:
@@ -157,6 +164,20 @@ class Node:
             "transport_meta": self.transport.metadata(),
         }
 
+    def _proof(self, label: bytes, *parts: bytes) -> bytes:
+        token = self.settings.auth_token
+        if token is None:
+            return b""
+        key = token.get_secret_value().encode()
+        return hmac.new(key, label + b"".join(parts), hashlib.sha256).digest()
+
+    def _check_proof(self, got: bytes, label: bytes, *parts: bytes) -> None:
+        want = self._proof(label, *parts)
+        if not want and got:
+            raise ConfigError("peer sent an auth proof but auth_token is not set here")
+        if want and not hmac.compare_digest(want, got):
+            raise ConfigError("authentication failed: auth_token differs or is missing")
+
     def _check_hello(self, hello: m.Hello | m.HelloAck, expected_role: str) -> None:
         """Refuse a peer that does not speak our protocol or lays out its pools differently."""
         if hello.version != PROTOCOL_VERSION:
@@ -175,14 +196,63 @@ class Node:
             path, mine, theirs = diff
             raise ConfigError(f"settings mismatch on {path}: ours {mine!r}, peer's {theirs!r}")
 
-    async def _recv_hello(self, channel: Channel) -> m.AnyMessage:
+    async def _recv_within_bootstrap(self, channel: Channel, want: type[m.Message]) -> Any:
         try:
             async with asyncio.timeout(self.settings.bootstrap_timeout):
-                return await channel.recv()
+                msg = await channel.recv()
         except TimeoutError:
             raise PeerLost(
                 f"no handshake within bootstrap_timeout={self.settings.bootstrap_timeout}s"
             ) from None
+        if isinstance(msg, m.Error):
+            err = ConfigError if msg.kind == "config" else ProtocolError
+            raise err(f"peer refused the handshake: {msg.reason}")
+        if not isinstance(msg, want):
+            raise ProtocolError(f"expected {want.__name__}, got {type(msg).__name__}")
+        return msg
+
+    async def _serve_handshake(self, channel: Channel, client_role: str) -> Peer | None:
+        """Server side: Challenge -> Hello (client's proof) -> HelloAck (our proof)."""
+        try:
+            nonce = os.urandom(16)
+            channel.send(m.Challenge(version=PROTOCOL_VERSION, nonce=nonce))
+            hello = await self._recv_within_bootstrap(channel, m.Hello)
+            self._check_proof(hello.auth, b"emtransfer-client", nonce, hello.nonce)
+            self._check_hello(hello, expected_role=client_role)
+            ack = m.HelloAck(
+                **self._hello_fields(), auth=self._proof(b"emtransfer-server", hello.nonce, nonce)
+            )
+            channel.send(ack)
+            return await self._add_peer(channel, hello)
+        except TransferError as exc:
+            self.log.warning("handshake refused", error=str(exc), via=channel.description)
+            try:
+                kind = "config" if isinstance(exc, ConfigError) else ""
+                channel.send(m.Error(reason=m.reason(f"handshake refused: {exc}"), kind=kind))
+            except PeerLost:
+                pass
+            channel.close()
+            return None
+
+    async def _client_handshake(self, channel: Channel, server_role: str, address: str) -> Peer:
+        try:
+            challenge = await self._recv_within_bootstrap(channel, m.Challenge)
+            if challenge.version != PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"protocol version mismatch: peer {challenge.version}, ours {PROTOCOL_VERSION}"
+                )
+            nonce = os.urandom(16)
+            proof = self._proof(b"emtransfer-client", challenge.nonce, nonce)
+            channel.send(m.Hello(**self._hello_fields(), nonce=nonce, auth=proof))
+            ack = await self._recv_within_bootstrap(channel, m.HelloAck)
+            self._check_proof(ack.auth, b"emtransfer-server", nonce, challenge.nonce)
+            self._check_hello(ack, expected_role=server_role)
+        except BaseException:
+            channel.close()
+            raise
+        peer = await self._add_peer(channel, ack)
+        peer.address = address
+        return peer
 
     async def _add_peer(self, channel: Channel, hello: m.Hello | m.HelloAck) -> Peer:
         peer = Peer(
@@ -192,23 +262,48 @@ class Node:
             channel=channel,
             inflight=asyncio.Semaphore(self.settings.max_inflight_per_peer),
             transport_id=f"{hello.node_id}#{next(_peer_serial)}",
+            last_seen=asyncio.get_running_loop().time(),
         )
         await self.transport.add_peer(peer.transport_id, hello.transport_meta)
         old = self.peers.get(peer.node_id)
         if old is not None:
+            old.channel.close()
             await self._peer_lost(old, "replaced by a new connection")
         self.peers[peer.node_id] = peer
         self.metrics.peers.set(len(self.peers))
         peer.reader = asyncio.create_task(self._read(peer), name=f"emtransfer:read:{peer.node_id}")
+        peer.heartbeat = asyncio.create_task(self._heartbeat(peer))
         self.log.info("peer connected", peer=peer.node_id, via=channel.description)
         return peer
+
+    async def _heartbeat(self, peer: Peer) -> None:
+        """Send a heartbeat every interval; a peer silent for heartbeat_timeout is lost."""
+        loop = asyncio.get_running_loop()
+        interval, limit = self.settings.heartbeat_interval, self.settings.heartbeat_timeout
+        while peer.alive:
+            await asyncio.sleep(interval)  # a periodic tick, not a synchronisation point
+            silent = loop.time() - peer.last_seen
+            if silent > limit:
+                peer.channel.close()
+                await self._peer_lost(peer, f"no message for {silent:.1f}s (heartbeat_timeout)")
+                return
+            try:
+                peer.channel.send(m.Heartbeat())
+            except PeerLost:
+                return
 
     # -- control messages ----------------------------------------------------------------------
     async def _read(self, peer: Peer) -> None:
         reason = "connection closed"
         try:
+            loop = asyncio.get_running_loop()
             while True:
-                msg = await peer.channel.recv()
+                try:
+                    msg = await peer.channel.recv()
+                except m.InvalidMessage as exc:
+                    self._refuse(peer, exc)
+                    continue
+                peer.last_seen = loop.time()
                 try:
                     self._on_message(peer, msg)
                 except TransferError as exc:
@@ -226,6 +321,18 @@ class Node:
     def _on_message(self, peer: Peer, msg: m.AnyMessage) -> None:
         raise NotImplementedError
 
+    def _refuse(self, peer: Peer, exc: m.InvalidMessage) -> None:
+        """One invalid message: tell the peer, fail the request it names, keep the rest."""
+        self.log.warning("invalid message refused", peer=peer.node_id, rid=exc.rid, error=str(exc))
+        try:
+            peer.send(m.Error(reason=m.reason(f"refused: {exc}")))
+        except PeerLost:
+            return
+        session = peer.sessions.get(exc.rid) if exc.rid else None
+        if session is not None and session.running:
+            session._error_override = exc
+            session.feed(ev.LocalAbort(m.reason(f"peer sent an invalid message: {exc}")))
+
     async def _peer_lost(self, peer: Peer, reason: str) -> None:
         """Fail every request of the peer once the transport confirmed nothing can land."""
         if not peer.alive:
@@ -237,12 +344,15 @@ class Node:
         await self.transport.remove_peer(peer.transport_id)
         self.log.warning("peer lost", peer=peer.node_id, reason=reason, requests=len(peer.sessions))
         for session in list(peer.sessions.values()):
-            if session.running:
+            if session.task is None:  # never started (its caller left while queued)
+                peer.sessions.pop(session.rid, None)
+            elif session.running:
                 session.feed(ev.PeerLost(reason))
             else:  # a quarantined allocation waiting for an AbortAck that will not come
                 await session.step(ev.PeerLost(reason))
-        if peer.reader is not None and peer.reader is not asyncio.current_task():
-            peer.reader.cancel()
+        for task in (peer.reader, peer.heartbeat):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
 
     def _session_ended(self, session: Session) -> None:
         raise NotImplementedError

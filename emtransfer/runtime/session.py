@@ -92,7 +92,15 @@ class Session:
             self._set_error(exc if isinstance(exc, TransferError) else TransferError(repr(exc)))
         finally:
             self._cancel_alloc()
+            self._drop_stale_grants()
             self.node._session_ended(self)
+
+    def _drop_stale_grants(self) -> None:
+        """Free grants still queued behind the event that ended the request."""
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if isinstance(item, _Granted):
+                self.node.allocator.free(item.allocation)
 
     async def step(self, item: object) -> None:
         """Turn one queue item into a machine event and execute the resulting actions."""

@@ -1,0 +1,108 @@
+"""The control connection between processes: asyncio TCP, length-prefixed frames with a hard
+size limit, every message validated on receipt (:mod:`emtransfer.protocol.framing`)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from ..errors import InvalidRequest, PeerLost
+from ..protocol import messages as m
+from ..protocol.framing import FrameDecoder, frame
+from .channel import Channel
+
+#: a peer that does not read its control messages is treated as lost beyond this backlog
+MAX_SEND_BACKLOG = 16 << 20
+_READ_CHUNK = 1 << 16
+
+
+class TcpChannel(Channel):
+    """A control channel over one TCP connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._decoder = FrameDecoder()
+        self._ready: deque[bytes] = deque()
+        self._closed = False
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = writer.get_extra_info("peername")
+        self._desc = f"tcp:{peer[0]}:{peer[1]}" if peer else "tcp"
+
+    @property
+    def description(self) -> str:
+        return self._desc
+
+    def send(self, msg: m.Message) -> None:
+        if self._closed or self._writer.is_closing():
+            raise PeerLost(f"control connection {self._desc} closed")
+        if self._writer.transport.get_write_buffer_size() > MAX_SEND_BACKLOG:
+            self.close()
+            raise PeerLost(f"peer {self._desc} stopped reading its control connection")
+        self._writer.write(frame(msg))
+
+    async def recv(self) -> m.AnyMessage:
+        while not self._ready:
+            if self._closed:
+                raise PeerLost(f"control connection {self._desc} closed")
+            try:
+                data = await self._reader.read(_READ_CHUNK)
+            except (ConnectionError, OSError) as exc:
+                self.close()
+                raise PeerLost(f"control connection {self._desc} failed: {exc}") from None
+            if not data:
+                self.close()
+                raise PeerLost(f"peer closed the control connection {self._desc}")
+            self._ready.extend(self._decoder.feed(data))  # ProtocolError: caller drops us
+        return m.decode(self._ready.popleft())  # InvalidMessage: this one message is refused
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``tcp://host:port`` (``[v6]:port`` too) -> (host, port)."""
+    addr = address.removeprefix("tcp://")
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise InvalidRequest(f"invalid address {address!r}: expected host:port")
+    return host.strip("[]"), int(port)
+
+
+async def listen(
+    host: str, port: int, on_channel: Callable[[TcpChannel], Awaitable[object]]
+) -> asyncio.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await on_channel(TcpChannel(reader, writer))
+
+    return await asyncio.start_server(handle, host, port, limit=_READ_CHUNK)
+
+
+async def connect(address: str, timeout: float) -> TcpChannel:
+    """Connect, retrying with backoff while the peer is not up yet, for at most ``timeout``."""
+    host, port = parse_address(address)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.02
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                reader, writer = await asyncio.open_connection(host, port, limit=_READ_CHUNK)
+            return TcpChannel(reader, writer)
+        except TimeoutError:
+            raise PeerLost(f"could not connect to {address} within {timeout}s") from None
+        except OSError as exc:
+            if loop.time() + delay >= deadline:
+                raise PeerLost(f"could not connect to {address}: {exc}") from None
+            await asyncio.sleep(delay)  # backoff between connection attempts, not a sync point
+            delay = min(delay * 2, 0.5)

@@ -1,0 +1,393 @@
+"""TCP data plane over asyncio sockets: the fallback when NIXL is missing.
+
+Every node listens. A sender opens one data connection per peer, starts it with a hello naming
+both transport keys, then sends frames ``header | tag | payload``. The receiver checks each
+header against its own pools and reads the payload straight into the destination pool slice;
+any violation drops the connection. Details and guarantees: docs/transports-tcp.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple, cast
+
+import msgspec
+import structlog
+
+from ..buffers import BufferRegistry, WriteOp
+from ..errors import ConfigError
+from .base import Transport, TransportError
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+HEADER = struct.Struct("!4sHHQQ")  # magic, tag length, field index, dst_offset, nbytes
+HELLO = struct.Struct("!4sB16s16s")  # magic, version, sender key, receiver key
+FRAME_MAGIC, HELLO_MAGIC, ACK, VERSION = b"EMTF", b"EMTH", b"\x06", 1
+MAX_TAG = 1024  # bytes of one tag
+MAX_FRAME = 1 << 30  # payload bytes of one frame; longer descriptors are split
+SMALL = 64 << 10  # shorter payloads are copied next to their header: fewer syscalls
+SOCK_BUF = 4 << 20  # SO_SNDBUF / SO_RCVBUF; 0 keeps the kernel's autotuning
+MAX_TAGS = 4096  # per peer: beyond this, the oldest tag nobody awaits is forgotten
+_SCRATCH = memoryview(bytearray(1 << 16))  # sink for bytes read after a drop
+_log = structlog.get_logger("emtransfer")
+Piece = bytes | bytearray | memoryview
+
+
+class FrameHeader(NamedTuple):
+    tag_len: int
+    field: int
+    dst_offset: int
+    nbytes: int
+
+
+def parse_header(data: Piece, pool_sizes: Sequence[int]) -> FrameHeader:
+    """Decode a frame header and check it against the receiver's pools (bytes per field
+    index). Raises :class:`TransportError` for anything but a valid, in-bounds frame."""
+    if len(data) != HEADER.size:
+        raise TransportError(f"frame header must be {HEADER.size} bytes, got {len(data)}")
+    magic, tag_len, fld, dst, nbytes = HEADER.unpack(data)
+    if magic != FRAME_MAGIC:
+        raise TransportError(f"bad frame magic {magic!r}")
+    if tag_len > MAX_TAG:
+        raise TransportError(f"tag of {tag_len} bytes exceeds {MAX_TAG}")
+    if fld >= len(pool_sizes):
+        raise TransportError(f"field index {fld} out of range ({len(pool_sizes)} fields)")
+    if not 0 < nbytes <= MAX_FRAME:
+        raise TransportError(f"frame of {nbytes} bytes outside (0, {MAX_FRAME}]")
+    if dst + nbytes > pool_sizes[fld]:
+        raise TransportError(f"bytes [{dst}, {dst + nbytes}) past pool {fld} ({pool_sizes[fld]})")
+    return FrameHeader(tag_len, fld, dst, nbytes)
+
+
+class _Meta(msgspec.Struct, array_like=True):
+    version: int
+    host: str
+    port: int
+    key: bytes
+    pools: list[tuple[str, int]]  # (field, bytes) in the receiver's field-index order
+
+
+@dataclass(slots=True, eq=False)
+class _Tag:
+    got: int = 0
+    want: int = 0
+    conn: object = None  # the connection that last carried it
+    broken: str = ""  # why it can no longer complete
+    waiter: asyncio.Future[None] | None = None
+
+
+@dataclass(eq=False)
+class _Peer:
+    peer_id: str
+    meta: _Meta
+    pools: dict[str, tuple[int, int]]  # field -> (index, bytes) in the peer's pools
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    recv: set[_RecvConn] = field(default_factory=set)
+    tags: dict[bytes, _Tag] = field(default_factory=dict)
+
+    def tag(self, conn: object, tag: bytes) -> _Tag:
+        if (st := self.tags.get(tag)) is None:
+            idle = (k for k, s in self.tags.items() if s.waiter is None)
+            if len(self.tags) >= MAX_TAGS and (old := next(idle, None)) is not None:
+                del self.tags[old]
+            st = self.tags[tag] = _Tag()
+        st.conn = conn
+        return st
+
+    def fail(self, why: str, conn: object = None) -> None:
+        """Mark broken, and fail the waiters of, all tags or those ``conn`` (which ended) carried
+        or that have no byte yet."""
+        for st in self.tags.values():
+            if conn is None or st.conn is conn or st.conn is None:
+                st.broken = why
+                if st.waiter is not None and not st.waiter.done():
+                    st.waiter.set_exception(TransportError(f"tcp transport: {self.peer_id}: {why}"))
+
+
+def _tune(sock: socket.socket | None, size: int) -> None:
+    try:
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF) if size else ():
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+    except OSError as exc:
+        _log.debug("tcp: socket tuning failed", error=str(exc))
+
+
+class _RecvConn(asyncio.BufferedProtocol):
+    """Receiving end of one data connection: a hello, then frames whose payloads are read
+    into the destination pool slice itself (no intermediate buffer)."""
+
+    def __init__(self, owner: TcpTransport) -> None:
+        self.owner, self.key = owner, b""
+        self.peer: _Peer | None = None
+        self.tr: asyncio.Transport  # set by connection_made
+        self.state, self.got, self.dead, self.paused = "hello", 0, False, False
+        self.target = memoryview(bytearray(HELLO.size))  # what the next bytes fill
+        self.hdr, self.tagbuf = memoryview(bytearray(HEADER.size)), memoryview(bytearray(MAX_TAG))
+        self.frame, self.cur = FrameHeader(0, 0, 0, 0), _Tag()
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(owner.hello_timeout, self.drop, "no hello accepted in time")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.tr = cast(asyncio.Transport, transport)  # uvloop's are no asyncio.Transport
+        _tune(transport.get_extra_info("socket"), self.owner.sock_buf)
+        self.owner._conns.add(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _SCRATCH if self.dead else self.target[self.got :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.got += nbytes
+        if not self.dead and self.got == len(self.target):
+            self.got = 0
+            try:
+                self._advance()
+            except TransportError as exc:
+                self.drop(str(exc))
+
+    def _advance(self) -> None:
+        if self.state == "hello":
+            return self.owner._hello(self, bytes(self.target))
+        if self.peer is None:
+            raise TransportError("frame before the hello was accepted")
+        if self.state == "payload":  # a frame is complete
+            st, self.state, self.target = self.cur, "header", self.hdr
+            st.got += self.frame.nbytes
+            if st.waiter is not None and not st.waiter.done() and st.got >= st.want:
+                st.waiter.set_result(None)
+            return None
+        if self.state == "header":
+            self.frame = parse_header(self.hdr, self.owner.pool_sizes)
+            if self.frame.tag_len:
+                self.state, self.target = "tag", self.tagbuf[: self.frame.tag_len]
+                return None
+        h = self.frame  # the tag is known: read the payload into the pool slice
+        self.cur = self.peer.tag(self, bytes(self.target) if self.state == "tag" else b"")
+        self.state = "payload"
+        self.target = self.owner.views[h.field][h.dst_offset : h.dst_offset + h.nbytes]
+        return None
+
+    def accept(self, peer: _Peer) -> None:
+        self.timer.cancel()
+        self.peer, self.state, self.target = peer, "header", self.hdr
+        peer.recv.add(self)
+        self.tr.write(ACK)
+        if self.paused:
+            self.paused = False
+            self.tr.resume_reading()
+
+    def drop(self, why: str, *, warn: bool = True) -> None:
+        """Close now; from here on no byte of this connection reaches the pool."""
+        if warn and not self.dead:
+            peer = self.peer.peer_id if self.peer else None
+            _log.warning("tcp: dropping data connection", peer=peer, reason=why)
+        self._end(why)
+        self.tr.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(f"data connection lost ({exc or 'closed by the sender'})")
+
+    def _end(self, why: str) -> None:
+        if not self.dead:
+            self.dead = True
+            self.timer.cancel()
+            self.owner._conns.discard(self)
+            if self.peer is not None:
+                self.peer.recv.discard(self)
+                self.peer.fail(why, self)
+
+
+class TcpTransport(Transport):
+    """asyncio TCP data plane; runs on whichever loop is running (uvloop when installed).
+    ``timeout`` bounds connecting, and how long a connection may wait for its hello to be
+    accepted (both nodes add each other; the receiver's add_peer may come second)."""
+
+    name = "tcp"
+
+    def __init__(self, registry: BufferRegistry, *, host: str = "127.0.0.1", port: int = 0,
+                 timeout: float = 10.0, sock_buf: int = SOCK_BUF) -> None:  # fmt: skip
+        super().__init__(registry)
+        if (dev := str(registry.device)) != "cpu":
+            raise ConfigError(f"invalid setting device={dev!r}: the tcp transport needs CPU pools")
+        self.host, self.port, self.hello_timeout, self.sock_buf = host, port, timeout, sock_buf
+        self.key = secrets.token_bytes(16)
+        self.fields = list(registry.layouts)
+        self.views = [registry.byte_view(f).numpy().data for f in self.fields]
+        self.pool_sizes = [v.nbytes for v in self.views]
+        self._server: asyncio.Server | None = None
+        self._address = (host, port)
+        self._peers: dict[str, _Peer] = {}
+        self._by_key: dict[bytes, _Peer] = {}
+        self._conns: set[_RecvConn] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, registry: BufferRegistry) -> TcpTransport:
+        return cls(registry, host=settings.host, timeout=settings.bootstrap_timeout)
+
+    async def start(self) -> None:
+        if self._server is None:
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(lambda: _RecvConn(self), self.host, self.port)
+            for sock in self._server.sockets:  # accepted sockets inherit it (and window scale)
+                _tune(sock, self.sock_buf)
+            host, self.port = self._server.sockets[0].getsockname()[:2]
+            wildcard = self.host in ("", "0.0.0.0", "::")
+            self._address = (socket.gethostname() if wildcard else host, self.port)
+
+    def metadata(self) -> bytes:
+        if self._server is None:
+            raise TransportError("tcp transport: metadata() before start()")
+        pools = list(zip(self.fields, self.pool_sizes, strict=True))
+        return msgspec.msgpack.encode(_Meta(VERSION, *self._address, self.key, pools))
+
+    async def add_peer(self, peer_id: str, metadata: bytes) -> None:
+        try:
+            meta = msgspec.msgpack.decode(metadata, type=_Meta)
+        except msgspec.MsgspecError as exc:
+            raise TransportError(f"tcp transport: bad metadata for {peer_id!r}: {exc}") from None
+        if meta.version != VERSION or len(meta.key) != 16:
+            raise TransportError(f"tcp transport: {peer_id!r} speaks version {meta.version}")
+        pools = {name: (i, n) for i, (name, n) in enumerate(meta.pools)}
+        if pools.keys() != set(self.fields):
+            raise TransportError(f"tcp transport: {peer_id!r} has fields {list(pools)}")
+        await self.remove_peer(peer_id)
+        peer = self._peers[peer_id] = self._by_key[meta.key] = _Peer(peer_id, meta, pools)
+        for conn in [c for c in self._conns if c.paused and c.key == meta.key]:
+            conn.accept(peer)
+
+    def _hello(self, conn: _RecvConn, data: bytes) -> None:
+        magic, version, sender, receiver = HELLO.unpack(data)
+        if magic != HELLO_MAGIC or version != VERSION or receiver != self.key:
+            raise TransportError("bad hello (magic, version or receiver key)")
+        conn.key, conn.state, conn.target = sender, "header", conn.hdr
+        if (peer := self._by_key.get(sender)) is not None:
+            conn.accept(peer)
+        else:  # our add_peer for it may still come: wait, unread, until the timer drops it
+            conn.paused = True
+            conn.tr.pause_reading()
+
+    def _peer(self, peer_id: str) -> _Peer:
+        if (peer := self._peers.get(peer_id)) is None:
+            raise TransportError(f"tcp transport: unknown peer {peer_id!r}")
+        return peer
+
+    def _frames(self, peer: _Peer, ops: Sequence[WriteOp], tag: bytes) -> list[Piece]:
+        """Check and coalesce ``ops``; the pieces to send, large payloads as pool views."""
+        if len(tag) > MAX_TAG:
+            raise TransportError(f"tcp transport: tag longer than {MAX_TAG} bytes")
+        runs: list[list] = []  # [field, src, dst, nbytes], adjacent descriptors merged
+        for op in ops:
+            if min(op.src_offset, op.dst_offset, op.nbytes) < 0 or op.field not in peer.pools:
+                raise TransportError(f"tcp transport: invalid descriptor {op}")
+            r = runs[-1] if runs else None
+            if r and r[0] == op.field and r[1] + r[3] == op.src_offset and r[2] + r[3] == op.dst_offset:
+                r[3] += op.nbytes
+            elif op.nbytes:
+                runs.append([op.field, op.src_offset, op.dst_offset, op.nbytes])
+        pieces: list[Piece] = []
+        batch = bytearray()
+        for fld, src, dst, n in runs:
+            (idx, dsize), view = peer.pools[fld], self.views[self.fields.index(fld)]
+            if src + n > len(view) or dst + n > dsize:
+                raise TransportError(f"tcp transport: {fld} bytes {src}/{dst}+{n} past a pool")
+            for off in range(0, n, MAX_FRAME):
+                m = min(MAX_FRAME, n - off)
+                batch += HEADER.pack(FRAME_MAGIC, len(tag), idx, dst + off, m) + tag
+                if m < SMALL:
+                    batch += view[src + off : src + off + m]
+                else:
+                    pieces += (batch, view[src + off : src + off + m])
+                    batch = bytearray()
+        return [*pieces, batch] if batch else pieces
+
+    async def _connect(self, peer: _Peer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        writer = None
+        try:
+            async with asyncio.timeout(self.hello_timeout):
+                reader, writer = await asyncio.open_connection(peer.meta.host, peer.meta.port)
+                _tune(writer.get_extra_info("socket"), self.sock_buf)
+                # limit 0: drain() returns once every byte is in the kernel, not below "low"
+                writer.transport.set_write_buffer_limits(high=0)
+                writer.write(HELLO.pack(HELLO_MAGIC, VERSION, self.key, peer.meta.key))
+                if await reader.read(1) == ACK:
+                    return reader, writer
+                raise ConnectionRefusedError("the peer refused our hello")
+        except BaseException as exc:
+            if writer is not None:
+                writer.transport.abort()
+            if isinstance(exc, OSError | TimeoutError):
+                raise TransportError(f"tcp transport: cannot reach {peer.peer_id!r}: {exc!r}") from exc
+            raise
+
+    async def write(self, peer_id: str, ops: Sequence[WriteOp], *, tag: str) -> None:
+        """Send ``ops``; returns once every byte is in the kernel (the source may be reused)."""
+        peer = self._peer(peer_id)
+        pieces = self._frames(peer, ops, tag.encode())
+        async with peer.lock:  # one write at a time per connection: frames never interleave
+            if self._peers.get(peer_id) is not peer:
+                raise TransportError(f"tcp transport: peer {peer_id!r} was removed")
+            if not pieces:
+                return
+            if peer.stream is None or peer.stream[1].is_closing() or peer.stream[0].at_eof():
+                peer.stream = await self._connect(peer)
+            writer = peer.stream[1]
+            try:
+                if self._peers.get(peer_id) is not peer:  # removed while connecting
+                    raise ConnectionAbortedError("peer removed")
+                for piece in pieces:
+                    writer.write(piece)
+                await writer.drain()
+                if writer.is_closing():
+                    raise ConnectionResetError("connection closed")
+            except BaseException as exc:  # failed or cancelled mid-frame: drop the stream
+                writer.transport.abort()
+                if isinstance(exc, OSError):
+                    raise TransportError(f"tcp transport: write to {peer_id!r}: {exc!r}") from exc
+                raise
+
+    async def wait_landed(self, peer_id: str, tag: str, nbytes: int) -> None:
+        peer, key = self._peer(peer_id), tag.encode()
+        st = peer.tags.setdefault(key, _Tag())
+        try:
+            if st.got < nbytes:
+                if st.broken:
+                    raise TransportError(f"tcp transport: {peer_id}: tag {tag!r}: {st.broken}")
+                st.want, st.waiter = nbytes, asyncio.get_running_loop().create_future()
+                await st.waiter
+        finally:
+            if peer.tags.get(key) is st:
+                del peer.tags[key]
+
+    async def remove_peer(self, peer_id: str) -> None:
+        if (peer := self._peers.pop(peer_id, None)) is None:
+            return
+        if self._by_key.get(peer.meta.key) is peer:
+            del self._by_key[peer.meta.key]
+        if peer.stream is not None:
+            peer.stream[1].transport.abort()
+        for conn in list(peer.recv):
+            conn.drop("peer removed", warn=False)
+        peer.fail("peer removed")
+        peer.tags.clear()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for peer_id in list(self._peers):
+            await self.remove_peer(peer_id)
+        for conn in list(self._conns):
+            conn.drop("transport closed", warn=False)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+
+TRANSPORT = TcpTransport
