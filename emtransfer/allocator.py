@@ -299,7 +299,9 @@ class BlockAllocator:
         """Keep a live allocation's blocks out of circulation until :meth:`release_quarantine`:
         a write may still land in them."""
         if self._live.get(allocation.serial) is not allocation:
-            raise AllocatorError(f"cannot quarantine allocation of rid={allocation.rid!r}: not live")
+            raise AllocatorError(
+                f"cannot quarantine allocation of rid={allocation.rid!r}: not live"
+            )
         del self._live[allocation.serial]
         self._quarantined[allocation.serial] = allocation
 
@@ -319,4 +321,3 @@ class BlockAllocator:
             a = self._live.get(self._owner[b])
             if a is None or a.rid != rid:
                 raise AllocatorError(f"block {b} is not held by rid={rid!r}")
-

@@ -91,7 +91,9 @@ class BufferRegistry:
     def check_payload(self, tensors: Mapping[str, torch.Tensor]) -> int:
         """Validate a payload against the fields and return its token count."""
         if not isinstance(tensors, Mapping):
-            raise PayloadError(f"payload must be a mapping of field name to tensor, got {type(tensors).__name__}")
+            raise PayloadError(
+                f"payload must be a mapping of field name to tensor, got {type(tensors).__name__}"
+            )
         unknown = set(tensors) - set(self.layouts)
         if unknown:
             raise PayloadError(
@@ -168,7 +170,9 @@ class BufferRegistry:
             for name, lay in self.layouts.items()
         }
 
-    def read(self, allocation: Allocation, *, count: int, start: int = 0) -> dict[str, torch.Tensor]:
+    def read(
+        self, allocation: Allocation, *, count: int, start: int = 0
+    ) -> dict[str, torch.Tensor]:
         """Tokens of ``allocation`` as new contiguous tensors."""
         out = self.empty_like_payload(count)
         self.read_into(allocation, out, count=count, start=start)
@@ -188,9 +192,7 @@ class BufferRegistry:
         ops: list[WriteOp] = []
         for name, lay in self.layouts.items():
             tb = lay.token_nbytes
-            ops.extend(
-                WriteOp(name, r.src_slot * tb, r.dst_slot * tb, r.length * tb) for r in runs
-            )
+            ops.extend(WriteOp(name, r.src_slot * tb, r.dst_slot * tb, r.length * tb) for r in runs)
         return ops
 
     def byte_view(self, field: str) -> torch.Tensor:

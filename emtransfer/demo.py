@@ -48,9 +48,7 @@ def workload(settings: Settings, count: int, seed: int = 0) -> list[Job]:
     fixed = [1, b - 1, b, b + 1, d, d + 1, 2000, pool + 3, 2 * pool + 1]
     rng = random.Random(seed)
     lengths = fixed + [rng.randint(1, 3 * d) for _ in range(max(0, count - len(fixed)))]
-    return [
-        Job(f"demo-{i}", n, n if i % 3 == 0 else None) for i, n in enumerate(lengths[:count])
-    ]
+    return [Job(f"demo-{i}", n, n if i % 3 == 0 else None) for i, n in enumerate(lengths[:count])]
 
 
 # -- encode process ----------------------------------------------------------------------------
@@ -63,14 +61,25 @@ def _encode_main(settings: Settings, jobs: list[Job], conn: Any) -> None:
         async with EncodeNode(settings) as enc:
             conn.send(("ready", enc.address, enc.transport.name))
             results = await asyncio.gather(
-                *(enc.send(j.rid, synthetic_payload(settings, j.rid, j.num_tokens),
-                           meta={"num_tokens": j.num_tokens}) for j in jobs),
+                *(
+                    enc.send(
+                        j.rid,
+                        synthetic_payload(settings, j.rid, j.num_tokens),
+                        meta={"num_tokens": j.num_tokens},
+                    )
+                    for j in jobs
+                ),
                 return_exceptions=True,
             )
-            failed = [f"{j.rid}: {r!r}" for j, r in zip(jobs, results, strict=True)
-                      if isinstance(r, BaseException)]
+            failed = [
+                f"{j.rid}: {r!r}"
+                for j, r in zip(jobs, results, strict=True)
+                if isinstance(r, BaseException)
+            ]
             await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # language done
-        conn.send(("done", failed, enc.leak_report(), enc.allocator.num_blocks - enc.allocator.low_water))
+        conn.send(
+            ("done", failed, enc.leak_report(), enc.allocator.num_blocks - enc.allocator.low_water)
+        )
 
     try:
         _install_uvloop()
@@ -90,7 +99,9 @@ def _install_uvloop() -> None:
 
 
 # -- language process (this one) ---------------------------------------------------------------
-async def _language(settings: Settings, jobs: list[Job], address: str, concurrency: int) -> dict[str, Any]:
+async def _language(
+    settings: Settings, jobs: list[Job], address: str, concurrency: int
+) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from .runtime import LanguageNode
@@ -103,7 +114,9 @@ async def _language(settings: Settings, jobs: list[Job], address: str, concurren
     async with LanguageNode(settings) as lang:
         peer = await lang.connect(address)
         with Progress(
-            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
             TimeElapsedColumn(),
         ) as progress:
             bar = progress.add_task("transfers", total=len(jobs))
@@ -134,13 +147,20 @@ async def _language(settings: Settings, jobs: list[Job], address: str, concurren
             wall = time.perf_counter() - t0
         high_water = lang.allocator.num_blocks - lang.allocator.low_water
     return {
-        "transport": lang.transport.name, "wall": wall, "lat": lat, "rounds": rounds,
-        "bytes": nbytes, "problems": problems, "leaks": lang.leak_report(),
+        "transport": lang.transport.name,
+        "wall": wall,
+        "lat": lat,
+        "rounds": rounds,
+        "bytes": nbytes,
+        "problems": problems,
+        "leaks": lang.leak_report(),
         "high_water": high_water,
     }
 
 
-def run_demo(settings: Settings, *, requests: int = 64, concurrency: int = 16, seed: int = 0) -> int:
+def run_demo(
+    settings: Settings, *, requests: int = 64, concurrency: int = 16, seed: int = 0
+) -> int:
     from rich.console import Console
     from rich.table import Table
 
@@ -157,8 +177,10 @@ def run_demo(settings: Settings, *, requests: int = 64, concurrency: int = 16, s
         if kind != "ready":
             raise RuntimeError(f"the encode process failed:\n{info[0]}")
         address, transport = info
-        console.print(f"encode node at [bold]{address}[/] over [bold]{transport}[/]; "
-                      f"{len(jobs)} requests, {concurrency} at a time")
+        console.print(
+            f"encode node at [bold]{address}[/] over [bold]{transport}[/]; "
+            f"{len(jobs)} requests, {concurrency} at a time"
+        )
         _install_uvloop()
         res = asyncio.run(_language(settings, jobs, address, concurrency))
         conn.send("language done")
@@ -186,10 +208,14 @@ def run_demo(settings: Settings, *, requests: int = 64, concurrency: int = 16, s
         ("latency p50 / p99", f"{statistics.median(lat) * 1e3:.1f} / {p99 * 1e3:.1f} ms"),
         ("rounds (total, max)", f"{sum(res['rounds'])}, {max(res['rounds'], default=0)}"),
         ("requests that resumed", str(sum(r > 1 for r in res["rounds"]))),
-        ("pool high-water (language / encode)",
-         f"{res['high_water']} / {enc_high} of {settings.num_blocks} blocks"),
-        ("leaked blocks (language / encode)",
-         f"{sum(map(len, res['leaks'].values()))} / {sum(map(len, enc_leaks.values()))}"),
+        (
+            "pool high-water (language / encode)",
+            f"{res['high_water']} / {enc_high} of {settings.num_blocks} blocks",
+        ),
+        (
+            "leaked blocks (language / encode)",
+            f"{sum(map(len, res['leaks'].values()))} / {sum(map(len, enc_leaks.values()))}",
+        ),
         ("mismatches / failures", f"{len(res['problems'])} / {len(enc_failed)}"),
     ]
     for k, v in rows:

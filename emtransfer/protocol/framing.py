@@ -19,7 +19,9 @@ MAX_FRAME = 1 << 20
 def frame(msg: m.Message) -> bytes:
     body = m.encode(msg)
     if len(body) > MAX_FRAME:
-        raise ProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
+        raise ProtocolError(
+            f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit"
+        )
     return HEADER.pack(len(body)) + body
 
 

@@ -28,14 +28,14 @@ class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field
     """Base of every control message."""
 
 
-class Challenge(Message, tag="challenge"):
+class Challenge(Message, tag="challenge", frozen=True):
     """Encode -> language, first on a new connection: the nonce the client's proof covers."""
 
     version: int
     nonce: bytes
 
 
-class Hello(Message, tag="hello"):
+class Hello(Message, tag="hello", frozen=True):
     version: int
     role: str
     node_id: str
@@ -47,7 +47,7 @@ class Hello(Message, tag="hello"):
     auth: bytes = b""
 
 
-class HelloAck(Message, tag="hello_ack"):
+class HelloAck(Message, tag="hello_ack", frozen=True):
     version: int
     role: str
     node_id: str
@@ -58,7 +58,7 @@ class HelloAck(Message, tag="hello_ack"):
     auth: bytes = b""
 
 
-class Init(Message, tag="init"):
+class Init(Message, tag="init", frozen=True):
     """Language -> encode: the receiver's first allocation for ``rid``."""
 
     rid: Rid
@@ -67,7 +67,7 @@ class Init(Message, tag="init"):
     expected_tokens: Pos | None = None
 
 
-class ChunkDone(Message, tag="chunk"):
+class ChunkDone(Message, tag="chunk", frozen=True):
     """Encode -> language: the write of ``round`` completed; ``total_tokens`` on every round."""
 
     rid: Rid
@@ -80,7 +80,7 @@ class ChunkDone(Message, tag="chunk"):
     digest: str | None = None
 
 
-class Resume(Message, tag="resume"):
+class Resume(Message, tag="resume", frozen=True):
     """Language -> encode: the receiver's next allocation (round >= 1)."""
 
     rid: Rid
@@ -90,29 +90,29 @@ class Resume(Message, tag="resume"):
     received_tokens: Pos
 
 
-class Abort(Message, tag="abort"):
+class Abort(Message, tag="abort", frozen=True):
     rid: Rid
     reason: Reason = ""
 
 
-class AbortAck(Message, tag="abort_ack"):
+class AbortAck(Message, tag="abort_ack", frozen=True):
     """Confirms that no write for ``rid`` is in flight any more."""
 
     rid: Rid
 
 
-class Heartbeat(Message, tag="heartbeat"):
+class Heartbeat(Message, tag="heartbeat", frozen=True):
     seq: NonNeg = 0
 
 
-class Encode(Message, tag="encode"):
+class Encode(Message, tag="encode", frozen=True):
     """Language asks its encoder to compute the embedding for ``rid``."""
 
     rid: Rid
     job: dict[str, Any]
 
 
-class Error(Message, tag="error"):
+class Error(Message, tag="error", frozen=True):
     """A refusal of a message that could not be tied to a request (bad frame, bad handshake).
     ``kind`` is ``"config"`` when the two nodes' settings disagree."""
 

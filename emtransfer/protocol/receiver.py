@@ -91,8 +91,11 @@ class ReceiverMachine(Machine[ReceiverState]):
         why = self._chunk_error(e)
         if why:
             err = ProtocolError(f"rid={self.rid!r}: {why}")
-            return R.QUARANTINED, [ev.Quarantine(), ev.SendAbort(f"protocol error: {why}"),
-                                   ev.Fail(err)]
+            return R.QUARANTINED, [
+                ev.Quarantine(),
+                ev.SendAbort(f"protocol error: {why}"),
+                ev.Fail(err),
+            ]
         self.total = e.total_tokens
         self.received += e.count
         if e.is_last and self.round == 0 and self.whole:

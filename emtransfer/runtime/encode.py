@@ -13,7 +13,14 @@ import torch
 
 from ..allocator import Allocation
 from ..buffers import payload_digest
-from ..errors import InvalidRequest, PayloadError, PeerLost, ProtocolError, TransferError
+from ..errors import (
+    ConfigError,
+    InvalidRequest,
+    PayloadError,
+    PeerLost,
+    ProtocolError,
+    TransferError,
+)
 from ..protocol import SenderMachine, SenderState
 from ..protocol import events as ev
 from ..protocol import messages as m
@@ -126,7 +133,9 @@ class SenderSession(Session):
             nbytes = action.count * node.registry.token_nbytes
 
             def stage() -> None:
-                node.registry.write(staging, payload, count=action.count, src_start=action.src_start)
+                node.registry.write(
+                    staging, payload, count=action.count, src_start=action.src_start
+                )
 
             if nbytes >= OFFLOAD_BYTES:
                 await asyncio.get_running_loop().run_in_executor(node.executor, stage)
@@ -175,20 +184,29 @@ class EncodeNode(Node):
 
     role = "encode"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, control: str = "auto", **kwargs: Any) -> None:
+        """``control`` picks how language nodes reach this one: ``tcp`` (a listener on
+        ``host:bootstrap_port``), ``local`` (this process only), or ``auto`` (local with the
+        local transport, else tcp)."""
         super().__init__(*args, **kwargs)
+        if control not in ("auto", "tcp", "local"):
+            raise ConfigError(f"invalid control={control!r}: choose auto, tcp or local")
+        self._control = control
         self._senders: dict[str, SenderSession] = {}
         self._server: asyncio.Server | None = None
         #: where language nodes connect: ``host:port``, or ``local://...`` in-process
         self.address: str = ""
 
     async def start(self) -> None:
-        """Start the pool and transport, and listen for language nodes: in-process only with the
-        ``local`` transport, else on ``host:bootstrap_port`` (0 picks a free port)."""
+        """Start the pool and transport, and listen for language nodes (on
+        ``host:bootstrap_port``, 0 picking a free port, unless the control is local)."""
         await super().start()
         if self.address:
             return
-        if self.transport.name == "local":
+        local = self._control == "local" or (
+            self._control == "auto" and self.transport.name == "local"
+        )
+        if local:
             self.address = register_local(self)
             return
         self._server = await control.listen(
@@ -303,11 +321,20 @@ class EncodeNode(Node):
 def _check_meta(meta: object) -> None:
     """meta travels in ChunkDone: it must survive the wire schema (string keys, plain values)."""
     try:
-        probe = m.ChunkDone(rid="r", round=0, start=0, count=1, total_tokens=1, is_last=True,
-                            meta=meta)  # type: ignore[arg-type]
+        probe = m.ChunkDone(
+            rid="r",
+            round=0,
+            start=0,
+            count=1,
+            total_tokens=1,
+            is_last=True,
+            meta=meta,  # type: ignore[arg-type]
+        )
         m.decode(m.encode(probe))
     except (TypeError, ValueError, msgspec.EncodeError, ProtocolError) as exc:
-        raise PayloadError(f"meta must be a dict with string keys and plain values: {exc}") from None
+        raise PayloadError(
+            f"meta must be a dict with string keys and plain values: {exc}"
+        ) from None
 
 
 def _check_rid(rid: object) -> None:

@@ -69,8 +69,13 @@ class ReceiverSession(Session):
                 await self.node.transport.wait_landed(self.peer.transport_id, tag, nbytes)
             self.t_last_chunk = time.perf_counter()
             return ev.ChunkReceived(
-                item.round, item.start, item.count, item.total_tokens, item.is_last,
-                item.meta, item.digest,
+                item.round,
+                item.start,
+                item.count,
+                item.total_tokens,
+                item.is_last,
+                item.meta,
+                item.digest,
             )
         return await super()._to_event(item)
 
@@ -335,7 +340,7 @@ class LanguageNode(Node):
             case m.AbortAck():
                 session = peer.sessions.get(msg.rid)
                 if session is not None and not session.running:
-                    asyncio.ensure_future(session.step(ev.AbortAckReceived()))
+                    self._spawn(session.step(ev.AbortAckReceived()))
                 elif session is not None:
                     session.feed(ev.AbortAckReceived())
             case m.Heartbeat():
@@ -350,7 +355,7 @@ class LanguageNode(Node):
         if session.running:
             session.feed(item)
         elif isinstance(item, ev.AbortReceived):  # quarantined: the sender confirms it stopped
-            asyncio.ensure_future(session.step(item))
+            self._spawn(session.step(item))
 
     def _session_ended(self, session: Session) -> None:
         assert isinstance(session, ReceiverSession)

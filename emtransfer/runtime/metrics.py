@@ -26,7 +26,10 @@ class Metrics:
             "emtransfer_transfer_seconds", "Request duration", buckets=_DURATIONS, registry=r
         )
         self.alloc_wait = Histogram(
-            "emtransfer_alloc_wait_seconds", "Time waiting for blocks", buckets=_DURATIONS, registry=r
+            "emtransfer_alloc_wait_seconds",
+            "Time waiting for blocks",
+            buckets=_DURATIONS,
+            registry=r,
         )
         self.inflight = Gauge("emtransfer_inflight_requests", "Requests in flight", registry=r)
         self.peers = Gauge("emtransfer_peers", "Connected peers", registry=r)

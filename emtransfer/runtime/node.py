@@ -84,6 +84,7 @@ class Node:
         self.log = structlog.get_logger("emtransfer").bind(node=self.node_id, role=self.role)
         self._started = False
         self._closing = False
+        self._background: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def __aenter__(self) -> Any:
@@ -128,6 +129,12 @@ class Node:
         if leaks:
             self.log.error("blocks still held at close", leaks=leaks)
         self.log.info("node closed")
+
+    def _spawn(self, coro: Any) -> None:
+        """Run a short piece of bookkeeping in the background, keeping a reference to it."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _unbound_sessions(self) -> list[Session]:
         return []
@@ -342,7 +349,10 @@ class Node:
             del self.peers[peer.node_id]
         self.metrics.peers.set(len(self.peers))
         await self.transport.remove_peer(peer.transport_id)
-        self.log.warning("peer lost", peer=peer.node_id, reason=reason, requests=len(peer.sessions))
+        level = "info" if self._closing else "warning"
+        getattr(self.log, level)(
+            "peer lost", peer=peer.node_id, reason=reason, requests=len(peer.sessions)
+        )
         for session in list(peer.sessions.values()):
             if session.task is None:  # never started (its caller left while queued)
                 peer.sessions.pop(session.rid, None)

@@ -118,9 +118,7 @@ class Session:
             self.log.warning("protocol violation by peer", error=str(exc), state=before.name)
             self._error_override = exc
             actions = m.handle(ev.LocalAbort(f"protocol error: {exc}"))
-        self.log.debug(
-            "transition", frm=before.name, to=m.state.name, trigger=type(event).__name__
-        )
+        self.log.debug("transition", frm=before.name, to=m.state.name, trigger=type(event).__name__)
         if m.state not in self.ALLOC_STATES:
             self._cancel_alloc()
         for action in actions:
@@ -130,7 +128,10 @@ class Session:
     def _is_remote(event: ev.Event) -> bool:
         return isinstance(
             event,
-            ev.InitReceived | ev.ResumeReceived | ev.ChunkReceived | ev.AbortReceived
+            ev.InitReceived
+            | ev.ResumeReceived
+            | ev.ChunkReceived
+            | ev.AbortReceived
             | ev.AbortAckReceived,
         )
 

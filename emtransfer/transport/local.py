@@ -64,4 +64,6 @@ def copy_ops(src: BufferRegistry, dst: BufferRegistry, ops: Sequence[WriteOp]) -
         d[op.dst_offset : op.dst_offset + op.nbytes].copy_(
             s[op.src_offset : op.src_offset + op.nbytes]
         )
+
+
 TRANSPORT = LocalTransport

@@ -308,6 +308,7 @@ class TorchTransport(Transport):
             raise _Desync(f"not a header: {[magic, kind, n, tlen]}")
         if kind == _STOP:
             self._break(link, f"rank {link.rank} closed the link", quiet=True)
+            self._stop(link)
             return False
         if not (0 < n <= self._max_ops and 0 <= tlen <= _MAX_TAG):
             raise _Desync(f"header announces {n} ops and a {tlen}-byte tag")
