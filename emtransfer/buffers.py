@@ -143,6 +143,7 @@ class BufferRegistry:
             for tok, slot, n in segs:
                 s = src_start + tok - dst_start
                 pool[slot : slot + n].copy_(src[s : s + n], non_blocking=True)
+        self._sync()
 
     def read_into(
         self,
@@ -160,6 +161,13 @@ class BufferRegistry:
             for tok, slot, n in segs:
                 o = out_start + tok - start
                 dst[o : o + n].copy_(pool[slot : slot + n], non_blocking=True)
+        self._sync()
+
+    def _sync(self) -> None:
+        """A transport reads (or the allocator recycles) the pool right after a copy: on a
+        CUDA pool wait for the copies queued on the current stream."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     def empty_like_payload(
         self, num_tokens: int, device: str | torch.device | None = None

@@ -87,18 +87,23 @@ def run_pair(
         p = ctx.Process(target=_child, args=(role, name, pipes[rank][1], env, scenario))
         p.start()
         procs.append(p)
+    for _, child_end in pipes:
+        child_end.close()  # so a child that dies shows up as EOF, not as a timeout
     # relay: each side's messages go to the other, until both report a result
-    results: list[Any] = [None, None]
+    pending = object()
+    results: list[Any] = [pending, pending]
     import time
 
     deadline = time.monotonic() + timeout
     ends = [pipes[0][0], pipes[1][0]]
     try:
-        while any(r is None for r in results):
+        while any(r is pending for r in results):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"{name}: transport pair did not finish in {timeout}s")
-            ready = mp.connection.wait([e for i, e in enumerate(ends) if results[i] is None], left)
+            ready = mp.connection.wait(
+                [e for i, e in enumerate(ends) if results[i] is pending], left
+            )
             for e in ready:
                 i = ends.index(e)
                 try:

@@ -63,5 +63,6 @@ class FrameDecoder:
                 out.append(body)
         except ProtocolError as exc:
             self._broken = exc
+            self._buf.clear()  # keep nothing of a stream we refused
             raise
         return out

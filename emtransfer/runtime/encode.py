@@ -287,10 +287,18 @@ class EncodeNode(Node):
     def _on_init(self, peer: Peer, msg: m.Init) -> None:
         event = ev.InitReceived(tuple(msg.blocks), msg.capacity_tokens, msg.expected_tokens)
         session = self._senders.get(msg.rid)
-        if session is None:
-            if self._closing:
-                peer.send(m.Abort(rid=msg.rid, reason="encode node closing"))
+        if session is None or session.peer is None:
+            limit = self.settings.max_inflight_per_peer
+            refusal = "encode node closing" if self._closing else None
+            if len(peer.sessions) >= limit:
+                refusal = (
+                    f"too many requests in flight from this peer (max_inflight_per_peer={limit})"
+                )
+            if refusal:
+                peer.send(m.Abort(rid=msg.rid, reason=refusal))
+                self.log.warning("Init refused", peer=peer.node_id, rid=msg.rid, reason=refusal)
                 return
+        if session is None:
             session = SenderSession(self, msg.rid)
             self._senders[msg.rid] = session
             session.start()

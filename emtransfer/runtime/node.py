@@ -220,18 +220,22 @@ class Node:
 
     async def _serve_handshake(self, channel: Channel, client_role: str) -> Peer | None:
         """Server side: Challenge -> Hello (client's proof) -> HelloAck (our proof)."""
+        tid = ""
         try:
             nonce = os.urandom(16)
             channel.send(m.Challenge(version=PROTOCOL_VERSION, nonce=nonce))
             hello = await self._recv_within_bootstrap(channel, m.Hello)
             self._check_proof(hello.auth, b"emtransfer-client", nonce, hello.nonce)
             self._check_hello(hello, expected_role=client_role)
+            tid = await self._reach_transport(hello)  # refuse before acknowledging
             ack = m.HelloAck(
                 **self._hello_fields(), auth=self._proof(b"emtransfer-server", hello.nonce, nonce)
             )
             channel.send(ack)
-            return await self._add_peer(channel, hello)
+            return await self._add_peer(channel, hello, tid)
         except TransferError as exc:
+            if tid:
+                await self.transport.remove_peer(tid)
             self.log.warning("handshake refused", error=str(exc), via=channel.description)
             try:
                 kind = "config" if isinstance(exc, ConfigError) else ""
@@ -254,24 +258,35 @@ class Node:
             ack = await self._recv_within_bootstrap(channel, m.HelloAck)
             self._check_proof(ack.auth, b"emtransfer-server", nonce, challenge.nonce)
             self._check_hello(ack, expected_role=server_role)
+            tid = await self._reach_transport(ack)
         except BaseException:
             channel.close()
             raise
-        peer = await self._add_peer(channel, ack)
+        peer = await self._add_peer(channel, ack, tid)
         peer.address = address
         return peer
 
-    async def _add_peer(self, channel: Channel, hello: m.Hello | m.HelloAck) -> Peer:
+    async def _reach_transport(self, hello: m.Hello | m.HelloAck) -> str:
+        """Make the peer's pools reachable; any failure is a refused handshake."""
+        tid = f"{hello.node_id}#{next(_peer_serial)}"
+        try:
+            await self.transport.add_peer(tid, hello.transport_meta)
+        except TransferError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(f"peer's transport metadata refused: {exc!r}") from None
+        return tid
+
+    async def _add_peer(self, channel: Channel, hello: m.Hello | m.HelloAck, tid: str) -> Peer:
         peer = Peer(
             node_id=hello.node_id,
             role=hello.role,
             num_blocks=hello.num_blocks,
             channel=channel,
             inflight=asyncio.Semaphore(self.settings.max_inflight_per_peer),
-            transport_id=f"{hello.node_id}#{next(_peer_serial)}",
+            transport_id=tid,
             last_seen=asyncio.get_running_loop().time(),
         )
-        await self.transport.add_peer(peer.transport_id, hello.transport_meta)
         old = self.peers.get(peer.node_id)
         if old is not None:
             old.channel.close()
@@ -315,6 +330,8 @@ class Node:
                     self._on_message(peer, msg)
                 except TransferError as exc:
                     self.log.warning("refused message", peer=peer.node_id, error=str(exc))
+                    if not isinstance(msg, m.Error | m.Abort | m.Resume):  # those answered already
+                        self._tell(peer, f"refused {type(msg).__name__}: {exc}")
         except PeerLost as exc:
             reason = str(exc)
         except ProtocolError as exc:
@@ -328,13 +345,16 @@ class Node:
     def _on_message(self, peer: Peer, msg: m.AnyMessage) -> None:
         raise NotImplementedError
 
+    def _tell(self, peer: Peer, text: str) -> None:
+        try:
+            peer.send(m.Error(reason=m.reason(text)))
+        except PeerLost:
+            pass
+
     def _refuse(self, peer: Peer, exc: m.InvalidMessage) -> None:
         """One invalid message: tell the peer, fail the request it names, keep the rest."""
         self.log.warning("invalid message refused", peer=peer.node_id, rid=exc.rid, error=str(exc))
-        try:
-            peer.send(m.Error(reason=m.reason(f"refused: {exc}")))
-        except PeerLost:
-            return
+        self._tell(peer, f"refused: {exc}")
         session = peer.sessions.get(exc.rid) if exc.rid else None
         if session is not None and session.running:
             session._error_override = exc

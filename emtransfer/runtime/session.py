@@ -187,7 +187,9 @@ class Session:
             self.result.exception()  # mark retrieved: a caller that left must not warn
         reason = type(error).__name__
         self.node.metrics.failures.labels(reason).inc()
-        self.log.info("request failed", error=str(error), reason=reason)
+        # a peer breaking the rules is worth a warning; timeouts and aborts are routine
+        log = self.log.warning if isinstance(error, ProtocolError) else self.log.info
+        log("request failed", error=str(error), reason=reason)
 
     # -- subclass hooks ------------------------------------------------------------------------
     def _granted(self, allocation: Allocation) -> ev.Event:

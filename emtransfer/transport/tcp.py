@@ -60,7 +60,7 @@ def parse_header(data: Piece, pool_sizes: Sequence[int]) -> FrameHeader:
         raise TransportError(f"field index {fld} out of range ({len(pool_sizes)} fields)")
     if not 0 < nbytes <= MAX_FRAME:
         raise TransportError(f"frame of {nbytes} bytes outside (0, {MAX_FRAME}]")
-    if False:
+    if dst + nbytes > pool_sizes[fld]:
         raise TransportError(f"bytes [{dst}, {dst + nbytes}) past pool {fld} ({pool_sizes[fld]})")
     return FrameHeader(tag_len, fld, dst, nbytes)
 
@@ -288,7 +288,12 @@ class TcpTransport(Transport):
             if min(op.src_offset, op.dst_offset, op.nbytes) < 0 or op.field not in peer.pools:
                 raise TransportError(f"tcp transport: invalid descriptor {op}")
             r = runs[-1] if runs else None
-            if r and r[0] == op.field and r[1] + r[3] == op.src_offset and r[2] + r[3] == op.dst_offset:
+            if (
+                r
+                and r[0] == op.field
+                and r[1] + r[3] == op.src_offset
+                and r[2] + r[3] == op.dst_offset
+            ):
                 r[3] += op.nbytes
             elif op.nbytes:
                 runs.append([op.field, op.src_offset, op.dst_offset, op.nbytes])
@@ -324,7 +329,9 @@ class TcpTransport(Transport):
             if writer is not None:
                 writer.transport.abort()
             if isinstance(exc, OSError | TimeoutError):
-                raise TransportError(f"tcp transport: cannot reach {peer.peer_id!r}: {exc!r}") from exc
+                raise TransportError(
+                    f"tcp transport: cannot reach {peer.peer_id!r}: {exc!r}"
+                ) from exc
             raise
 
     async def write(self, peer_id: str, ops: Sequence[WriteOp], *, tag: str) -> None:

@@ -1,18 +1,14 @@
 """torch.distributed data plane for torchrun deployments: gloo for CPU pools, NCCL for CUDA pools.
 
-A point-to-point receive must be posted by the receiver, which learns the destination only from
-the sender: each write is a header (a preamble, then a body listing field, destination offset and
-length per op, and the tag) followed by one message per op. Per peer rank, a link runs two daemon
-threads: a sender draining a FIFO (writes to one peer never interleave) and a receiver that
-validates each header and receives straight into the destination slice of the pool. Either side
-ends a link with one STOP header, answered by a STOP from the other side, so every send is matched
-by a posted receive and both threads exit. gloo waits never get a finite timeout: an expired gloo
-wait closes every pair of the process group. See docs/transports-torch.md.
-"""
+A write is a header (ops as field, dst offset, nbytes; the tag) then one message per op. Per peer
+rank a link runs a sender thread draining a FIFO and a receiver thread that validates each header
+and receives straight into the pool; a STOP header each way ends it. docs/transports-torch.md has
+the protocol, the process-group set-up and the limitations."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import secrets
@@ -35,19 +31,26 @@ if TYPE_CHECKING:
 
 _log = structlog.get_logger("emtransfer")
 _MAGIC, _WRITE, _STOP = 0x454D54, 1, 2
-_FOREVER = timedelta(days=3650)
-_MAX_TAG = 1024
-_Job = tuple[list[torch.Tensor] | None, "asyncio.Future[None] | None"]  # None: the STOP header
+_MAX_OPS, _MAX_TAG = 1 << 16, 1024  # per write, both sides
+_FOREVER = timedelta(days=3650)  # a gloo wait that expires closes every pair of the group
+_Job = tuple[list[torch.Tensor] | None, "asyncio.Future[None] | None"]  # (None, None): our STOP
+
+
+def _err(msg: str) -> TransportError:
+    return TransportError(f"torch transport: {msg}")
+
+
+def _fits(sizes: Sequence[int], f: int, offset: int, nbytes: int) -> bool:
+    return 0 <= f < len(sizes) and offset >= 0 and 0 < nbytes <= sizes[f] - offset
 
 
 @dataclass(eq=False)
 class _Link:
-    """This node's end of the link to one peer rank."""
+    """This node's end of the link with one peer rank."""
 
     rank: int
-    tag: int  # the peer's header tag; its data tag is tag + 1
-    max_ops: int
-    pools: dict[str, int]  # the peer's pool bytes per field
+    tag: int  # the peer's header tag; its payload tag is tag + 1
+    sizes: list[int]  # the peer's pool bytes per field
     peer_id: str | None  # None once removed: what still arrives is drained
     error: str | None = None
     sent_stop: bool = False
@@ -58,30 +61,28 @@ class _Link:
     waiters: dict[str, tuple[int, asyncio.Future[None]]] = field(default_factory=dict)
 
 
-class _Desync(Exception):
-    """The peer's stream cannot be followed any further."""
-
-
 class TorchTransport(Transport):
     name = "torch"
 
     def __init__(
-        self, registry: BufferRegistry, *, grace: float = 5.0, write_timeout: float = 30.0,
+        self,
+        registry: BufferRegistry,
+        *,
+        grace: float = 5.0,
+        write_timeout: float = 30.0,
         init_timeout: float = 30.0,
     ) -> None:
         super().__init__(registry)
         self._grace, self._write_timeout, self._init_timeout = grace, write_timeout, init_timeout
         self._fields = list(registry.layouts)
-        self._index = {f: i for i, f in enumerate(self._fields)}
-        self._views = {f: registry.byte_view(f) for f in self._fields}
-        self._device = next(iter(registry.pools.values())).device
+        self._views = [registry.byte_view(f) for f in self._fields]
+        self._sizes = [v.numel() for v in self._views]
+        self._device = self._views[0].device
         self._cuda = self._device.type == "cuda"
-        self._max_ops = registry.num_slots * len(self._fields)
-        self._max_field = max(v.numel() for v in self._views.values())
         self._tag = 1000 + 2 * secrets.randbelow(1 << 20)  # apart from other users of the group
         self._rank = self._world = -1
-        self._ctl: Any = None  # gloo group for headers (None: the default group)
-        self._data: Any = None  # group for payloads: _ctl, or NCCL for CUDA pools
+        self._ctl: Any = None  # the gloo group for headers (None: the default group)
+        self._data: Any = None  # the group for payloads: _ctl, or an NCCL one for CUDA pools
         self._owns = self._closing = False
         self._mu = threading.Condition()
         self._peers: dict[str, _Link] = {}
@@ -90,132 +91,149 @@ class TorchTransport(Transport):
 
     @classmethod
     def from_settings(cls, settings: Settings, registry: BufferRegistry) -> TorchTransport:
-        return cls(registry, grace=settings.abort_ack_timeout, write_timeout=settings.chunk_timeout,
-                   init_timeout=max(settings.bootstrap_timeout, settings.chunk_timeout))
+        return cls(
+            registry,
+            grace=settings.abort_ack_timeout,
+            write_timeout=settings.chunk_timeout,
+            init_timeout=max(settings.bootstrap_timeout, settings.chunk_timeout),
+        )
 
     @classmethod
     def unavailable(cls) -> str | None:
-        if not dist.is_available():
-            return "this torch build has no torch.distributed"
-        if not dist.is_gloo_available():  # headers always travel over gloo, even with NCCL pools
-            return "torch.distributed has no gloo backend"
-        return None
+        if dist.is_available() and dist.is_gloo_available():  # headers use gloo, even for CUDA
+            return None
+        return "this torch build has no torch.distributed with the gloo backend"
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         try:
             await asyncio.to_thread(self._init_groups)
         except Exception as exc:
-            raise TransportError(f"torch transport: cannot set up the process group: {exc}") from exc
+            raise _err(f"cannot set up the process group: {exc}") from exc
 
     def _init_groups(self) -> None:
         if self._cuda and not dist.is_nccl_available():
-            raise TransportError("CUDA pools need NCCL, which this torch build lacks")
-        if not dist.is_initialized():  # torchrun environment: RANK, WORLD_SIZE, MASTER_ADDR/PORT
+            raise _err("CUDA pools need NCCL, which this torch build lacks")
+        if not dist.is_initialized():  # from torchrun's RANK, WORLD_SIZE, MASTER_ADDR/PORT
             backend = "cpu:gloo,cuda:nccl" if self._cuda else "gloo"
             dist.init_process_group(backend, timeout=timedelta(seconds=self._init_timeout))
             self._owns = True
         backend = str(dist.get_backend())
         self._ctl = None if "gloo" in backend else dist.new_group(backend="gloo")
+        self._data = self._ctl
         if self._cuda:
             self._data = None if "nccl" in backend else dist.new_group(backend="nccl")
-        else:
-            self._data = self._ctl
         self._rank, self._world = dist.get_rank(), dist.get_world_size()
 
     def metadata(self) -> bytes:
         if self._rank < 0:
-            raise TransportError("torch transport: metadata() before start()")
-        pools = {f: v.numel() for f, v in self._views.items()}
-        return json.dumps({"rank": self._rank, "world": self._world, "tag": self._tag,
-                           "max_ops": self._max_ops, "device": self._device.type,
-                           "pools": pools}).encode()
+            raise _err("metadata() before start()")
+        return json.dumps(
+            {
+                "rank": self._rank,
+                "world": self._world,
+                "tag": self._tag,
+                "device": self._device.type,
+                "pools": dict(zip(self._fields, self._sizes, strict=True)),
+            }
+        ).encode()
 
     async def add_peer(self, peer_id: str, metadata: bytes) -> None:
         try:
             meta = json.loads(metadata)
-            rank, world, tag, max_ops = (int(meta[k]) for k in ("rank", "world", "tag", "max_ops"))
+            rank, world, tag = (int(meta[k]) for k in ("rank", "world", "tag"))
             pools = {str(k): int(v) for k, v in meta["pools"].items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise TransportError(f"torch transport: bad peer metadata: {exc!r}") from exc
+            raise _err(f"bad peer metadata: {exc!r}") from exc
         if list(pools) != self._fields or meta.get("device") != self._device.type:
-            raise TransportError("torch transport: the peer's fields or device kind differ")
+            raise _err("the peer's fields or device kind differ")
         if world != self._world or not 0 <= rank < world or rank == self._rank:
-            raise TransportError(f"torch transport: peer rank {rank} of {world} is not reachable "
-                                 f"from rank {self._rank} of {self._world}")
+            raise _err(f"rank {rank} of {world} is no peer of rank {self._rank} of {self._world}")
         old = self._links.get(rank)
         if peer_id in self._peers or (old and any(t.is_alive() for t in old.threads)):
-            raise TransportError(f"torch transport: {peer_id!r} or rank {rank} is already linked")
-        link = self._peers[peer_id] = self._links[rank] = _Link(rank, tag, max_ops, pools, peer_id)
+            raise _err(f"{peer_id!r} or rank {rank} is still linked")
+        link = _Link(rank, tag, list(pools.values()), peer_id)
+        self._peers[peer_id] = self._links[rank] = link
         for fn in (self._sender, self._receiver):
-            t = threading.Thread(target=fn, args=(link,), daemon=True,
-                                 name=f"emtransfer-torch{fn.__name__}-{rank}")
-            link.threads.append(t)
-            t.start()
+            link.threads.append(
+                threading.Thread(
+                    target=fn,
+                    args=(link,),
+                    daemon=True,
+                    name=f"emtransfer-torch{fn.__name__}-{rank}",
+                )
+            )
+            link.threads[-1].start()
+
+    def _peer(self, peer_id: str) -> _Link:
+        if (link := self._peers.get(peer_id)) is None:
+            raise _err(f"unknown peer {peer_id!r}")
+        return link
 
     async def write(self, peer_id: str, ops: Sequence[WriteOp], *, tag: str) -> None:
-        link = self._peers.get(peer_id)
-        if link is None:
-            raise TransportError(f"torch transport: unknown peer {peer_id!r}")
+        link = self._peer(peer_id)
         if not ops:
             return
         msgs = self._encode(link, ops, tag)
         fut = asyncio.get_running_loop().create_future()
         with self._mu:
-            if link.error or link.sent_stop:
-                raise TransportError(f"torch transport: peer {peer_id!r} is gone: {link.error}")
+            if link.error or link.sent_stop:  # nothing may queue behind our STOP
+                raise _err(f"peer {peer_id!r} is unusable: {link.error or 'stopped'}")
             link.jobs.put((msgs, fut))
         try:
             await asyncio.wait_for(asyncio.shield(fut), self._write_timeout)
         except TimeoutError:
             self._break(link, f"write {tag!r} did not complete in {self._write_timeout}s")
-            raise TransportError(f"torch transport: write {tag!r} timed out") from None
+            raise _err(f"write {tag!r} to {peer_id!r} timed out") from None
 
     def _encode(self, link: _Link, ops: Sequence[WriteOp], tag: str) -> list[torch.Tensor]:
-        """Validate ``ops`` against both pools; the header tensors, then the source slices."""
+        """Check ``ops`` against both pools; the header tensors, then the source slices."""
         tb = tag.encode()
-        if len(ops) > link.max_ops or len(tb) > _MAX_TAG:
-            raise TransportError(f"torch transport: {len(ops)} ops or a {len(tb)}-byte tag is too many")
+        if len(ops) > _MAX_OPS or len(tb) > _MAX_TAG:
+            raise _err(f"{len(ops)} ops or a {len(tb)}-byte tag is too many for one write")
         rows, srcs = [], []
         for op in ops:
-            src = self._views.get(op.field)
-            if (src is None or op.nbytes <= 0 or min(op.src_offset, op.dst_offset) < 0
-                    or op.src_offset + op.nbytes > src.numel()
-                    or op.dst_offset + op.nbytes > link.pools[op.field]):
-                raise TransportError(f"torch transport: descriptor {op} runs past a pool")
-            rows.append((self._index[op.field], op.dst_offset, op.nbytes))
-            srcs.append(src[op.src_offset : op.src_offset + op.nbytes])
+            f = self._fields.index(op.field) if op.field in self._fields else -1
+            if not (
+                _fits(self._sizes, f, op.src_offset, op.nbytes)
+                and _fits(link.sizes, f, op.dst_offset, op.nbytes)
+            ):
+                raise _err(f"descriptor {op} runs past a pool")
+            rows.append((f, op.dst_offset, op.nbytes))
+            srcs.append(self._views[f][op.src_offset : op.src_offset + op.nbytes])
         pre = torch.tensor([_MAGIC, _WRITE, len(rows), len(tb)], dtype=torch.int64)
-        body = torch.cat([torch.tensor(rows, dtype=torch.int64).view(-1).view(torch.uint8),
-                          torch.tensor(list(tb), dtype=torch.uint8)])
+        body = torch.cat(
+            [
+                torch.tensor(rows, dtype=torch.int64).view(-1).view(torch.uint8),
+                torch.tensor(list(tb), dtype=torch.uint8),
+            ]
+        )
         return [pre, body, *srcs]
 
     async def wait_landed(self, peer_id: str, tag: str, nbytes: int) -> None:
-        link = self._peers.get(peer_id)
-        if link is None:
-            raise TransportError(f"torch transport: unknown peer {peer_id!r}")
+        link = self._peer(peer_id)
+        if tag in link.waiters:
+            raise _err(f"{tag!r} is already waited on")
         try:
-            if link.landed.get(tag, 0) >= nbytes:
-                return
-            if link.error or tag in link.waiters:
-                raise TransportError(f"torch transport: cannot wait for {tag!r}: {link.error or 'already waited on'}")
-            fut = asyncio.get_running_loop().create_future()
-            link.waiters[tag] = (nbytes, fut)
-            try:
+            if link.landed.get(tag, 0) < nbytes:
+                if link.error:
+                    raise _err(f"cannot wait for {tag!r}: {link.error}")
+                fut = asyncio.get_running_loop().create_future()
+                link.waiters[tag] = (nbytes, fut)
                 await fut
-            finally:
-                link.waiters.pop(tag, None)
         finally:
             link.landed.pop(tag, None)
+            link.waiters.pop(tag, None)
 
     async def remove_peer(self, peer_id: str) -> None:
         link = self._peers.pop(peer_id, None)
-        if link is None:
-            return
-        self._retire(link, "peer removed")
-        if not await asyncio.to_thread(self._quiesce, [link], self._grace):
-            _log.error("torch transport: a receive from a removed peer is still running",
-                       rank=link.rank)
+        if link is not None:
+            self._retire(link, "peer removed")
+            if not await asyncio.to_thread(self._quiesce, [link], self._grace):
+                _log.error(
+                    "torch transport: a receive from a removed peer is still running",
+                    rank=link.rank,
+                )
 
     async def close(self) -> None:
         if self._closing:
@@ -227,12 +245,12 @@ class TorchTransport(Transport):
             self._retire(link, "transport closed")
         await asyncio.to_thread(self._quiesce, links, self._grace)
         stuck = [lk.rank for lk in links if any(t.is_alive() for t in lk.threads)]
-        if stuck:  # e.g. a peer that never added us: its STOP send stays parked (daemon thread)
+        if stuck:  # e.g. a peer that never added us: our STOP stays parked in a daemon thread
             _log.warning("torch transport: links did not finish closing", ranks=stuck)
         if self._owns and dist.is_initialized():
             dist.destroy_process_group()
 
-    # -- the link threads and their bookkeeping ------------------------------------------------
+    # -- link threads --------------------------------------------------------------------------
     def _retire(self, link: _Link, reason: str) -> None:
         with self._mu:
             link.peer_id = None
@@ -240,7 +258,7 @@ class TorchTransport(Transport):
         self._stop(link)
 
     def _stop(self, link: _Link) -> None:
-        """Queue our STOP (after the writes already queued); at most once per link."""
+        """Queue our STOP behind the writes already queued; once per link."""
         with self._mu:
             if not link.sent_stop:
                 link.sent_stop = True
@@ -252,8 +270,9 @@ class TorchTransport(Transport):
         for t in [t for lk in links for t in lk.threads]:
             t.join(max(0.0, deadline - time.monotonic()))
         with self._mu:
-            return self._mu.wait_for(lambda: not any(lk.busy for lk in links),
-                                     max(0.0, deadline - time.monotonic()))
+            return self._mu.wait_for(
+                lambda: not any(lk.busy for lk in links), max(0.0, deadline - time.monotonic())
+            )
 
     def _wait(self, works: list[Any]) -> None:
         for w in works:
@@ -273,23 +292,25 @@ class TorchTransport(Transport):
                 except Exception as e:
                     _log.debug("torch transport: STOP not delivered", rank=link.rank, error=str(e))
                 return
-            exc: TransportError | None = None
+            assert fut is not None
             try:
                 with self._mu:
                     if link.peer_id is None or link.error:
-                        raise TransportError(f"torch transport: peer gone: {link.error or 'removed'}")
-                works = [dist.isend(t, dst=link.rank, group=self._ctl, tag=link.tag) for t in msgs[:2]]
-                works += [dist.isend(t, dst=link.rank, group=self._data, tag=link.tag + 1)
-                          for t in msgs[2:]]
+                        raise _err(f"peer gone before the write started: {link.error or 'removed'}")
+                works = [
+                    dist.isend(t, dst=link.rank, group=self._ctl, tag=link.tag) for t in msgs[:2]
+                ]
+                works += [
+                    dist.isend(t, dst=link.rank, group=self._data, tag=link.tag + 1)
+                    for t in msgs[2:]
+                ]
                 self._wait(works)
-            except TransportError as e:
-                exc = e
+                self._post(fut.set_result, None)
             except Exception as e:
-                exc = TransportError(f"torch transport: send to rank {link.rank} failed: {e}")
-                self._break(link, str(exc))
-            finally:
-                if fut is not None:
-                    self._post(_settle, fut, exc)
+                exc = e if isinstance(e, TransportError) else _err(f"send to rank {link.rank}: {e}")
+                if exc is not e:
+                    self._break(link, str(exc))
+                self._post(fut.set_exception, exc)
 
     def _receiver(self, link: _Link) -> None:
         if self._cuda:
@@ -298,49 +319,49 @@ class TorchTransport(Transport):
         try:
             while self._receive_one(link, pre):
                 pass
-        except Exception as exc:  # gloo error (peer died) or _Desync: stop following the peer
+        except Exception as exc:  # the peer died, or its stream cannot be followed any more
             self._break(link, f"receive from rank {link.rank} failed: {exc}")
 
     def _receive_one(self, link: _Link, pre: torch.Tensor) -> bool:
         self._wait([dist.irecv(pre, src=link.rank, group=self._ctl, tag=self._tag)])
         magic, kind, n, tlen = pre.tolist()
         if magic != _MAGIC or kind not in (_WRITE, _STOP):
-            raise _Desync(f"not a header: {[magic, kind, n, tlen]}")
+            raise _err(f"not a header: {[magic, kind, n, tlen]}")
         if kind == _STOP:
             self._break(link, f"rank {link.rank} closed the link", quiet=True)
             self._stop(link)
             return False
-        if not (0 < n <= self._max_ops and 0 <= tlen <= _MAX_TAG):
-            raise _Desync(f"header announces {n} ops and a {tlen}-byte tag")
+        if not (0 < n <= _MAX_OPS and 0 <= tlen <= _MAX_TAG):
+            raise _err(f"a header announces {n} ops and a {tlen}-byte tag")
         body = torch.empty(24 * n + tlen, dtype=torch.uint8)
         self._wait([dist.irecv(body, src=link.rank, group=self._ctl, tag=self._tag)])
         ops: list[list[int]] = body[: 24 * n].view(torch.int64).view(n, 3).tolist()
         tag = bytes(body[24 * n :].numpy()).decode("utf-8", "replace")
-        bad = next((op for op in ops if not self._fits(*op)), None)
+        bad = next((op for op in ops if not _fits(self._sizes, *op)), None)
         if bad is not None:
-            if not all(0 < nb <= self._max_field for _, _, nb in ops):
-                raise _Desync(f"write {tag!r}: op {bad} cannot even be drained")
-            self._break(link, f"refused write {tag!r}: op (field, dst, nbytes)={bad} is outside the pool")
+            if not all(0 < nb <= max(self._sizes) for _, _, nb in ops):
+                raise _err(f"write {tag!r}: op {bad} cannot even be drained")
+            self._break(link, f"refused write {tag!r}: (field, dst, nbytes)={bad} is off the pool")
         with self._mu:
             live = link.busy = bad is None and link.error is None and link.peer_id is not None
         try:
             if live:
-                dsts = [self._views[self._fields[f]][d : d + nb] for f, d, nb in ops]
-            else:  # refused, broken or removed: drain so the sender's sends still complete
-                scratch = torch.empty(max(nb for _, _, nb in ops), dtype=torch.uint8, device=self._device)
-                dsts = [scratch[:nb] for _, _, nb in ops]
-            self._wait([dist.irecv(t, src=link.rank, group=self._data, tag=self._tag + 1) for t in dsts])
+                dsts = [self._views[f][d : d + nb] for f, d, nb in ops]
+            else:  # refused, broken or removed: drain, so that the sender's sends complete
+                scratch = torch.empty(
+                    max(nb for *_, nb in ops), dtype=torch.uint8, device=self._device
+                )
+                dsts = [scratch[:nb] for *_, nb in ops]
+            self._wait(
+                [dist.irecv(t, src=link.rank, group=self._data, tag=self._tag + 1) for t in dsts]
+            )
         finally:
             with self._mu:
                 link.busy = False
                 self._mu.notify_all()
         if live:
-            self._post(self._landed, link, tag, sum(nb for _, _, nb in ops))
+            self._post(self._landed, link, tag, sum(nb for *_, nb in ops))
         return True
-
-    def _fits(self, f: int, dst: int, nbytes: int) -> bool:
-        return (0 <= f < len(self._fields) and dst >= 0 and nbytes > 0
-                and dst + nbytes <= self._views[self._fields[f]].numel())
 
     def _break(self, link: _Link, reason: str, *, quiet: bool = False) -> None:
         with self._mu:
@@ -351,11 +372,9 @@ class TorchTransport(Transport):
         self._post(self._fail, link, reason)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
-        if self._loop is not None:
-            try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            if self._loop is not None:
                 self._loop.call_soon_threadsafe(fn, *args)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass
 
     # -- on the event loop ---------------------------------------------------------------------
     def _landed(self, link: _Link, tag: str, nbytes: int) -> None:
@@ -369,16 +388,7 @@ class TorchTransport(Transport):
     def _fail(self, link: _Link, reason: str) -> None:
         for _, fut in list(link.waiters.values()):
             if not fut.done():
-                fut.set_exception(TransportError(f"torch transport: rank {link.rank}: {reason}"))
-
-
-def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(exc)
+                fut.set_exception(_err(f"rank {link.rank}: {reason}"))
 
 
 TRANSPORT = TorchTransport

@@ -1,0 +1,233 @@
+"""Nodes in their own OS processes, driven by commands over a pipe.
+
+``NodeProc(role, transport, **settings)`` spawns a process running an ``EncodeNode`` or a
+``LanguageNode`` on a real transport and a real TCP control connection. The test sends
+commands (``send``, ``receive``, ``hold``...) and reads their results; it can SIGKILL the
+process at any moment. Payloads are generated from ``(seed, num_tokens)`` on both sides, so
+the receiver verifies every byte without the test shipping tensors around.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing as mp
+import os
+import random
+import signal
+import time
+import traceback
+from typing import Any
+
+BASE_SETTINGS: dict[str, Any] = {
+    "hidden_size": 256,
+    "dtype": "bfloat16",
+    "block_size": 128,
+    "default_blocks": 8,
+    "num_blocks": 64,
+    "fields": {"mrope_positions": {"shape": [3], "dtype": "int64"}},
+    "heartbeat_interval": 0.2,
+    "heartbeat_timeout": 1.5,
+    "bootstrap_timeout": 10.0,
+    "init_timeout": 20.0,
+    "data_timeout": 20.0,
+    "chunk_timeout": 20.0,
+    "resume_timeout": 20.0,
+    "alloc_timeout": 20.0,
+    "abort_ack_timeout": 2.0,
+}
+
+
+def payload(seed: int, n: int, hidden: int) -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n, hidden, generator=g).to(torch.bfloat16)
+    pos = torch.randint(0, 1 << 40, (n, 3), generator=g, dtype=torch.int64)
+    return {"embeddings": emb, "mrope_positions": pos}
+
+
+class RemoteError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+# ---------------------------------------------------------------------------- child side
+
+
+async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, str]) -> None:
+    import torch
+
+    import emtransfer as et
+
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    s = et.Settings(**settings)
+    node = et.EncodeNode(s) if role == "encode" else et.LanguageNode(s)
+    await node.start()
+    conn.send(("ready", node.address if role == "encode" else ""))
+    loop = asyncio.get_running_loop()
+    held: list[Any] = []
+    tasks: set[asyncio.Task[None]] = set()
+    hidden = s.hidden_size
+
+    async def run(cid: int, cmd: str, args: tuple[Any, ...]) -> None:
+        try:
+            value = await handle(cmd, *args)
+            conn.send(("result", cid, value))
+        except Exception as exc:
+            conn.send(("error", cid, type(exc).__name__, f"{exc}\n{traceback.format_exc()}"))
+
+    async def handle(cmd: str, *args: Any) -> Any:
+        if cmd == "send":
+            rid, n, seed, meta = args
+            st = await node.send(rid, payload(seed, n, hidden), meta=meta)
+            return {"rounds": st.rounds, "writes": st.writes}
+        if cmd == "receive":
+            rid, address, expected, seed, n = args
+            got = await node.receive(rid, address, expected_tokens=expected)
+            want = payload(seed, n, hidden)
+            ok = got.num_tokens == n and all(torch.equal(got.tensors[k], v) for k, v in want.items())
+            return {"ok": ok, "rounds": got.rounds, "meta": got.meta, "num_tokens": got.num_tokens}
+        if cmd == "connect":
+            peer = await node.connect(args[0])
+            return peer.node_id
+        if cmd == "hold":  # take blocks out of the pool to create pressure
+            a = node.allocator.try_alloc(args[0] * s.block_size, "held-by-test")
+            assert a is not None, "pool too busy to hold"
+            held.append(a)
+            return len(a.blocks)
+        if cmd == "release":
+            while held:
+                node.allocator.free(held.pop())
+            return True
+        if cmd == "scramble":
+            blocks = [node.allocator.try_alloc(s.block_size, f"scr{i}") for i in range(s.num_blocks)]
+            random.Random(args[0]).shuffle(blocks)
+            for a in blocks:
+                if a is not None:
+                    node.allocator.free(a)
+            return True
+        if cmd == "state":  # the protocol state of rid, once it is in one of the wanted states
+            rid, wanted, timeout = args
+            deadline = loop.time() + timeout
+            while True:
+                states = {
+                    r: sess.machine.state.name
+                    for p in node.peers.values()
+                    for r, sess in p.sessions.items()
+                }
+                if role == "encode":
+                    states.update({r: x.machine.state.name for r, x in node._senders.items()})
+                if states.get(rid) in wanted:
+                    return states[rid]
+                if loop.time() > deadline:
+                    raise TimeoutError(f"{rid} never reached {wanted}: {states.get(rid)}")
+                await asyncio.sleep(0.005)  # bounded poll of another process's view
+        if cmd == "health":
+            h = node.health()
+            h["leaks"] = node.leak_report()
+            return h
+        if cmd == "pool_settled":  # wait until nothing is held or quarantined
+            deadline = loop.time() + args[0]
+            while node.allocator.num_free + sum(len(a.blocks) for a in held) < s.num_blocks:
+                if loop.time() > deadline:
+                    return node.health() | {"leaks": node.leak_report()}
+                await asyncio.sleep(0.005)
+            return node.health() | {"leaks": node.leak_report()}
+        if cmd == "close":
+            await node.close()
+            return node.leak_report()
+        raise ValueError(f"unknown command {cmd}")
+
+    while True:
+        msg = await loop.run_in_executor(None, conn.recv)
+        if msg[0] == "exit":
+            break
+        _, cid, cmd, args = msg
+        t = asyncio.create_task(run(cid, cmd, args))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+    conn.send(("bye",))
+
+
+def _child(role: str, settings: dict[str, Any], conn: Any, env: dict[str, str]) -> None:
+    try:
+        asyncio.run(_serve(role, settings, conn, env))
+    except BaseException:
+        try:
+            conn.send(("crash", traceback.format_exc()))
+        except Exception:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+class NodeProc:
+    """A node in a child process; ``call`` runs a command and returns its result."""
+
+    _cids = itertools.count(1)
+
+    def __init__(
+        self, role: str, transport: str, env: dict[str, str] | None = None, **overrides: Any
+    ) -> None:
+        self.role = role
+        settings = {**BASE_SETTINGS, "transport": transport, **overrides}
+        ctx = mp.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_child, args=(role, settings, child_conn, env or {}), daemon=True
+        )
+        self.proc.start()
+        self._results: dict[int, Any] = {}
+        kind, *rest = self._next(60)
+        if kind != "ready":
+            raise RuntimeError(f"{role} node failed to start: {rest}")
+        self.address: str = rest[0]
+
+    def _next(self, timeout: float) -> Any:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.role} node: no message within {timeout}s")
+        msg = self.conn.recv()
+        if msg[0] == "crash":
+            raise RuntimeError(f"{self.role} node crashed:\n{msg[1]}")
+        return msg
+
+    def start(self, cmd: str, *args: Any) -> int:
+        cid = next(self._cids)
+        self.conn.send(("cmd", cid, cmd, args))
+        return cid
+
+    def wait(self, cid: int, timeout: float = 60) -> Any:
+        deadline = time.monotonic() + timeout
+        while cid not in self._results:
+            msg = self._next(max(0.0, deadline - time.monotonic()))
+            if msg[0] in ("result", "error"):
+                self._results[msg[1]] = msg
+        msg = self._results.pop(cid)
+        if msg[0] == "error":
+            raise RemoteError(msg[2], msg[3])
+        return msg[2]
+
+    def call(self, cmd: str, *args: Any, timeout: float = 60) -> Any:
+        return self.wait(self.start(cmd, *args), timeout)
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join(10)
+
+    def stop(self) -> Any:
+        """Close the node (returns its leak report) and end the process."""
+        try:
+            leaks = self.call("close", timeout=30)
+            self.conn.send(("exit",))
+            return leaks
+        finally:
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.kill()
