@@ -65,6 +65,9 @@ class Init(Message, tag="init", frozen=True):
     blocks: Blocks
     capacity_tokens: Pos
     expected_tokens: Pos | None = None
+    #: the receiver's name for this attempt: data-plane tags carry it, so bytes of an
+    #: abandoned attempt can never be taken for those of a new request reusing the rid
+    session: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class ChunkDone(Message, tag="chunk", frozen=True):

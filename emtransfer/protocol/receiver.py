@@ -70,7 +70,10 @@ class ReceiverMachine(Machine[ReceiverState]):
         msg = ev.SendResume(self.round, e.blocks, e.capacity_tokens, self.received)
         return R.WAIT_CHUNK, [msg]
 
-    def _chunk_error(self, e: ev.ChunkReceived) -> str | None:
+    def chunk_error(self, e: ev.ChunkReceived) -> str | None:
+        """Why this chunk breaks the rules in the current state, or None."""
+        if self.state is not R.WAIT_CHUNK:
+            return f"ChunkDone in state {self.state.name}"
         if e.round != self.round:
             return f"ChunkDone for round {e.round}, expected round {self.round}"
         if e.start != self.received:
@@ -88,7 +91,7 @@ class ReceiverMachine(Machine[ReceiverState]):
         return None
 
     def _chunk(self, e: ev.ChunkReceived) -> Result:
-        why = self._chunk_error(e)
+        why = self.chunk_error(e)
         if why:
             err = ProtocolError(f"rid={self.rid!r}: {why}")
             return R.QUARANTINED, [

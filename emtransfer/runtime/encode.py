@@ -57,6 +57,7 @@ class SenderSession(Session):
         self.t_first_write: float | None = None
         self.t_last_write = 0.0
         self._write_task: asyncio.Task[None] | None = None
+        self.session_tag = ""  # the receiver's name for this attempt (from Init)
 
     def bind(self, peer: Peer) -> None:
         self.peer = peer
@@ -143,7 +144,8 @@ class SenderSession(Session):
                 stage()
             if self.t_first_write is None:
                 self.t_first_write = time.perf_counter()
-            await node.transport.write(peer.transport_id, ops, tag=f"{self.rid}/{action.round}")
+            tag = data_tag(self.rid, self.session_tag, action.round)
+            await node.transport.write(peer.transport_id, ops, tag=tag)
             self.t_last_write = time.perf_counter()
             self.writes += 1
             node.metrics.bytes.labels("out").inc(nbytes)
@@ -304,6 +306,7 @@ class EncodeNode(Node):
             session.start()
         if session.peer is None:
             session.bind(peer)
+            session.session_tag = msg.session
         elif session.peer is not peer:
             peer.send(m.Abort(rid=msg.rid, reason="rid already in flight with another receiver"))
             return
@@ -324,6 +327,11 @@ class EncodeNode(Node):
             del self._senders[session.rid]
         if session.peer is not None and session.peer.sessions.get(session.rid) is session:
             del session.peer.sessions[session.rid]
+
+
+def data_tag(rid: str, session: str, round_: int) -> str:
+    """The data-plane tag of one round of one attempt."""
+    return f"{rid}/{session}/{round_}"
 
 
 def _check_meta(meta: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from ..protocol import events as ev
 from ..protocol import messages as m
 from . import control
 from .channel import LocalChannel, lookup_local
-from .encode import _check_rid
+from .encode import _check_rid, data_tag
 from .node import OFFLOAD_BYTES, Node, Peer
 from .session import Session
 
@@ -53,6 +54,7 @@ class ReceiverSession(Session):
         self.copy_s = 0.0
         self.t_init = 0.0
         self.t_last_chunk = 0.0
+        self.session_tag = secrets.token_hex(4)
 
     def _loop_done(self) -> bool:
         return self.machine.finished or self.machine.state is ReceiverState.QUARANTINED
@@ -65,19 +67,37 @@ class ReceiverSession(Session):
         if isinstance(item, m.ChunkDone):
             if self.machine.state is ReceiverState.WAIT_CHUNK and self.peer is not None:
                 nbytes = item.count * self.node.registry.token_nbytes
-                tag = f"{self.rid}/{item.round}"
-                await self.node.transport.wait_landed(self.peer.transport_id, tag, nbytes)
+                error = self.machine.chunk_error(_chunk_event(item))
+                if error is None:  # never wait for the data of a chunk we will refuse
+                    failure = await self._wait_landed(item.round, nbytes)
+                    if failure is not None:
+                        return failure
             self.t_last_chunk = time.perf_counter()
-            return ev.ChunkReceived(
-                item.round,
-                item.start,
-                item.count,
-                item.total_tokens,
-                item.is_last,
-                item.meta,
-                item.digest,
-            )
+            return _chunk_event(item)
         return await super()._to_event(item)
+
+    def _tag(self, round_: int) -> str:
+        return data_tag(self.rid, self.session_tag, round_)
+
+    async def _wait_landed(self, round_: int, nbytes: int) -> ev.Event | None:
+        """Wait for the round's bytes; if they cannot arrive, end the request instead."""
+        assert self.peer is not None
+        try:
+            async with asyncio.timeout(self.settings.chunk_timeout):
+                await self.node.transport.wait_landed(
+                    self.peer.transport_id, self._tag(round_), nbytes
+                )
+            return None
+        except (TimeoutError, TransferError) as exc:
+            self._error_override = TransferError(
+                f"rid={self.rid!r}: data of round {round_} did not land: {exc!r}"
+            )
+            return ev.LocalAbort(f"data of round {round_} did not land")
+
+    async def _fence(self) -> None:
+        """No late byte of the current round may land once its blocks are reused."""
+        if self.peer is not None:
+            await self.node.transport.discard(self.peer.transport_id, self._tag(self.machine.round))
 
     def _send(self, msg: m.Message) -> None:
         try:
@@ -99,6 +119,7 @@ class ReceiverSession(Session):
                         blocks=list(action.blocks),
                         capacity_tokens=action.capacity_tokens,
                         expected_tokens=action.expected_tokens,
+                        session=self.session_tag,
                     )
                 )
             case ev.SendResume():
@@ -122,6 +143,8 @@ class ReceiverSession(Session):
                 await self._deliver(action)
             case ev.Free():
                 assert self.current is not None
+                if self.machine.state is ReceiverState.FAILED:
+                    await self._fence()  # abandoned mid-round: stop stray bytes first
                 alloc.free(self.current)
                 self.current = None
             case ev.Quarantine():
@@ -131,6 +154,7 @@ class ReceiverSession(Session):
                 self.log.warning("allocation quarantined", blocks=list(self.quarantined.blocks))
             case ev.ReleaseQuarantine():
                 assert self.quarantined is not None
+                await self._fence()
                 alloc.release_quarantine(self.quarantined)
                 self.quarantined = None
                 self._forget()
@@ -224,6 +248,12 @@ class ReceiverSession(Session):
             self.node.allocator.quarantine(self.current)
             self.quarantined, self.current = self.current, None
             self._send(m.Abort(rid=self.rid, reason="receiver failed"))
+
+
+def _chunk_event(msg: m.ChunkDone) -> ev.ChunkReceived:
+    return ev.ChunkReceived(
+        msg.round, msg.start, msg.count, msg.total_tokens, msg.is_last, msg.meta, msg.digest
+    )
 
 
 def _check_expected(expected_tokens: object) -> None:

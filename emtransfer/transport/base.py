@@ -61,6 +61,11 @@ class Transport(ABC):
         under ``tag``) from ``peer_id`` are in the local pools, then forget the tag. Engines
         whose sender-side completion already implies remote delivery need not wait."""
 
+    async def discard(self, peer_id: str, tag: str) -> None:
+        """Receiver side, before blocks of an abandoned round are reused: once this returns, no
+        further byte written under ``tag`` lands in the pools. Engines whose sender-side
+        completion implies remote delivery (the sender's AbortAck then fences) need nothing."""
+
     async def remove_peer(self, peer_id: str) -> None:
         """Tear the peer down. After this returns no write from or to it can land."""
 

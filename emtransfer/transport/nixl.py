@@ -47,8 +47,9 @@ class _Peer:
     inflight: set[cf.Future[None]] = field(default_factory=set)
 
 
-def parse_backend_params(text: str) -> dict[str, str]:
-    """``"k=v,k=v"`` (the format of ``EMTRANSFER_NIXL_BACKEND_PARAMS``) as a dict."""
+def parse_backend_params(text: str | None = None) -> dict[str, str]:
+    """``"k=v,k=v"`` as a dict; by default ``$EMTRANSFER_NIXL_BACKEND_PARAMS``."""
+    text = os.environ.get(PARAMS_ENV, "") if text is None else text
     items = [s.partition("=") for s in text.split(",") if s.strip()]
     if any(not sep or not key.strip() for key, sep, _ in items):
         raise ConfigError(f"invalid {PARAMS_ENV}={text!r}: expected k=v,k=v")
@@ -92,15 +93,18 @@ class NixlTransport(Transport):
         threads: int = 2,
     ) -> None:
         super().__init__(registry)
-        self.backend_params = dict(backend_params or {})
+        self.backend_params = dict(
+            parse_backend_params() if backend_params is None else backend_params
+        )
         self.progress_delay_us = progress_delay_us
         self.inline_max_bytes = inline_max_bytes
         self.xfer_timeout = xfer_timeout
         self.notif_ttl = notif_ttl  # how long notifications nobody waits for are kept
-        self._pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="emtransfer-nixl")
+        self._mem = "VRAM" if registry.device.type == "cuda" else "DRAM"
+        init = (torch.cuda.set_device, (registry.device,)) if self._mem == "VRAM" else (None, ())
+        self._pool = cf.ThreadPoolExecutor(threads, "emtransfer-nixl", *init)  # NIXL calls here
         self._agent: Any = None
         self._reg: Any = None
-        self._mem = "VRAM" if registry.device.type == "cuda" else "DRAM"
         self._meta = b""
         self._local: dict[str, tuple[int, int, int]] = {}
         self._peers: dict[str, _Peer] = {}
@@ -113,20 +117,16 @@ class NixlTransport(Transport):
     def unavailable(cls) -> str | None:
         """Why NIXL cannot run here (import, or an agent with the UCX backend); cached."""
         try:
-            import nixl._api  # noqa: F401
-        except Exception as exc:  # ImportError, or no NIXL wheel for this CUDA
+            new_agent(f"probe-{uuid.uuid4().hex}", parse_backend_params(), delay_us=0, thread=False)
+        except ImportError as exc:  # no nixl, or no NIXL wheel for this CUDA
             return f"nixl cannot be imported: {exc}"
-        try:
-            params = parse_backend_params(os.environ.get(PARAMS_ENV, ""))
-            new_agent(f"emtransfer-probe-{uuid.uuid4().hex}", params, delay_us=0, thread=False)
         except Exception as exc:
             return f"cannot create a NIXL agent with the UCX backend: {exc}"
         return None
 
     @classmethod
     def from_settings(cls, settings: Settings, registry: BufferRegistry) -> NixlTransport:
-        params = parse_backend_params(os.environ.get(PARAMS_ENV, ""))
-        return cls(registry, backend_params=params, xfer_timeout=settings.chunk_timeout)
+        return cls(registry, xfer_timeout=settings.chunk_timeout)
 
     async def start(self) -> None:
         if self._closed:

@@ -91,6 +91,8 @@ class _Peer:
     stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     recv: set[_RecvConn] = field(default_factory=set)
     tags: dict[bytes, _Tag] = field(default_factory=dict)
+    #: tags whose bytes must not reach the pool any more (bounded, oldest forgotten first)
+    discarded: dict[bytes, None] = field(default_factory=dict)
 
     def tag(self, conn: object, tag: bytes) -> _Tag:
         if (st := self.tags.get(tag)) is None:
@@ -133,6 +135,7 @@ class _RecvConn(asyncio.BufferedProtocol):
         self.target = memoryview(bytearray(HELLO.size))  # what the next bytes fill
         self.hdr, self.tagbuf = memoryview(bytearray(HEADER.size)), memoryview(bytearray(MAX_TAG))
         self.frame, self.cur = FrameHeader(0, 0, 0, 0), _Tag()
+        self.cur_key, self.skip = b"", 0  # skip: payload bytes of a discarded tag left to sink
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(owner.hello_timeout, self.drop, "no hello accepted in time")
 
@@ -142,9 +145,18 @@ class _RecvConn(asyncio.BufferedProtocol):
         self.owner._conns.add(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _SCRATCH if self.dead else self.target[self.got :]
+        if self.dead:
+            return _SCRATCH
+        if self.skip:
+            return _SCRATCH[: min(self.skip, len(_SCRATCH))]
+        return self.target[self.got :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.skip and not self.dead:
+            self.skip -= nbytes
+            if not self.skip:
+                self.state, self.target, self.got = "header", self.hdr, 0
+            return
         self.got += nbytes
         if not self.dead and self.got == len(self.target):
             self.got = 0
@@ -170,10 +182,22 @@ class _RecvConn(asyncio.BufferedProtocol):
                 self.state, self.target = "tag", self.tagbuf[: self.frame.tag_len]
                 return None
         h = self.frame  # the tag is known: read the payload into the pool slice
-        self.cur = self.peer.tag(self, bytes(self.target) if self.state == "tag" else b"")
+        key = bytes(self.target) if self.state == "tag" else b""
+        if key in self.peer.discarded:  # its blocks may belong to someone else by now
+            self.skip, self.state = h.nbytes, "skip"
+            return None
+        self.cur, self.cur_key = self.peer.tag(self, key), key
         self.state = "payload"
         self.target = self.owner.views[h.field][h.dst_offset : h.dst_offset + h.nbytes]
         return None
+
+    def discard_current(self, key: bytes) -> None:
+        """Sink the rest of the frame being read if it belongs to ``key``."""
+        if self.state == "payload" and self.cur_key == key and not self.dead:
+            self.skip, self.state = len(self.target) - self.got, "skip"
+            self.got = 0
+            if not self.skip:
+                self.state, self.target = "header", self.hdr
 
     def accept(self, peer: _Peer) -> None:
         self.timer.cancel()
@@ -372,6 +396,20 @@ class TcpTransport(Transport):
         finally:
             if peer.tags.get(key) is st:
                 del peer.tags[key]
+
+    async def discard(self, peer_id: str, tag: str) -> None:
+        """From now on no byte written under ``tag`` lands in the pool (they go to scratch)."""
+        peer, key = self._peers.get(peer_id), tag.encode()
+        if peer is None:
+            return  # removed: nothing of it reaches the pool any more
+        peer.discarded[key] = None
+        while len(peer.discarded) > MAX_TAGS:
+            del peer.discarded[next(iter(peer.discarded))]
+        for conn in peer.recv:
+            conn.discard_current(key)
+        st = peer.tags.pop(key, None)
+        if st is not None and st.waiter is not None and not st.waiter.done():
+            st.waiter.set_exception(TransportError(f"tcp transport: tag {tag!r} discarded"))
 
     async def remove_peer(self, peer_id: str) -> None:
         if (peer := self._peers.pop(peer_id, None)) is None:

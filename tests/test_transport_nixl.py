@@ -1,0 +1,248 @@
+"""NIXL-specific behaviour: metadata, descriptor refusals, peer removal, notification draining.
+
+Most tests run two transports (two NIXL agents) in this process on one event loop; one runs
+them in two processes through ``transport_harness``. The shared conformance suite covers the
+data itself across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+pytest.importorskip("nixl", reason="nixl is not installed (pip install 'emtransfer[nixl]')")
+
+import msgspec
+import torch
+from transport_harness import BLOCK_SIZE, make_registry, run_pair
+
+from emtransfer.allocator import Allocation
+from emtransfer.buffers import WriteOp
+from emtransfer.errors import ConfigError
+from emtransfer.settings import Settings
+from emtransfer.transport import TransportError
+from emtransfer.transport.nixl import (
+    PARAMS_ENV,
+    NixlTransport,
+    parse_backend_params,
+)
+
+pytestmark = pytest.mark.timeout(60)
+WAIT = 10.0  # seconds any single wait in these tests may take
+
+
+def _ops(registry: Any, src: list[int], dst: list[int], count: int) -> list[WriteOp]:
+    a, b = Allocation("r", tuple(src), BLOCK_SIZE, 0), Allocation("r", tuple(dst), BLOCK_SIZE, 0)
+    ops: list[WriteOp] = registry.write_ops(a.runs_to(b, count))
+    return ops
+
+
+def _fill(registry: Any, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for name in registry.layouts:
+        view = registry.byte_view(name)
+        view.copy_(torch.randint(0, 256, (view.numel(),), dtype=torch.uint8, generator=g))
+
+
+def _landed(src: Any, dst: Any, ops: list[WriteOp]) -> bool:
+    return all(
+        torch.equal(
+            dst.byte_view(o.field)[o.dst_offset : o.dst_offset + o.nbytes],
+            src.byte_view(o.field)[o.src_offset : o.src_offset + o.nbytes],
+        )
+        for o in ops
+    )
+
+
+@asynccontextmanager
+async def _pair(**kw: Any) -> AsyncIterator[tuple[NixlTransport, NixlTransport, Any, Any]]:
+    """Sender ``a`` and receiver ``b``, started and peered both ways (peer ids "b" and "a")."""
+    ra, rb = make_registry(), make_registry()
+    a, b = NixlTransport(ra, **kw), NixlTransport(rb, **kw)
+    try:
+        await a.start()
+        await b.start()
+        await a.add_peer("b", b.metadata())
+        await b.add_peer("a", a.metadata())
+        _fill(ra, seed=1)
+        yield a, b, ra, rb
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _until(cond: Any) -> None:
+    """Poll ``cond()`` (a condition, not a delay) until true, within ``WAIT``."""
+
+    async def poll() -> None:
+        while not cond():
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(poll(), WAIT)
+
+
+def test_parse_backend_params() -> None:
+    assert parse_backend_params("") == {}
+    assert parse_backend_params(" ucx_error_handling_mode=none , num_workers=2,") == {
+        "ucx_error_handling_mode": "none",
+        "num_workers": "2",
+    }
+    with pytest.raises(ConfigError, match=PARAMS_ENV):
+        parse_backend_params("novalue")
+
+
+def test_available_and_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert NixlTransport.unavailable() is None
+    monkeypatch.setenv(PARAMS_ENV, "ucx_error_handling_mode=none")
+    t = NixlTransport.from_settings(Settings(chunk_timeout=7), make_registry())
+    assert t.backend_params == {"ucx_error_handling_mode": "none"}
+    assert t.xfer_timeout == 7
+
+
+async def test_metadata_round_trip() -> None:
+    registry = make_registry()
+    t = NixlTransport(registry)
+    with pytest.raises(TransportError, match="not started"):
+        t.metadata()
+    await t.start()
+    try:
+        meta = msgspec.msgpack.decode(t.metadata())
+        assert meta["mem"] == "DRAM" and meta["agent"] and meta["name"].startswith("emtransfer-")
+        for name in registry.layouts:
+            view = registry.byte_view(name)
+            assert tuple(meta["pools"][name]) == (view.data_ptr(), view.numel(), 0)
+        for bad in (
+            b"\x00junk",
+            msgspec.msgpack.encode({**meta, "pools": {"embeddings": [1, 2, 0]}}),
+        ):
+            with pytest.raises(TransportError):
+                await t.add_peer("x", bad)
+    finally:
+        await t.close()
+    await t.close()  # idempotent
+    with pytest.raises(TransportError, match="closed"):
+        t.metadata()
+
+
+@pytest.mark.parametrize("inline_max_bytes", [1, 1 << 40], ids=["executor", "loop"])
+async def test_scattered_write_lands(inline_max_bytes: int) -> None:
+    async with _pair(inline_max_bytes=inline_max_bytes) as (a, b, ra, rb):
+        ops = _ops(ra, [9, 3, 4, 5, 0], [40, 41, 50, 7, 8], 5 * BLOCK_SIZE - 3)
+        await asyncio.wait_for(a.write("b", ops, tag="t"), WAIT)
+        await asyncio.wait_for(b.wait_landed("a", "t", sum(o.nbytes for o in ops)), WAIT)
+        assert _landed(ra, rb, ops)
+        assert b.pending_notifs() == 0
+
+
+async def test_out_of_bounds_refused_before_posting() -> None:
+    async with _pair() as (a, b, ra, rb):
+        size = ra.byte_view("embeddings").numel()
+        good = WriteOp("embeddings", 0, 0, 64)
+        for bad in (
+            WriteOp("embeddings", 0, size - 8, 16),  # past the remote pool
+            WriteOp("embeddings", size - 8, 0, 16),  # past the local pool
+            WriteOp("embeddings", -8, 0, 16),
+            WriteOp("embeddings", 0, 0, -1),
+            WriteOp("nope", 0, 0, 16),
+        ):
+            with pytest.raises(TransportError):
+                await a.write("b", [good, bad], tag="bad")
+        assert not rb.byte_view("embeddings")[:64].any(), "a refused write moved bytes"
+        ok = [WriteOp("embeddings", 64, 64, 64)]
+        await asyncio.wait_for(a.write("b", ok, tag="ok"), WAIT)
+        await asyncio.wait_for(b.wait_landed("a", "ok", 64), WAIT)
+        assert b.pending_notifs() == 0, "a refused write sent a notification"
+
+
+async def test_unknown_and_removed_peers_refused() -> None:
+    async with _pair() as (a, b, ra, _):
+        ops = _ops(ra, [0], [1], BLOCK_SIZE)
+        with pytest.raises(TransportError, match="unknown peer"):
+            await a.write("nobody", ops, tag="t")
+        await a.remove_peer("b")
+        await a.remove_peer("b")  # idempotent
+        with pytest.raises(TransportError, match="unknown peer"):
+            await a.write("b", ops, tag="t")
+        await b.remove_peer("a")
+        with pytest.raises(TransportError, match="unknown peer"):
+            await b.wait_landed("a", "t", 1)
+    with pytest.raises(TransportError, match="closed"):
+        await a.write("b", ops, tag="t")
+
+
+async def test_remove_peer_waits_for_writes_in_flight() -> None:
+    async with _pair(inline_max_bytes=1) as (a, _, ra, rb):
+        batches = [_ops(ra, [k], [63 - k], BLOCK_SIZE) for k in range(8)]
+        tasks = [
+            asyncio.create_task(a.write("b", ops, tag=f"w{k}")) for k, ops in enumerate(batches)
+        ]
+        await asyncio.sleep(0)  # let every write post (to the executor) before the removal
+        await asyncio.wait_for(a.remove_peer("b"), WAIT)
+        snapshot = {name: rb.byte_view(name).clone() for name in rb.layouts}
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WAIT)
+        done = [ops for ops, r in zip(batches, results, strict=True) if r is None]
+        assert done, results
+        for ops in done:  # every write that succeeded had landed when remove_peer returned
+            for o in ops:
+                got = snapshot[o.field][o.dst_offset : o.dst_offset + o.nbytes]
+                assert torch.equal(
+                    got, ra.byte_view(o.field)[o.src_offset : o.src_offset + o.nbytes]
+                )
+        assert all(r is None or isinstance(r, TransportError) for r in results), results
+
+
+async def test_notifications_drained() -> None:
+    async with _pair() as (a, b, ra, _):
+        for k in range(20):
+            ops = _ops(ra, [k % 64], [(k * 7) % 64], BLOCK_SIZE)
+            await asyncio.wait_for(a.write("b", ops, tag=f"r{k}/0"), WAIT)
+            await asyncio.wait_for(b.wait_landed("a", f"r{k}/0", sum(o.nbytes for o in ops)), WAIT)
+        assert b.pending_notifs() == 0
+        # aborted requests: written, never waited for; kept until notif_ttl, then dropped
+        for k in range(5):
+            await asyncio.wait_for(a.write("b", _ops(ra, [k], [k], 1), tag=f"aborted{k}"), WAIT)
+        await _until(lambda: b.pending_notifs() == 5)
+        b.notif_ttl = 0.0
+        assert b.pending_notifs() == 0
+        assert b._agent.get_new_notifs() == {}
+
+
+async def _two_process_scenario(role: str, transport: Any, registry: Any, conn: Any) -> None:
+    loop = asyncio.get_running_loop()
+    await transport.start()
+    conn.send(("meta", transport.metadata()))
+    _, meta = await loop.run_in_executor(None, conn.recv)
+    await transport.add_peer("peer", meta)
+    n = registry.num_blocks
+    cases = [(f"r{k}/0", [k], [n - 1 - k], BLOCK_SIZE) for k in range(16)]
+    cases.append(("big/0", list(range(n)), list(reversed(range(n))), n * BLOCK_SIZE))
+    if role == "sender":
+        _fill(registry, seed=3)
+        for tag, src, dst, count in cases:
+            await transport.write("peer", _ops(registry, src, dst, count), tag=tag)
+        for k in range(3):  # aborted: the receiver never waits for these
+            await transport.write("peer", _ops(registry, [k], [k], 1), tag=f"aborted{k}")
+        conn.send(("written",))
+        await loop.run_in_executor(None, conn.recv)
+        await transport.close()
+        conn.send(("ok", "sent"))  # the harness reads a None result as "no result yet"
+    else:
+        await loop.run_in_executor(None, conn.recv)  # "written"
+        for tag, _, _, count in cases:
+            nbytes = count * registry.token_nbytes
+            await asyncio.wait_for(transport.wait_landed("peer", tag, nbytes), WAIT)
+        await _until(lambda: transport.pending_notifs() == 3)
+        transport.notif_ttl = 0.0
+        pending = transport.pending_notifs()
+        conn.send(("drained",))
+        await transport.close()
+        conn.send(("ok", pending))
+
+
+def test_two_processes_notifications_drained() -> None:
+    sent, pending = run_pair("nixl", _two_process_scenario, timeout=50)
+    assert (sent, pending) == ("sent", 0)

@@ -1,0 +1,287 @@
+"""The torch.distributed transport between two processes (gloo, CPU pools): a lying sender is
+refused without a byte outside (or inside) the pool, concurrent writes in both directions never
+interleave, close() stays bounded when the peer closed first, desynced or never linked up, and a
+removed peer can be linked again.
+
+Every scenario builds its own :class:`TorchTransport` (short grace) on the harness's registry;
+the harness provides the processes, the torchrun environment and the pipe."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+from transport_harness import run_pair
+
+from emtransfer.allocator import Run
+from emtransfer.buffers import WriteOp
+from emtransfer.transport import transport_unavailable
+
+_why = transport_unavailable("torch")
+pytestmark = pytest.mark.skipif(_why is not None, reason=f"torch transport unavailable: {_why}")
+GRACE = 2.0
+
+
+def _transport(registry: Any) -> Any:
+    from emtransfer.transport.torch import TorchTransport
+
+    return TorchTransport(registry, grace=GRACE, write_timeout=20.0, init_timeout=30.0)
+
+
+async def _recv(conn: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+
+
+async def _link(transport: Any, conn: Any, *, add: bool = True, lie: bool = False) -> Any:
+    """start, swap metadata, add the peer (``lie``: claim its pools are 1 MiB larger); return
+    the peer's metadata."""
+    await transport.start()
+    conn.send(("meta", transport.metadata()))
+    _, meta = await _recv(conn)
+    if lie:
+        doc = json.loads(meta)
+        doc["pools"] = {k: v + (1 << 20) for k, v in doc["pools"].items()}
+        meta = json.dumps(doc).encode()
+    if add:
+        await transport.add_peer("peer", meta)
+    return json.loads(meta)
+
+
+def _pattern(registry: Any, seed: int) -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in registry.layouts:
+        view = registry.byte_view(name)
+        out[name] = torch.randint(0, 256, (view.numel(),), dtype=torch.uint8, generator=g)
+        view.copy_(out[name])
+    return out
+
+
+def _link_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("emtransfer-torch")]
+
+
+def _scratch_registry() -> Any:
+    from transport_harness import make_registry
+
+    return make_registry()
+
+
+def _unchanged(registry: Any, want: dict[str, Any]) -> bool:
+    return all(bool((registry.byte_view(n) == t).all()) for n, t in want.items())
+
+
+# -- a sender whose idea of our pool is wrong ---------------------------------------------------
+async def scenario_lying_sender(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    from emtransfer.transport import TransportError
+
+    transport = _transport(registry)
+    want = _pattern(registry, seed=7)  # before linking: nothing can have landed yet
+    await _link(transport, conn, lie=role == "sender")
+    pool = registry.byte_view("embeddings").numel()
+    if role == "sender":
+        # passes the sender's check (it believes the pool is larger), runs 8 bytes past the end
+        await transport.write("peer", [WriteOp("embeddings", 0, pool - 8, 16)], tag="evil")
+        # a valid write afterwards: the link is broken, so it is drained, not landed
+        await transport.write("peer", [WriteOp("embeddings", 0, 0, 4096)], tag="after")
+        conn.send(("sent",))
+        await _recv(conn)
+        await transport.close()
+        conn.send(("ok", "sender done"))  # not None: the harness reads None as "no result yet"
+        return
+    refused = False
+    try:
+        await asyncio.wait_for(transport.wait_landed("peer", "evil", 16), 20)
+    except TransportError:
+        refused = True
+    await _recv(conn)  # both writes completed on the sender: both were drained by now
+    intact = _unchanged(registry, want)
+    try:
+        await transport.wait_landed("peer", "after", 4096)
+        landed_after = True
+    except TransportError:
+        landed_after = False
+    conn.send(("checked",))
+    await transport.close()
+    conn.send(("ok", (refused, intact, landed_after)))
+
+
+@pytest.mark.timeout(90)
+def test_write_outside_the_pool_is_refused() -> None:
+    _, receiver = run_pair("torch", scenario_lying_sender, timeout=80)
+    refused, intact, landed_after = receiver
+    assert refused, "the write past the pool was not refused"
+    assert intact, "the receiver's pools changed"
+    assert not landed_after, "a write from a broken peer landed"
+
+
+# -- a garbage header, and close() afterwards ---------------------------------------------------
+async def scenario_garbage(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    import torch
+    import torch.distributed as dist
+
+    from emtransfer.transport import TransportError
+
+    transport = _transport(registry)
+    peer = await _link(transport, conn)
+    if role == "sender":  # a header announcing 2**40 ops, straight onto the peer's header tag
+        junk = torch.tensor([0x454D54, 1, 1 << 40, 0], dtype=torch.int64)
+        work = dist.isend(junk, dst=1, tag=peer["tag"])
+        assert work is not None
+        work.wait()
+    else:
+        try:
+            await asyncio.wait_for(transport.wait_landed("peer", "x", 1), 20)
+            conn.send(("error", "a garbage header did not break the link"))
+            return
+        except TransportError:
+            pass
+    t0 = time.monotonic()
+    await transport.close()  # the receiver stopped following the sender: its STOP goes nowhere
+    conn.send(("ok", time.monotonic() - t0))
+
+
+@pytest.mark.timeout(90)
+def test_garbage_header_breaks_the_link_and_close_is_bounded() -> None:
+    for took in run_pair("torch", scenario_garbage, timeout=80):
+        assert took < GRACE + 5, took
+
+
+# -- many concurrent writes, both directions ----------------------------------------------------
+def _writes(registry: Any, rank: int) -> list[list[WriteOp]]:
+    """64 writes from ``rank``: each 2 runs of 4 tokens, from scattered slots of the lower half
+    of its pool into scattered, disjoint slots of the upper half of the peer's pool."""
+    import torch
+
+    half = registry.num_slots // 2
+    g = torch.Generator().manual_seed(rank)
+    src, dst = (torch.randperm(half // 4, generator=g).tolist() for _ in range(2))
+    return [
+        registry.write_ops([Run(src[i] * 4, half + dst[i] * 4, 4) for i in (2 * k, 2 * k + 1)])
+        for k in range(half // 8)
+    ]
+
+
+async def scenario_concurrent(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    transport = _transport(registry)
+    await _link(transport, conn)
+    me, other = (0, 1) if role == "sender" else (1, 0)
+    _pattern(registry, seed=100 + me)
+    expect = {n: registry.byte_view(n).clone() for n in registry.layouts}
+    theirs = _pattern(_scratch_registry(), seed=100 + other)
+    incoming = _writes(registry, other)
+    for ops in incoming:
+        for o in ops:
+            src = theirs[o.field][o.src_offset : o.src_offset + o.nbytes]
+            expect[o.field][o.dst_offset : o.dst_offset + o.nbytes] = src
+    await asyncio.gather(
+        *(transport.write("peer", ops, tag=f"w{i}") for i, ops in enumerate(_writes(registry, me))),
+        *(
+            asyncio.wait_for(transport.wait_landed("peer", f"w{i}", sum(o.nbytes for o in ops)), 30)
+            for i, ops in enumerate(incoming)
+        ),
+    )
+    bad = sum(int((registry.byte_view(n) != expect[n]).sum()) for n in registry.layouts)
+    conn.send(("done",))
+    await _recv(conn)  # the peer checked too: no more writes in flight either way
+    await transport.close()
+    conn.send(("ok", (len(incoming), bad, _link_threads())))
+
+
+@pytest.mark.timeout(90)
+def test_concurrent_writes_both_ways_do_not_interleave() -> None:
+    for count, bad, threads in run_pair("torch", scenario_concurrent, timeout=80):
+        assert count == 64, count
+        assert bad == 0, f"{bad} bytes differ"
+        assert not threads, threads
+
+
+# -- close() with a waiter pending, and with a peer that never linked ---------------------------
+async def scenario_close_pending(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    """The sender closes while the receiver waits for data: the waiter fails at once, and the
+    STOP exchange ends the sender's threads before the receiver closes at all."""
+    from emtransfer.transport import TransportError
+
+    transport = _transport(registry)
+    await _link(transport, conn)
+    if role == "sender":
+        await _recv(conn)
+        t0 = time.monotonic()
+        await transport.close()
+        result = (time.monotonic() - t0, _link_threads())
+        conn.send(("closed",))
+        conn.send(("ok", result))
+        return
+    waiter = asyncio.ensure_future(transport.wait_landed("peer", "never", 1))
+    conn.send(("waiting",))
+    t0 = time.monotonic()
+    try:
+        await asyncio.wait_for(waiter, 20)
+        conn.send(("error", "wait_landed returned without data"))
+        return
+    except TransportError:
+        took = time.monotonic() - t0
+    await _recv(conn)
+    await transport.close()
+    conn.send(("ok", (took, _link_threads())))
+
+
+async def scenario_close_unlinked(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    transport = _transport(registry)
+    await _link(transport, conn, add=role == "sender")  # the receiver never adds the sender
+    t0 = time.monotonic()
+    await transport.close()
+    conn.send(("ok", (time.monotonic() - t0, None)))
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("scenario", [scenario_close_pending, scenario_close_unlinked])
+def test_close_does_not_hang(scenario: Any) -> None:
+    for took, threads in run_pair("torch", scenario, timeout=80):
+        assert took < GRACE + 5, took
+        assert not threads, f"link threads left after a clean close: {threads}"
+
+
+# -- remove_peer, then link the same ranks again -------------------------------------------------
+async def scenario_relink(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    from emtransfer.transport import TransportError
+
+    transport = _transport(registry)
+    meta = json.dumps(await _link(transport, conn)).encode()
+    await transport.remove_peer("peer")
+    try:
+        await transport.write("peer", [WriteOp("embeddings", 0, 0, 64)], tag="gone")
+        conn.send(("error", "write to a removed peer succeeded"))
+        return
+    except TransportError:
+        pass
+    _pattern(registry, seed=5 if role == "sender" else 6)
+    before = registry.byte_view("embeddings").clone()
+    conn.send(("removed",))
+    await _recv(conn)  # both ends removed: both links are torn down
+    await transport.add_peer("peer2", meta)
+    op = WriteOp("embeddings", 0, 4096, 8192)
+    if role == "sender":
+        await transport.write("peer2", [op], tag="again")
+        ok = True
+    else:
+        await asyncio.wait_for(transport.wait_landed("peer2", "again", op.nbytes), 20)
+        before[4096 : 4096 + 8192] = _pattern(_scratch_registry(), seed=5)["embeddings"][:8192]
+        ok = bool((registry.byte_view("embeddings") == before).all())
+    conn.send(("checked",))
+    await _recv(conn)
+    await transport.close()
+    conn.send(("ok", (ok, _link_threads())))
+
+
+@pytest.mark.timeout(90)
+def test_relink_after_remove_peer() -> None:
+    for ok, threads in run_pair("torch", scenario_relink, timeout=80):
+        assert ok, "the write after re-linking did not land intact"
+        assert not threads, threads
