@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,12 @@ class SendStats:
     transfer_s: float
     alloc_wait_s: float
     digest: str | None
+    #: wall-clock time (time.time()) the first write was posted, to line up with the receiver
+    first_write_at: float = 0.0
+
+
+#: an encoder maps a job (JSON-like dict) to the tensors, or (tensors, meta); may be async
+Encoder = Callable[[dict[str, Any]], Any]
 
 
 class SenderSession(Session):
@@ -58,6 +64,7 @@ class SenderSession(Session):
         self.t_last_write = 0.0
         self._write_task: asyncio.Task[None] | None = None
         self.session_tag = ""  # the receiver's name for this attempt (from Init)
+        self.first_write_at = 0.0
 
     def bind(self, peer: Peer) -> None:
         self.peer = peer
@@ -144,6 +151,7 @@ class SenderSession(Session):
                 stage()
             if self.t_first_write is None:
                 self.t_first_write = time.perf_counter()
+                self.first_write_at = time.time()
             tag = data_tag(self.rid, self.session_tag, action.round)
             await node.transport.write(peer.transport_id, ops, tag=tag)
             self.t_last_write = time.perf_counter()
@@ -166,6 +174,7 @@ class SenderSession(Session):
             transfer_s=self.t_last_write - (self.t_first_write or now),
             alloc_wait_s=self.alloc_wait_s,
             digest=action.digest,
+            first_write_at=self.first_write_at,
         )
         self.node.metrics.transfers.labels("ok").inc()
         self.node.metrics.duration.observe(stats.elapsed_s)
@@ -186,11 +195,15 @@ class EncodeNode(Node):
 
     role = "encode"
 
-    def __init__(self, *args: Any, control: str = "auto", **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, control: str = "auto", encoder: Encoder | None = None, **kwargs: Any
+    ) -> None:
         """``control`` picks how language nodes reach this one: ``tcp`` (a listener on
         ``host:bootstrap_port``), ``local`` (this process only), or ``auto`` (local with the
-        local transport, else tcp)."""
+        local transport, else tcp). ``encoder`` computes embeddings for ``Encode`` jobs that
+        language nodes send (see :meth:`LanguageNode.encode`)."""
         super().__init__(*args, **kwargs)
+        self.encoder = encoder
         if control not in ("auto", "tcp", "local"):
             raise ConfigError(f"invalid control={control!r}: choose auto, tcp or local")
         self._control = control
@@ -281,10 +294,29 @@ class EncodeNode(Node):
                 self._to_session(peer, msg.rid, event)
             case m.Abort():
                 self._to_session(peer, msg.rid, ev.AbortReceived(msg.reason))
+            case m.Encode():
+                self._spawn(self._encode(peer, msg))
             case m.Heartbeat():
                 pass
             case _:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from a language node")
+
+    async def _encode(self, peer: Peer, msg: m.Encode) -> None:
+        """Run the encoder for a job and push the result; any failure aborts that request."""
+        try:
+            if self.encoder is None:
+                raise InvalidRequest("this encode node has no encoder")
+            out = self.encoder(msg.job)
+            if asyncio.iscoroutine(out):
+                out = await out
+            tensors, meta = out if isinstance(out, tuple) else (out, None)
+            await self.send(msg.rid, tensors, meta)
+        except Exception as exc:
+            self.log.warning("encode job failed", rid=msg.rid, error=repr(exc))
+            try:
+                peer.send(m.Abort(rid=msg.rid, reason=m.reason(f"encode failed: {exc}")))
+            except PeerLost:
+                pass
 
     def _on_init(self, peer: Peer, msg: m.Init) -> None:
         event = ev.InitReceived(tuple(msg.blocks), msg.capacity_tokens, msg.expected_tokens)

@@ -55,6 +55,7 @@ class ReceiverSession(Session):
         self.t_init = 0.0
         self.t_last_chunk = 0.0
         self.session_tag = secrets.token_hex(4)
+        self.last_chunk_at = 0.0  # wall clock, to line up with the sender's first_write_at
 
     def _loop_done(self) -> bool:
         return self.machine.finished or self.machine.state is ReceiverState.QUARANTINED
@@ -73,6 +74,7 @@ class ReceiverSession(Session):
                     if failure is not None:
                         return failure
             self.t_last_chunk = time.perf_counter()
+            self.last_chunk_at = time.time()
             return _chunk_event(item)
         return await super()._to_event(item)
 
@@ -211,6 +213,7 @@ class ReceiverSession(Session):
             "alloc_wait_s": self.alloc_wait_s,
             "copy_s": self.copy_s,
             "bytes": float(nbytes),
+            "last_chunk_at": self.last_chunk_at,
         }
         node.metrics.bytes.labels("in").inc(nbytes)
         node.metrics.transfers.labels("ok").inc()
@@ -307,6 +310,29 @@ class LanguageNode(Node):
         self._check_new(rid, peer)
         async with peer.inflight:
             session = self._open(rid, peer)
+            result: Received = await self._run(session, expected_tokens, whole=False)
+            return result
+
+    async def encode(
+        self,
+        rid: str,
+        peer: Peer | str,
+        job: dict[str, Any],
+        expected_tokens: int | None = None,
+    ) -> Received:
+        """Ask the encode node to compute ``job`` (its encoder decides what a job holds) and
+        receive the result as :meth:`receive` does."""
+        _check_rid(rid)
+        _check_expected(expected_tokens)
+        peer = await self._resolve(peer)
+        self._check_new(rid, peer)
+        async with peer.inflight:
+            session = self._open(rid, peer)  # registered first: an early Abort finds it
+            try:
+                peer.send(m.Encode(rid=rid, job=job))
+            except PeerLost:
+                session._forget()
+                raise
             result: Received = await self._run(session, expected_tokens, whole=False)
             return result
 
