@@ -1,6 +1,7 @@
 """One conformance suite for every data-plane transport that can run here, each driven
 between two OS processes (``transport_harness``): contiguous, scattered and partial-block
-descriptor lists, concurrent writes, the whole pool at once, and refusals."""
+descriptor lists, concurrent writes, the whole pool at once, refusals, and the receiver-side
+fence (``discard``): a write under a discarded tag lands nowhere."""
 
 from __future__ import annotations
 
@@ -74,6 +75,19 @@ def _nbytes(ops: list[WriteOp]) -> int:
     return sum(op.nbytes for op in ops)
 
 
+def _raw(ops: list[WriteOp]) -> list[tuple[str, int, int, int]]:
+    return [(o.field, o.src_offset, o.dst_offset, o.nbytes) for o in ops]
+
+
+def _fences(transport: Any) -> bool:
+    """Completed writes are already in the peer's pools: the sender's AbortAck fences, and
+    ``discard`` has nothing to stop (writes made after it land, by design)."""
+    return bool(getattr(transport, "fences_on_write_completion", False))
+
+
+SKIP_DISCARD = "skipped: fences_on_write_completion (discard is a no-op by design)"
+
+
 async def _recv(conn: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, conn.recv)
 
@@ -94,19 +108,28 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
         for i, ops in enumerate(cases):
             _fill(registry, seed=i)
             await transport.write("peer", ops, tag=f"case{i}")
-            conn.send(("check", i, f"case{i}", [(o.field, o.src_offset, o.dst_offset, o.nbytes) for o in ops]))
+            conn.send(("check", i, f"case{i}", _raw(ops)))
             assert (await _recv(conn))[0] == "checked"
         # 16 concurrent writes to disjoint destinations, one tag each
         _fill(registry, seed=99)
-        batches = [
-            _alloc([k]).runs_to(_alloc([63 - k]), BLOCK_SIZE) for k in range(16)
-        ]
+        batches = [_alloc([k]).runs_to(_alloc([63 - k]), BLOCK_SIZE) for k in range(16)]
         ops_list = [registry.write_ops(r) for r in batches]
         await asyncio.gather(
             *(transport.write("peer", ops, tag=f"many{k}") for k, ops in enumerate(ops_list))
         )
         for k, ops in enumerate(ops_list):
-            conn.send(("check", 99, f"many{k}", [(o.field, o.src_offset, o.dst_offset, o.nbytes) for o in ops]))
+            conn.send(("check", 99, f"many{k}", _raw(ops)))
+            assert (await _recv(conn))[0] == "checked"
+        # the fence: a write under a tag the receiver discarded first, then one under a fresh tag
+        if not _fences(transport):
+            _fill(registry, seed=77)
+            dropped = registry.write_ops(_alloc([1, 2, 3]).runs_to(_alloc([10, 11, 12]), 48))
+            fresh = registry.write_ops(_alloc([4, 5]).runs_to(_alloc([20, 21]), 32))
+            conn.send(("discard", "dropped"))
+            assert (await _recv(conn))[0] == "discarded"
+            await transport.write("peer", dropped, tag="dropped")
+            await transport.write("peer", fresh, tag="fresh")
+            conn.send(("check-discard", 77, _raw(dropped), _raw(fresh)))
             assert (await _recv(conn))[0] == "checked"
         # refusals: past the end of the peer's pool, an unknown peer, a removed peer
         pool_bytes = registry.byte_view("embeddings").numel()
@@ -129,11 +152,21 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
         await transport.close()
         conn.send(("ok", errors))
     else:
-        checked = 0
+        checked, fence = 0, SKIP_DISCARD if _fences(transport) else "not run"
+        snapshot: dict[str, Any] = {}
         while True:
             msg = await _recv(conn)
             if msg[0] == "done-writing":
                 break
+            if msg[0] == "discard":
+                await transport.discard("peer", msg[1])
+                snapshot = {n: registry.byte_view(n).clone() for n in registry.layouts}
+                conn.send(("discarded",))
+                continue
+            if msg[0] == "check-discard":
+                fence = await _check_discard(transport, registry, snapshot, *msg[1:])
+                conn.send(("checked",))
+                continue
             _, seed, tag, raw = msg
             ops = [WriteOp(*o) for o in raw]
             await asyncio.wait_for(transport.wait_landed("peer", tag, _nbytes(ops)), 30)
@@ -146,12 +179,37 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
             conn.send(("checked",))
         conn.send(("alive",))
         await transport.close()
-        conn.send(("ok", checked))
+        conn.send(("ok", (checked, fence)))
+
+
+async def _check_discard(
+    transport: Any, registry: Any, snapshot: dict[str, Any], seed: int, dropped: Any, fresh: Any
+) -> str:
+    """``fresh`` was written after ``dropped``: once it landed, ``dropped`` was handled too. Its
+    destination must be as it was when ``discard`` returned; ``fresh`` must have landed."""
+    fresh_ops = [WriteOp(*o) for o in fresh]
+    await asyncio.wait_for(transport.wait_landed("peer", "fresh", _nbytes(fresh_ops)), 30)
+    want = _expected(registry, seed)
+    for o in [WriteOp(*r) for r in dropped]:
+        got = registry.byte_view(o.field)[o.dst_offset : o.dst_offset + o.nbytes]
+        if not bool((got == snapshot[o.field][o.dst_offset : o.dst_offset + o.nbytes]).all()):
+            return f"bytes of the discarded tag landed: {o}"
+    for o in fresh_ops:
+        got = registry.byte_view(o.field)[o.dst_offset : o.dst_offset + o.nbytes]
+        if not bool((got == want[o.field][o.src_offset : o.src_offset + o.nbytes]).all()):
+            return f"the write after the discarded one did not land: {o}"
+    return "ok"
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", available_transports())
 def test_transport_conformance(name: str) -> None:
-    sender, receiver = run_pair(name, scenario_writes, timeout=100)
+    from emtransfer.transport import transport_class
+
+    sender, (checked, fence) = run_pair(name, scenario_writes, timeout=100)
     assert sender == [], sender
-    assert receiver == 5 + 16
+    assert checked == 5 + 16
+    if getattr(transport_class(name), "fences_on_write_completion", False):
+        assert fence == SKIP_DISCARD, fence
+    else:
+        assert fence == "ok", fence

@@ -309,6 +309,49 @@ async def test_sender_side_refusals(nodes: tuple[Node, Node, Node]) -> None:
     await good_write(a, b)
 
 
+async def test_discard_mid_frame_sinks_the_rest_and_keeps_the_connection(
+    nodes: tuple[Node, Node, Node],
+) -> None:
+    """discard() while a frame of that tag is half read: the rest of it, and later frames of the
+    tag, go to scratch; the connection survives and other tags land."""
+    a, b, c = nodes
+    r, w = await raw(b, c.t.key)
+    assert await r.readexactly(1) == ACK
+    (conn,) = [x for x in b.t._conns if x.key == c.t.key]
+    size, half, dst = 1 << 20, 1 << 19, 8192
+    half_in = asyncio.Event()
+    read = conn.buffer_updated
+
+    def counted(nbytes: int) -> None:  # the receiver holds exactly half the payload: discard now
+        read(nbytes)
+        if conn.state == "payload" and conn.got == half:
+            half_in.set()
+
+    conn.buffer_updated = counted  # type: ignore[method-assign]
+    w.write(frame(b"gone", 0, dst, size) + b"\x01" * half)
+    await half_in.wait()
+    waiter = asyncio.ensure_future(b.t.wait_landed("c", "gone", size))
+    await asyncio.sleep(0)  # one step: the waiter registers
+    await b.t.discard("c", "gone")
+    with pytest.raises(TransportError, match="discarded"):
+        await waiter
+    w.write(b"\x02" * (size - half))  # the rest of the discarded frame
+    w.write(frame(b"gone", 0, 0, 4096) + b"\x03" * 4096)  # a later frame of the discarded tag
+    w.write(frame(b"next", 0, 1 << 21, 4096) + b"\x04" * 4096)
+    await b.t.wait_landed("c", "next", 4096)
+    emb = b.reg.byte_view(EMB)
+    assert bool((emb[dst : dst + half] == 1).all())  # read before the discard: it stays
+    assert bool((emb[1 << 21 : (1 << 21) + 4096] == 4).all())
+    emb[dst : dst + half] = 0
+    emb[1 << 21 : (1 << 21) + 4096] = 0
+    assert zero_except(b, EMB)  # no byte of "gone" after the discard point, anywhere
+    assert not conn.dead and conn in b.t._peers["c"].recv
+    w.write(frame(b"again", 1, 0, 24) + b"\x05" * 24)  # the same connection still carries frames
+    await b.t.wait_landed("c", "again", 24)
+    w.close()
+    await good_write(a, b)
+
+
 # -- fuzz --------------------------------------------------------------------------------------
 pool_lists = st.lists(st.integers(0, 2**40), max_size=4)
 headers = st.builds(

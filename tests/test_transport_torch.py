@@ -1,7 +1,8 @@
 """The torch.distributed transport between two processes (gloo, CPU pools): a lying sender is
 refused without a byte outside (or inside) the pool, concurrent writes in both directions never
-interleave, close() stays bounded when the peer closed first, desynced or never linked up, and a
-removed peer can be linked again.
+interleave, close() stays bounded when the peer closed first, desynced or never linked up, a
+removed peer can be linked again, and discard() fences a tag: before its write arrives, while its
+receive into the pool is posted (discard waits), and when that receive never ends (it raises).
 
 Every scenario builds its own :class:`TorchTransport` (short grace) on the harness's registry;
 the harness provides the processes, the torchrun environment and the pipe."""
@@ -285,3 +286,182 @@ def test_relink_after_remove_peer() -> None:
     for ok, threads in run_pair("torch", scenario_relink, timeout=80):
         assert ok, "the write after re-linking did not land intact"
         assert not threads, threads
+
+
+# -- discard: the receiver-side fence of an abandoned round --------------------------------------
+SLOW = [WriteOp("embeddings", 0, 8192, 1 << 16)]  # the write under the tag that gets discarded
+NEXT = [WriteOp("embeddings", 1 << 17, 1 << 18, 4096)]  # a later write under another tag
+
+
+def _receiving(transport: Any, tag: str, timeout: float) -> bool:
+    """Block until the link's receiver thread is receiving ``tag`` into the pool."""
+    link = transport._peers["peer"]
+    with transport._mu:
+        return bool(transport._mu.wait_for(lambda: link.busy and link.current == tag, timeout))
+
+
+async def _send_raw(transport: Any, peer: dict[str, Any], tag: str, *, payload: bool) -> None:
+    """Send the header of a write of ``SLOW`` under ``tag`` (``payload``: its payload instead),
+    straight onto the peer's tags: the transport's own encoding, sent in two steps."""
+    import torch.distributed as dist
+
+    pre, body, *srcs = transport._encode(transport._peers["peer"], SLOW, tag)
+    msgs, tg = (srcs, peer["tag"] + 1) if payload else ([pre, body], peer["tag"])
+
+    def send() -> None:
+        for t in msgs:
+            work = dist.isend(t, dst=peer["rank"], tag=tg)
+            assert work is not None
+            work.wait()
+
+    await asyncio.to_thread(send)
+
+
+def _region(registry: Any, op: WriteOp) -> Any:
+    return registry.byte_view(op.field)[op.dst_offset : op.dst_offset + op.nbytes]
+
+
+def _src(seed: int, op: WriteOp) -> Any:
+    return _pattern(_scratch_registry(), seed)[op.field][op.src_offset : op.src_offset + op.nbytes]
+
+
+async def _landed_next(transport: Any, registry: Any, before: Any, seed: int) -> bool:
+    """``NEXT`` lands (so everything queued before it on the link was handled), and the pools
+    equal ``before`` everywhere else."""
+    from emtransfer.transport import TransportError
+
+    await asyncio.wait_for(transport.wait_landed("peer", "next", NEXT[0].nbytes), 20)
+    for name, snapshot in before.items():
+        want = snapshot.clone()
+        for op in NEXT:
+            if op.field == name:
+                want[op.dst_offset : op.dst_offset + op.nbytes] = _src(seed, op)
+        if not torch_equal(registry.byte_view(name), want):
+            return False
+    try:  # a discarded tag never completes
+        await transport.wait_landed("peer", "slow", 1)
+        return False
+    except TransportError:
+        return True
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+async def scenario_discard_first(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    """The receiver discards a tag before any byte of it arrived: its write lands nowhere."""
+    transport = _transport(registry)
+    _pattern(registry, seed=20 if role == "sender" else 21)
+    await _link(transport, conn)
+    if role == "sender":
+        await _recv(conn)  # discarded
+        await transport.write("peer", SLOW, tag="slow")
+        await transport.write("peer", NEXT, tag="next")
+        conn.send(("sent",))
+        await _recv(conn)
+        await transport.close()
+        conn.send(("ok", True))
+        return
+    await transport.discard("peer", "slow")
+    before = {n: registry.byte_view(n).clone() for n in registry.layouts}
+    conn.send(("discarded",))
+    await _recv(conn)  # sent
+    ok = await _landed_next(transport, registry, before, seed=20)
+    conn.send(("checked",))
+    await transport.close()
+    conn.send(("ok", ok))
+
+
+async def scenario_discard_during_receive(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    """discard() while the receive of that tag is posted into the pool: it returns only once
+    that receive ended; later writes of the tag are drained, writes of other tags land."""
+    transport = _transport(registry)
+    _pattern(registry, seed=30 if role == "sender" else 31)
+    peer = await _link(transport, conn)
+    if role == "sender":
+        await _send_raw(transport, peer, "slow", payload=False)
+        conn.send(("header-sent",))
+        await _recv(conn)  # go: the receiver's discard is waiting
+        await _send_raw(transport, peer, "slow", payload=True)
+        await transport.write("peer", SLOW, tag="slow")  # after discard: drained
+        await transport.write("peer", NEXT, tag="next")
+        conn.send(("sent",))
+        await _recv(conn)
+        await transport.close()
+        conn.send(("ok", (True, True, True)))
+        return
+    await _recv(conn)  # header-sent
+    receiving = await asyncio.to_thread(_receiving, transport, "slow", 20)
+    task = asyncio.ensure_future(transport.discard("peer", "slow"))
+    await asyncio.sleep(0)  # one step: discard registers its fence, then awaits it
+    waited = receiving and not task.done() and len(transport._peers["peer"].fences) == 1
+    conn.send(("go",))
+    await asyncio.wait_for(task, 20)
+    # the receive posted before discard() could not be cancelled: it completed before the return
+    completed = torch_equal(_region(registry, SLOW[0]), _src(30, SLOW[0]))
+    before = {n: registry.byte_view(n).clone() for n in registry.layouts}
+    await _recv(conn)  # sent
+    ok = await _landed_next(transport, registry, before, seed=30)
+    conn.send(("checked",))
+    await transport.close()
+    conn.send(("ok", (waited, completed, ok)))
+
+
+async def scenario_discard_expires(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    """A receive of the discarded tag that does not end within the grace period: discard()
+    raises after it (the bytes may still land) and the link is broken."""
+    from emtransfer.transport import TransportError
+
+    transport = _transport(registry)
+    peer = await _link(transport, conn)
+    if role == "sender":
+        await _send_raw(transport, peer, "slow", payload=False)
+        conn.send(("header-sent",))
+        await _recv(conn)  # expired
+        await _send_raw(transport, peer, "slow", payload=True)  # lets the receiving thread go
+        t0 = time.monotonic()
+        await transport.close()
+        conn.send(("ok", (True, True, time.monotonic() - t0)))
+        return
+    await _recv(conn)  # header-sent
+    receiving = await asyncio.to_thread(_receiving, transport, "slow", 20)
+    t0 = time.monotonic()
+    try:
+        await transport.discard("peer", "slow")
+        raised = False
+    except TransportError:
+        raised = 0.9 * GRACE <= time.monotonic() - t0 < GRACE + 5
+    try:
+        await transport.write("peer", NEXT, tag="next")
+        broken = False
+    except TransportError:
+        broken = True
+    conn.send(("expired",))
+    t0 = time.monotonic()
+    await transport.close()
+    conn.send(("ok", (receiving and raised, broken, time.monotonic() - t0)))
+
+
+@pytest.mark.timeout(90)
+def test_write_of_a_discarded_tag_lands_nowhere() -> None:
+    _, ok = run_pair("torch", scenario_discard_first, timeout=80)
+    assert ok, "a discarded write landed, or the next write did not"
+
+
+@pytest.mark.timeout(90)
+def test_discard_waits_for_the_receive_in_progress() -> None:
+    _, (waited, completed, ok) = run_pair("torch", scenario_discard_during_receive, timeout=80)
+    assert waited, "discard() did not wait for the receive posted into the pool"
+    assert completed, "discard() returned before the posted receive completed"
+    assert ok, "bytes of the discarded tag landed after discard(), or the next write did not"
+
+
+@pytest.mark.timeout(90)
+def test_discard_that_cannot_fence_raises_and_breaks_the_link() -> None:
+    for raised, broken, took in run_pair("torch", scenario_discard_expires, timeout=80):
+        assert raised, "discard() did not raise after the grace period"
+        assert broken, "the link still accepts writes"
+        assert took < GRACE + 5, took

@@ -96,10 +96,25 @@ class ReceiverSession(Session):
             )
             return ev.LocalAbort(f"data of round {round_} did not land")
 
-    async def _fence(self) -> None:
-        """No late byte of the current round may land once its blocks are reused."""
-        if self.peer is not None:
+    async def _fence(self) -> bool:
+        """No late byte of the current round may land once its blocks are reused. False when
+        the transport cannot promise that: the blocks then wait for the peer's teardown."""
+        if self.peer is None:
+            return True
+        try:
             await self.node.transport.discard(self.peer.transport_id, self._tag(self.machine.round))
+            return True
+        except TransferError as exc:
+            self.log.warning(
+                "cannot fence the round; blocks held until the peer is gone", error=str(exc)
+            )
+            return False
+
+    def _hold_until_teardown(self, allocation: Allocation) -> None:
+        assert self.peer is not None
+        self.peer.held.append(allocation)
+        if not self.peer.alive:  # already torn down: nothing can land any more
+            self.node._release_held(self.peer)
 
     def _send(self, msg: m.Message) -> None:
         try:
@@ -145,9 +160,12 @@ class ReceiverSession(Session):
                 await self._deliver(action)
             case ev.Free():
                 assert self.current is not None
-                if self.machine.state is ReceiverState.FAILED:
-                    await self._fence()  # abandoned mid-round: stop stray bytes first
-                alloc.free(self.current)
+                # abandoned mid-round: stop stray bytes before the blocks are reused
+                if self.machine.state is not ReceiverState.FAILED or await self._fence():
+                    alloc.free(self.current)
+                else:
+                    alloc.quarantine(self.current)
+                    self._hold_until_teardown(self.current)
                 self.current = None
             case ev.Quarantine():
                 assert self.current is not None
@@ -156,8 +174,10 @@ class ReceiverSession(Session):
                 self.log.warning("allocation quarantined", blocks=list(self.quarantined.blocks))
             case ev.ReleaseQuarantine():
                 assert self.quarantined is not None
-                await self._fence()
-                alloc.release_quarantine(self.quarantined)
+                if await self._fence():
+                    alloc.release_quarantine(self.quarantined)
+                else:
+                    self._hold_until_teardown(self.quarantined)
                 self.quarantined = None
                 self._forget()
             case ev.SendAbort():

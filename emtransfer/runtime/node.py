@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from ..allocator import BlockAllocator
+from ..allocator import Allocation, BlockAllocator
 from ..buffers import BufferRegistry
 from ..errors import ConfigError, PeerLost, ProtocolError, TransferError
 from ..protocol import PROTOCOL_VERSION
@@ -50,6 +50,8 @@ class Peer:
     address: str = ""
     last_seen: float = 0.0
     heartbeat: asyncio.Task[None] | None = None
+    #: quarantined allocations that only the peer's teardown may release
+    held: list[Allocation] = field(default_factory=list)
 
     def send(self, msg: m.Message) -> None:
         if not self.alive:
@@ -369,6 +371,7 @@ class Node:
             del self.peers[peer.node_id]
         self.metrics.peers.set(len(self.peers))
         await self.transport.remove_peer(peer.transport_id)
+        self._release_held(peer)
         level = "info" if self._closing else "warning"
         getattr(self.log, level)(
             "peer lost", peer=peer.node_id, reason=reason, requests=len(peer.sessions)
@@ -383,6 +386,10 @@ class Node:
         for task in (peer.reader, peer.heartbeat):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
+
+    def _release_held(self, peer: Peer) -> None:
+        while peer.held:
+            self.allocator.release_quarantine(peer.held.pop())
 
     def _session_ended(self, session: Session) -> None:
         raise NotImplementedError

@@ -27,6 +27,9 @@ class Transport(ABC):
     ``remove_peer``* -> ``close``."""
 
     name: ClassVar[str]
+    #: True when a completed write is already in the peer's pools (NIXL, in-process), so the
+    #: sender's AbortAck is a fence by itself and :meth:`discard` has nothing to do
+    fences_on_write_completion: ClassVar[bool] = False
 
     def __init__(self, registry: BufferRegistry) -> None:
         self.registry = registry

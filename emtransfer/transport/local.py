@@ -17,6 +17,7 @@ _nodes: weakref.WeakValueDictionary[str, LocalTransport] = weakref.WeakValueDict
 
 class LocalTransport(Transport):
     name = "local"
+    fences_on_write_completion = True
 
     def __init__(self, registry: BufferRegistry) -> None:
         super().__init__(registry)

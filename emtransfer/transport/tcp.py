@@ -386,6 +386,8 @@ class TcpTransport(Transport):
 
     async def wait_landed(self, peer_id: str, tag: str, nbytes: int) -> None:
         peer, key = self._peer(peer_id), tag.encode()
+        if key in peer.discarded:
+            raise TransportError(f"tcp transport: tag {tag!r} was discarded")
         st = peer.tags.setdefault(key, _Tag())
         try:
             if st.got < nbytes:

@@ -2,8 +2,8 @@
 
 A write is a header (ops as field, dst offset, nbytes; the tag) then one message per op. Per peer
 rank a link runs a sender thread draining a FIFO and a receiver thread that validates each header
-and receives straight into the pool; a STOP header each way ends it. docs/transports-torch.md has
-the protocol, the process-group set-up and the limitations."""
+and receives straight into the pool (into scratch for a discarded tag); a STOP header each way ends
+it. docs/transports-torch.md has the protocol, the process-group set-up and the limitations."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 _log = structlog.get_logger("emtransfer")
 _MAGIC, _WRITE, _STOP = 0x454D54, 1, 2
 _MAX_OPS, _MAX_TAG = 1 << 16, 1024  # per write, both sides
+_MAX_DISCARDED = 4096  # per link: beyond this, the oldest discarded tag is forgotten
 _FOREVER = timedelta(days=3650)  # a gloo wait that expires closes every pair of the group
 _Job = tuple[list[torch.Tensor] | None, "asyncio.Future[None] | None"]  # (None, None): our STOP
 
@@ -52,9 +53,15 @@ class _Link:
     tag: int  # the peer's header tag; its payload tag is tag + 1
     sizes: list[int]  # the peer's pool bytes per field
     peer_id: str | None  # None once removed: what still arrives is drained
+    name: str = ""  # the peer id it was added under, kept after removal
     error: str | None = None
     sent_stop: bool = False
     busy: bool = False  # receiving into the pool right now
+    current: str | None = None  # the tag of that receive
+    #: tags whose writes are drained, not landed (insertion-ordered, capped); under _mu
+    discarded: dict[str, None] = field(default_factory=dict)
+    #: discard() callers waiting for the receive into the pool in progress to end; under _mu
+    fences: list[asyncio.Future[None]] = field(default_factory=list)
     jobs: queue.SimpleQueue[_Job] = field(default_factory=queue.SimpleQueue)
     threads: list[threading.Thread] = field(default_factory=list)
     landed: dict[str, int] = field(default_factory=dict)
@@ -63,6 +70,7 @@ class _Link:
 
 class TorchTransport(Transport):
     name = "torch"
+    fences_on_write_completion = False  # a completed isend is not yet in the peer's pool
 
     def __init__(
         self,
@@ -152,7 +160,7 @@ class TorchTransport(Transport):
         old = self._links.get(rank)
         if peer_id in self._peers or (old and any(t.is_alive() for t in old.threads)):
             raise _err(f"{peer_id!r} or rank {rank} is still linked")
-        link = _Link(rank, tag, list(pools.values()), peer_id)
+        link = _Link(rank, tag, list(pools.values()), peer_id, peer_id)
         self._peers[peer_id] = self._links[rank] = link
         for fn in (self._sender, self._receiver):
             link.threads.append(
@@ -218,12 +226,46 @@ class TorchTransport(Transport):
             if link.landed.get(tag, 0) < nbytes:
                 if link.error:
                     raise _err(f"cannot wait for {tag!r}: {link.error}")
+                if tag in link.discarded:
+                    raise _err(f"tag {tag!r} from {peer_id!r} was discarded")
                 fut = asyncio.get_running_loop().create_future()
                 link.waiters[tag] = (nbytes, fut)
                 await fut
         finally:
             link.landed.pop(tag, None)
             link.waiters.pop(tag, None)
+
+    async def discard(self, peer_id: str, tag: str) -> None:
+        """From now on writes under ``tag`` from ``peer_id`` are drained into scratch. A receive of
+        that tag already posted into the pool cannot be cancelled: wait (up to ``grace``) until it
+        completed. If it does not, break the link and raise: bytes of ``tag`` may still land, so
+        the caller must keep the destination blocks out of use."""
+        loop = asyncio.get_running_loop()
+        for link in [lk for lk in self._links.values() if lk.name == peer_id]:  # removed too
+            fut: asyncio.Future[None] | None = None
+            with self._mu:
+                link.discarded.pop(tag, None)
+                link.discarded[tag] = None
+                while len(link.discarded) > _MAX_DISCARDED:
+                    del link.discarded[next(iter(link.discarded))]
+                if link.busy and link.current == tag:
+                    fut = loop.create_future()
+                    link.fences.append(fut)
+            link.landed.pop(tag, None)
+            _, waiter = link.waiters.pop(tag, (0, None))
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(_err(f"tag {tag!r} from {peer_id!r} was discarded"))
+            if fut is None:
+                continue
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), self._grace)
+            except TimeoutError:
+                with self._mu:
+                    if fut in link.fences:
+                        link.fences.remove(fut)
+                why = f"a receive of discarded tag {tag!r} did not end in {self._grace}s"
+                self._break(link, why)
+                raise _err(f"{peer_id!r}: {why}; its bytes may still land") from None
 
     async def remove_peer(self, peer_id: str) -> None:
         link = self._peers.pop(peer_id, None)
@@ -343,7 +385,15 @@ class TorchTransport(Transport):
                 raise _err(f"write {tag!r}: op {bad} cannot even be drained")
             self._break(link, f"refused write {tag!r}: (field, dst, nbytes)={bad} is off the pool")
         with self._mu:
-            live = link.busy = bad is None and link.error is None and link.peer_id is not None
+            live = link.busy = (
+                bad is None
+                and link.error is None
+                and link.peer_id is not None
+                and tag not in link.discarded
+            )
+            if live:
+                link.current = tag
+                self._mu.notify_all()
         try:
             if live:
                 dsts = [self._views[f][d : d + nb] for f, d, nb in ops]
@@ -357,8 +407,11 @@ class TorchTransport(Transport):
             )
         finally:
             with self._mu:
-                link.busy = False
+                link.busy, link.current = False, None
+                fences, link.fences = link.fences, []
                 self._mu.notify_all()
+            for fut in fences:
+                self._post(_wake, fut)
         if live:
             self._post(self._landed, link, tag, sum(nb for *_, nb in ops))
         return True
@@ -378,7 +431,7 @@ class TorchTransport(Transport):
 
     # -- on the event loop ---------------------------------------------------------------------
     def _landed(self, link: _Link, tag: str, nbytes: int) -> None:
-        if link.peer_id is None:
+        if link.peer_id is None or tag in link.discarded:  # discarded while it was received
             return
         got = link.landed[tag] = link.landed.get(tag, 0) + nbytes
         want, fut = link.waiters.get(tag, (0, None))
@@ -389,6 +442,11 @@ class TorchTransport(Transport):
         for _, fut in list(link.waiters.values()):
             if not fut.done():
                 fut.set_exception(_err(f"rank {link.rank}: {reason}"))
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 TRANSPORT = TorchTransport
