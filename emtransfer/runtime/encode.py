@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from . import control
 from .channel import Channel, register_local, unregister_local
 from .node import OFFLOAD_BYTES, Node, Peer
 from .session import Session
+
+#: how long a failed write waits for the control connection to report the peer's death
+PEER_LOSS_GRACE_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,14 @@ class SenderSession(Session):
             self.feed(ev.WriteDone())
         except Exception as exc:  # the transport failed: the machine decides what follows
             self.log.warning("write failed", error=repr(exc), round=action.round)
+            # a dead peer usually breaks the data path a moment before its control connection
+            # reports it: give that report a moment, so the caller learns the real cause
+            if self.peer is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PEER_LOSS_GRACE_S):
+                        await self.peer.gone.wait()
+                if not self.peer.alive:
+                    self.feed(ev.PeerLost("peer lost during the write"))
             self.feed(ev.WriteFailed(repr(exc)))
 
     def _complete(self, action: ev.Complete) -> None:

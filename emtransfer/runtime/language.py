@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from ..protocol import events as ev
 from ..protocol import messages as m
 from . import control
 from .channel import LocalChannel, lookup_local
-from .encode import _check_rid, data_tag
+from .encode import PEER_LOSS_GRACE_S, _check_rid, data_tag
 from .node import OFFLOAD_BYTES, Node, Peer
 from .session import Session
 
@@ -91,6 +92,11 @@ class ReceiverSession(Session):
                 )
             return None
         except (TimeoutError, TransferError) as exc:
+            with contextlib.suppress(TimeoutError):  # a dead peer: let its loss be the cause
+                async with asyncio.timeout(PEER_LOSS_GRACE_S):
+                    await self.peer.gone.wait()
+            if not self.peer.alive:
+                return ev.PeerLost(f"peer lost while round {round_} was landing")
             self._error_override = TransferError(
                 f"rid={self.rid!r}: data of round {round_} did not land: {exc!r}"
             )

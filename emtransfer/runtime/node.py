@@ -52,6 +52,8 @@ class Peer:
     heartbeat: asyncio.Task[None] | None = None
     #: quarantined allocations that only the peer's teardown may release
     held: list[Allocation] = field(default_factory=list)
+    #: set once the peer is lost
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
 
     def send(self, msg: m.Message) -> None:
         if not self.alive:
@@ -367,6 +369,7 @@ class Node:
         if not peer.alive:
             return
         peer.alive = False
+        peer.gone.set()
         if self.peers.get(peer.node_id) is peer:
             del self.peers[peer.node_id]
         self.metrics.peers.set(len(self.peers))
