@@ -151,6 +151,17 @@ class Session:
         token = object()
         self._alloc_token = token
         t0 = time.perf_counter()
+        try:  # the common case: blocks are free and nobody queues, no task needed
+            now = self.node.allocator.try_alloc(
+                action.num_tokens, self.rid, min_tokens=action.min_tokens
+            )
+        except TransferError as exc:  # can never fit: end the request with that error
+            self._error_override = exc
+            self.feed(ev.LocalAbort(str(exc)))
+            return
+        if now is not None:
+            self.feed(_Granted(token, now))
+            return
 
         async def alloc() -> None:
             try:
