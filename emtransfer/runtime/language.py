@@ -57,6 +57,8 @@ class ReceiverSession(Session):
         self.t_last_chunk = 0.0
         self.session_tag = secrets.token_hex(4)
         self.last_chunk_at = 0.0  # wall clock, to line up with the sender's first_write_at
+        self._copying: tuple[Allocation, asyncio.Future[None]] | None = None
+        self._pending_copies: list[asyncio.Future[None]] = []
 
     def _loop_done(self) -> bool:
         return self.machine.finished or self.machine.state is ReceiverState.QUARANTINED
@@ -168,7 +170,7 @@ class ReceiverSession(Session):
                 assert self.current is not None
                 # abandoned mid-round: stop stray bytes before the blocks are reused
                 if self.machine.state is not ReceiverState.FAILED or await self._fence():
-                    alloc.free(self.current)
+                    self._free_after_copy(self.current)
                 else:
                     alloc.quarantine(self.current)
                     self._hold_until_teardown(self.current)
@@ -189,6 +191,8 @@ class ReceiverSession(Session):
             case ev.SendAbort():
                 self._send(m.Abort(rid=self.rid, reason=m.reason(action.reason)))
             case ev.Complete():
+                if self._pending_copies:
+                    await asyncio.gather(*self._pending_copies)
                 self._complete(action)
             case ev.Fail():
                 self._set_error(action.error)
@@ -196,21 +200,33 @@ class ReceiverSession(Session):
                 raise ProtocolError(f"receiver cannot execute {action!r}")
 
     async def _deliver(self, action: ev.Deliver) -> None:
+        """Copy the round out. A large copy runs on the executor *in the background*: the
+        Free that follows waits for it, but the next allocation and the Resume do not, so the
+        sender's next round overlaps this copy."""
         node, cur, total = self.node, self.current, self.machine.total
         assert cur is not None and total is not None
         if self.out is None:
             self.out = node.registry.empty_like_payload(total)
         out = self.out
-        t0 = time.perf_counter()
 
         def copy() -> None:
+            t0 = time.perf_counter()
             node.registry.read_into(cur, out, count=action.count, out_start=action.start)
+            self.copy_s += time.perf_counter() - t0
 
         if action.count * node.registry.token_nbytes >= OFFLOAD_BYTES:
-            await asyncio.get_running_loop().run_in_executor(node.executor, copy)
+            self._copying = (cur, asyncio.get_running_loop().run_in_executor(node.executor, copy))
         else:
             copy()
-        self.copy_s += time.perf_counter() - t0
+
+    def _free_after_copy(self, allocation: Allocation) -> None:
+        copying, self._copying = self._copying, None
+        if copying is None or copying[0] is not allocation:
+            self.node.allocator.free(allocation)
+            return
+        fut = copying[1]
+        fut.add_done_callback(lambda _: self.node.allocator.free(allocation))
+        self._pending_copies.append(fut)
 
     def _complete(self, action: ev.Complete) -> None:
         node = self.node
