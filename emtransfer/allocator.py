@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .errors import AllocatorError, CapacityError, ConfigError, TransferTimeout
@@ -144,6 +144,8 @@ class BlockAllocator:
         self._serials = itertools.count(1)
         #: fewest free blocks ever seen (the pool's high-water mark is num_blocks - low_water)
         self.low_water = num_blocks
+        #: holders of speculative blocks, told to give them back as soon as anyone must wait
+        self.reclaimers: set[Callable[[], None]] = set()
 
     # -- queries -----------------------------------------------------------------------------
     @property
@@ -231,6 +233,8 @@ class BlockAllocator:
         fut: asyncio.Future[Allocation] = loop.create_future()
         waiter = _Waiter(least, most, rid, fut)
         self._waiters.append(waiter)
+        for reclaim in list(self.reclaimers):  # speculation never makes anyone wait
+            reclaim()
 
         def expire() -> None:
             if fut.done():

@@ -28,7 +28,7 @@ from ..protocol import messages as m
 from . import control
 from .channel import Channel, register_local, unregister_local
 from .node import OFFLOAD_BYTES, Node, Peer
-from .session import Session
+from .session import Session, _Granted
 
 #: how long a failed write waits for the control connection to report the peer's death
 PEER_LOSS_GRACE_S = 0.25
@@ -54,6 +54,19 @@ class SendStats:
 Encoder = Callable[[dict[str, Any]], Any]
 
 
+@dataclass(frozen=True)
+class _Prestaged:
+    """Tokens ``[start, start + count)`` staged (or being staged by ``copy``) in ``allocation``."""
+
+    allocation: Allocation
+    start: int
+    count: int
+    copy: asyncio.Future[None]
+
+    def covers(self, staging: Allocation, start: int, count: int) -> bool:
+        return staging is self.allocation and start == self.start and count <= self.count
+
+
 class SenderSession(Session):
     ALLOC_STATES = frozenset({SenderState.STAGING})
     machine: SenderMachine
@@ -68,6 +81,8 @@ class SenderSession(Session):
         self.t_last_write = 0.0
         self._write_task: asyncio.Task[None] | None = None
         self.session_tag = ""  # the receiver's name for this attempt (from Init)
+        self._prestaged: _Prestaged | None = None  # staged, not yet handed to the machine
+        self._staged: _Prestaged | None = None  # handed to the machine as its staging grant
         self.first_write_at = 0.0
 
     def bind(self, peer: Peer) -> None:
@@ -89,6 +104,12 @@ class SenderSession(Session):
     async def _execute(self, action: ev.Action) -> None:
         mach = self.machine
         match action:
+            case ev.Alloc() if self._prestaged is not None:
+                self.node.allocator.reclaimers.discard(self._cleanup)
+                pre, self._prestaged = self._prestaged, None
+                await pre.copy  # usually long done: it ran while we waited for the Resume
+                self._staged, self._alloc_token = pre, object()
+                self.feed(_Granted(self._alloc_token, pre.allocation))  # stale ones are freed
             case ev.Alloc():
                 self._start_alloc(action)
             case ev.Write():
@@ -116,13 +137,14 @@ class SenderSession(Session):
                     self.node.metrics.resumes.inc()
                 if last:
                     self.log.debug("last chunk sent", rounds=action.round + 1)
-                elif action.round >= 0:
+                else:
                     self.log.info(
                         "round sent, awaiting resume",
                         round=action.round,
                         sent=action.start + action.count,
                         total=action.total_tokens,
                     )
+                    self._prestage(action.start + action.count, action.total_tokens)
             case ev.SendAbort():
                 self._send(m.Abort(rid=self.rid, reason=m.reason(action.reason)))
             case ev.SendAbortAck():
@@ -149,7 +171,10 @@ class SenderSession(Session):
                     staging, payload, count=action.count, src_start=action.src_start
                 )
 
-            if nbytes >= OFFLOAD_BYTES:
+            pre, self._staged = self._staged, None
+            if pre is not None and pre.covers(staging, action.src_start, action.count):
+                pass  # staged while we waited for the Resume
+            elif nbytes >= OFFLOAD_BYTES:
                 await asyncio.get_running_loop().run_in_executor(node.executor, stage)
             else:
                 stage()
@@ -173,6 +198,42 @@ class SenderSession(Session):
                 if not self.peer.alive:
                     self.feed(ev.PeerLost("peer lost during the write"))
             self.feed(ev.WriteFailed(repr(exc)))
+
+    def _prestage(self, start: int, total: int) -> None:
+        """While the receiver prepares its next allocation, stage the next tokens into blocks
+        that are free right now (never waiting for blocks while the receiver holds its own)."""
+        node = self.node
+        try:
+            a = node.allocator.try_alloc(total - start, self.rid, min_tokens=1)
+        except TransferError:
+            return
+        if a is None:
+            return
+        count = min(a.capacity_tokens, total - start)
+        payload = self.payload
+        assert payload is not None
+
+        def stage() -> None:
+            node.registry.write(a, payload, count=count, src_start=start)
+
+        loop = asyncio.get_running_loop()
+        if count * node.registry.token_nbytes >= OFFLOAD_BYTES:
+            copy = loop.run_in_executor(node.executor, stage)
+        else:
+            stage()
+            copy = loop.create_future()
+            copy.set_result(None)
+        self._prestaged = _Prestaged(a, start, count, copy)
+        node.allocator.reclaimers.add(self._cleanup)
+
+    def _cleanup(self) -> None:
+        """Give speculative staging back: the round never came, or someone needs the blocks."""
+        self.node.allocator.reclaimers.discard(self._cleanup)
+        pre, self._prestaged = self._prestaged, None
+        if pre is not None:
+            alloc = self.node.allocator
+            pre.copy.add_done_callback(lambda _: alloc.free(pre.allocation))
+
 
     def _complete(self, action: ev.Complete) -> None:
         now = time.perf_counter()

@@ -93,7 +93,11 @@ class Session:
         finally:
             self._cancel_alloc()
             self._drop_stale_grants()
+            self._cleanup()
             self.node._session_ended(self)
+
+    def _cleanup(self) -> None:
+        """Release what the subclass holds beyond the machine's own allocations."""
 
     def _drop_stale_grants(self) -> None:
         """Free grants still queued behind the event that ended the request."""
