@@ -375,7 +375,8 @@ class Node:
         self.metrics.peers.set(len(self.peers))
         await self.transport.remove_peer(peer.transport_id)
         self._release_held(peer)
-        level = "info" if self._closing else "warning"
+        # losing an idle peer is routine (it closed); losing one mid-request is not
+        level = "warning" if peer.sessions and not self._closing else "info"
         getattr(self.log, level)(
             "peer lost", peer=peer.node_id, reason=reason, requests=len(peer.sessions)
         )
