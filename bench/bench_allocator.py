@@ -117,9 +117,7 @@ def bench_churn(num_blocks: int, block_size: int, seconds: float, seed: int) -> 
     }
 
 
-def churned_pair(
-    num_blocks: int, block_size: int, seed: int
-) -> tuple[Churn, Churn]:
+def churned_pair(num_blocks: int, block_size: int, seed: int) -> tuple[Churn, Churn]:
     sides = []
     for k in range(2):
         c = Churn(BlockAllocator(num_blocks, block_size), random.Random(seed * 7919 + k))
@@ -209,27 +207,39 @@ def main(argv: list[str] | None = None) -> int:
     runs = bench_runs(args.num_blocks, args.block_size, args.seed)
     desc = bench_descriptors(args.num_blocks, args.block_size, args.seed)
 
-    print(f"BlockAllocator: {args.num_blocks} blocks x {args.block_size} tokens, "
-          f"python {sys.version.split()[0]}")
+    print(
+        f"BlockAllocator: {args.num_blocks} blocks x {args.block_size} tokens, "
+        f"python {sys.version.split()[0]}"
+    )
     print()
     print("(a) churn, live allocations of 1..32 blocks, ~50% of the pool in use")
     ok = "OK" if churn["block_ops_per_s"] >= TARGET_BLOCK_OPS else "BELOW TARGET"
-    print(f"    block ops/s      {churn['block_ops_per_s']:>14,.0f}   "
-          f"(target >= {TARGET_BLOCK_OPS:,}: {ok})")
-    print(f"    allocation ops/s {churn['alloc_ops_per_s']:>14,.0f}   "
-          f"({churn['blocks_per_alloc_op']:.1f} blocks per op, {churn['seconds']:.2f} s)")
+    print(
+        f"    block ops/s      {churn['block_ops_per_s']:>14,.0f}   "
+        f"(target >= {TARGET_BLOCK_OPS:,}: {ok})"
+    )
+    print(
+        f"    allocation ops/s {churn['alloc_ops_per_s']:>14,.0f}   "
+        f"({churn['blocks_per_alloc_op']:.1f} blocks per op, {churn['seconds']:.2f} s)"
+    )
     print()
     print("(b) runs per transfer between two churned pools")
-    print(f"    {'tokens':>7} {'blocks':>6} {'samples':>7} {'mean':>7} {'median':>7} "
-          f"{'p99':>5} {'max':>5} {'tokens/run':>10}")
+    print(
+        f"    {'tokens':>7} {'blocks':>6} {'samples':>7} {'mean':>7} {'median':>7} "
+        f"{'p99':>5} {'max':>5} {'tokens/run':>10}"
+    )
     for size, r in runs.items():
-        print(f"    {size:>7} {r['blocks_per_transfer']:>6} {r['samples']:>7} "
-              f"{r['runs_mean']:>7.1f} {r['runs_median']:>7.1f} {r['runs_p99']:>5} "
-              f"{r['runs_max']:>5} {r['tokens_per_run_mean']:>10.1f}")
+        print(
+            f"    {size:>7} {r['blocks_per_transfer']:>6} {r['samples']:>7} "
+            f"{r['runs_mean']:>7.1f} {r['runs_median']:>7.1f} {r['runs_p99']:>5} "
+            f"{r['runs_max']:>5} {r['tokens_per_run_mean']:>10.1f}"
+        )
     print()
-    print(f"(c) runs_to + write_ops, {desc['tokens']} tokens, 2 fields: "
-          f"median {desc['median_us']:.1f} us (min {desc['min_us']:.1f} us; "
-          f"{desc['runs']} runs -> {desc['write_ops']} write ops)")
+    print(
+        f"(c) runs_to + write_ops, {desc['tokens']} tokens, 2 fields: "
+        f"median {desc['median_us']:.1f} us (min {desc['min_us']:.1f} us; "
+        f"{desc['runs']} runs -> {desc['write_ops']} write ops)"
+    )
 
     if args.json is not None:
         args.json.write_text(

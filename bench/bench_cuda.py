@@ -34,8 +34,13 @@ def settings(num_tokens: int, transport: str) -> Any:
 
     blocks = -(-num_tokens // 128)
     return et.Settings(
-        hidden_size=HIDDEN, dtype="bfloat16", device=DEVICE, transport=transport,
-        block_size=128, num_blocks=blocks, default_blocks=min(8, blocks),
+        hidden_size=HIDDEN,
+        dtype="bfloat16",
+        device=DEVICE,
+        transport=transport,
+        block_size=128,
+        num_blocks=blocks,
+        default_blocks=min(8, blocks),
     )
 
 
@@ -131,8 +136,10 @@ def main() -> int:
         print(json.dumps(row), flush=True)
     print(f"{'MiB':>6} {'d2d GB/s':>10} {'e2e GB/s':>10} {'phase GB/s':>11} {'p50 ms':>8} ok")
     for r in rows:
-        print(f"{r['MiB']:>6} {r['d2d_GBps']:>10.1f} {r['e2e_GBps']:>10.1f} "
-              f"{r['phase_GBps']:>11.1f} {r['e2e_p50_ms']:>8.2f} {r['verified']}")
+        print(
+            f"{r['MiB']:>6} {r['d2d_GBps']:>10.1f} {r['e2e_GBps']:>10.1f} "
+            f"{r['phase_GBps']:>11.1f} {r['e2e_p50_ms']:>8.2f} {r['verified']}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,6 +1,7 @@
 """emtransfer: move multimodal embeddings from encode workers to language (prefill) workers."""
 
 from .errors import (
+    AllocationTimeout,
     AllocatorError,
     CapacityError,
     ConfigError,
@@ -18,6 +19,7 @@ from .settings import FieldSpec, Settings
 __version__ = "0.1.0"
 
 __all__ = [
+    "AllocationTimeout",
     "AllocatorError",
     "CapacityError",
     "ConfigError",

@@ -1,4 +1,4 @@
-"""Command line: ``python -m emtransfer demo`` (and, as they land, ``serve``)."""
+"""Command line: ``python -m emtransfer demo`` and ``python -m emtransfer serve``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .logs import configure_logging
+from .server.options import add_serve_parser, resolve_serve
 from .settings import Settings
 
 
@@ -18,7 +19,9 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m emtransfer", description=__doc__)
-    parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
+    parser.add_argument(
+        "--log-level", help="debug, info, warning, error (default: warning; info for serve)"
+    )
     parser.add_argument("--log-json", action="store_true", help="JSON log lines instead of text")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -39,9 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--hidden-size", type=int, help="embedding width (default from settings)")
     demo.add_argument("--seed", type=int, default=0, help="workload seed")
 
+    add_serve_parser(sub)
+
     args = parser.parse_args(argv)
-    configure_logging(args.log_level, json=args.log_json)
+    level = (args.log_level or ("info" if args.command == "serve" else "warning")).lower()
+    if level not in ("debug", "info", "warning", "error", "critical"):
+        parser.error(f"invalid --log-level {args.log_level!r}: debug, info, warning or error")
+    configure_logging(level, json=args.log_json)
     try:
+        if args.command == "serve":
+            from .server.run import serve
+
+            return serve(resolve_serve(args), log_level=level)
         if args.command == "demo":
             from .demo import run_demo
 

@@ -19,6 +19,10 @@ class TransferTimeout(TransferError, TimeoutError):
     """A state's deadline passed (bootstrap, Init, chunk, Resume, allocation)."""
 
 
+class AllocationTimeout(CapacityError, TransferTimeout):
+    """No blocks became free before the allocation deadline: capacity, not the peer."""
+
+
 class PeerLost(TransferError, ConnectionError):
     """The peer died, closed the connection or missed its heartbeats."""
 
@@ -44,6 +48,7 @@ class AllocatorError(TransferError, RuntimeError):
 
 
 __all__ = [
+    "AllocationTimeout",
     "AllocatorError",
     "CapacityError",
     "ConfigError",

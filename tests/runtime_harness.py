@@ -89,7 +89,9 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
             rid, address, expected, seed, n = args
             got = await node.receive(rid, address, expected_tokens=expected)
             want = payload(seed, n, hidden)
-            ok = got.num_tokens == n and all(torch.equal(got.tensors[k], v) for k, v in want.items())
+            ok = got.num_tokens == n and all(
+                torch.equal(got.tensors[k], v) for k, v in want.items()
+            )
             return {"ok": ok, "rounds": got.rounds, "meta": got.meta, "num_tokens": got.num_tokens}
         if cmd == "connect":
             peer = await node.connect(args[0])
@@ -104,7 +106,9 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
                 node.allocator.free(held.pop())
             return True
         if cmd == "scramble":
-            blocks = [node.allocator.try_alloc(s.block_size, f"scr{i}") for i in range(s.num_blocks)]
+            blocks = [
+                node.allocator.try_alloc(s.block_size, f"scr{i}") for i in range(s.num_blocks)
+            ]
             random.Random(args[0]).shuffle(blocks)
             for a in blocks:
                 if a is not None:

@@ -676,9 +676,7 @@ def test_slot_and_segments_give_per_block_addresses_15_blocks() -> None:
         blocks[t // B] * B + t % B for t in range(len(blocks) * B)
     ]
     # 15..19 ascend and coalesce; the descending blocks after them cannot
-    expected = [(0, 15 * B, 5 * B)] + [
-        (i * B, b * B, B) for i, b in enumerate(blocks) if i >= 5
-    ]
+    expected = [(0, 15 * B, 5 * B)] + [(i * B, b * B, B) for i, b in enumerate(blocks) if i >= 5]
     assert list(x.segments(0, x.capacity_tokens)) == expected
 
 

@@ -81,10 +81,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     # -- model helpers ------------------------------------------------------------------------
     def held(self) -> int:
-        return sum(
-            len(a.blocks)
-            for a, _ in [*self.live.values(), *self.quarantined.values()]
-        )
+        return sum(len(a.blocks) for a, _ in [*self.live.values(), *self.quarantined.values()])
 
     def counts(self) -> tuple[int, int, dict[str, list[int]]]:
         return self.alloc.num_free, self.alloc.num_quarantined, self.alloc.leak_report()
@@ -98,9 +95,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     def alloc_(self, data: st.DataObject, rid: str, with_min: bool) -> None:
         pool_tokens = self.n * self.b
         num_tokens = data.draw(st.integers(1, pool_tokens + 2 * self.b), label="num_tokens")
-        min_tokens = (
-            data.draw(st.integers(1, num_tokens), label="min_tokens") if with_min else None
-        )
+        min_tokens = data.draw(st.integers(1, num_tokens), label="min_tokens") if with_min else None
         want = -(-num_tokens // self.b)
         least = want if min_tokens is None else -(-min_tokens // self.b)
         free_before = self.alloc.num_free
@@ -297,7 +292,11 @@ def test_write_ops_move_exactly_the_runs_bytes(
     for name, lay in dst_reg.layouts.items():
         field_ops = [op for op in ops if op.field == name]
         assert [(op.src_offset, op.dst_offset, op.nbytes) for op in field_ops] == [
-            (r.src_slot * lay.token_nbytes, r.dst_slot * lay.token_nbytes, r.length * lay.token_nbytes)
+            (
+                r.src_slot * lay.token_nbytes,
+                r.dst_slot * lay.token_nbytes,
+                r.length * lay.token_nbytes,
+            )
             for r in runs
         ]
 

@@ -118,7 +118,11 @@ def test_check_payload_wrong_side_field_shape(reg: BufferRegistry) -> None:
 
 @pytest.mark.parametrize(
     ("field", "dtype"),
-    [("embeddings", torch.float16), ("embeddings", torch.bfloat16), ("mrope_positions", torch.int32)],
+    [
+        ("embeddings", torch.float16),
+        ("embeddings", torch.bfloat16),
+        ("mrope_positions", torch.int32),
+    ],
 )
 def test_check_payload_wrong_dtype(reg: BufferRegistry, field: str, dtype: torch.dtype) -> None:
     bad = payload(5)
@@ -299,4 +303,6 @@ def test_byte_view_shares_memory_with_the_pool(dtype: torch.dtype) -> None:
     emb[3 * tb : 4 * tb] = one.view(torch.uint8)  # bytes of slot 3
     assert torch.equal(reg.pools["embeddings"][3], one)
     reg.pools["embeddings"][5] = 2
-    assert torch.equal(emb[5 * tb : 6 * tb], torch.full((HIDDEN,), 2, dtype=dtype).view(torch.uint8))
+    assert torch.equal(
+        emb[5 * tb : 6 * tb], torch.full((HIDDEN,), 2, dtype=dtype).view(torch.uint8)
+    )

@@ -40,7 +40,9 @@ def _env(transport: str) -> tuple[dict[str, str], dict[str, str]]:
     return {**base, "RANK": "0"}, {**base, "RANK": "1"}
 
 
-def _pair(transport: str, enc_kw: dict[str, Any] | None = None, lang_kw: dict[str, Any] | None = None) -> tuple[NodeProc, NodeProc]:
+def _pair(
+    transport: str, enc_kw: dict[str, Any] | None = None, lang_kw: dict[str, Any] | None = None
+) -> tuple[NodeProc, NodeProc]:
     enc_env, lang_env = _env(transport)
     # with torch.distributed both ranks must start before either can finish initialising
     import concurrent.futures as cf
@@ -53,7 +55,16 @@ def _pair(transport: str, enc_kw: dict[str, Any] | None = None, lang_kw: dict[st
     return enc, lang
 
 
-def _transfer(enc: NodeProc, lang: NodeProc, rid: str, n: int, *, expected: int | None = None, send_first: bool = False, seed: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _transfer(
+    enc: NodeProc,
+    lang: NodeProc,
+    rid: str,
+    n: int,
+    *,
+    expected: int | None = None,
+    send_first: bool = False,
+    seed: int | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     seed = hash(rid) & 0xFFFF if seed is None else seed
     meta = {"rid": rid, "n": n}
     if send_first:
@@ -117,7 +128,12 @@ def test_flows_scrambled_and_concurrent(transport: str, stop_later: list[NodePro
         rid, n = f"c{i}", rng.randint(1, 3000)
         seed = i
         if rng.random() < 0.5:
-            jobs.append((lang.start("receive", rid, enc.address, None, seed, n), enc.start("send", rid, n, seed, {"i": i})))
+            jobs.append(
+                (
+                    lang.start("receive", rid, enc.address, None, seed, n),
+                    enc.start("send", rid, n, seed, {"i": i}),
+                )
+            )
         else:
             s = enc.start("send", rid, n, seed, {"i": i})
             jobs.append((lang.start("receive", rid, enc.address, None, seed, n), s))

@@ -9,8 +9,14 @@ from typing import Any
 
 import pytest
 
+from emtransfer.errors import (
+    AllocationTimeout,
+    ProtocolError,
+    TransferAborted,
+    TransferError,
+    TransferTimeout,
+)
 from emtransfer.errors import PeerLost as PeerLostError
-from emtransfer.errors import ProtocolError, TransferAborted, TransferError, TransferTimeout
 from emtransfer.protocol import events as ev
 from emtransfer.protocol.events import (
     AbortAckReceived,
@@ -265,7 +271,7 @@ CASES: list[Case] = [
         R.ALLOCATING,
         Timeout(),
         R.FAILED,
-        [FailWith(TT, "no allocation for round 0")],
+        [FailWith(AllocationTimeout, "no allocation for round 0")],
     ),
     Case(
         "alloc-timeout-round1",
@@ -273,7 +279,7 @@ CASES: list[Case] = [
         R.ALLOCATING,
         Timeout(),
         R.FAILED,
-        [AbortWith("no allocation for round 1"), FailWith(TT, "round 1")],
+        [AbortWith("no allocation for round 1"), FailWith(AllocationTimeout, "round 1")],
     ),
     Case(
         "alloc-local-abort-round0",
@@ -621,8 +627,8 @@ def test_one_outcome_per_request() -> None:
 @pytest.mark.parametrize(
     ("build", "event", "cls"),
     [
-        (allocating, Timeout(), TransferTimeout),
-        (allocating1, Timeout(), TransferTimeout),
+        (allocating, Timeout(), AllocationTimeout),
+        (allocating1, Timeout(), AllocationTimeout),
         (wait_chunk, Timeout(), TransferTimeout),
         (new, LocalAbort(), TransferAborted),
         (allocating, LocalAbort(), TransferAborted),

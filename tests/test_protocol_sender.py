@@ -9,8 +9,14 @@ from typing import Any
 
 import pytest
 
+from emtransfer.errors import (
+    AllocationTimeout,
+    ProtocolError,
+    TransferAborted,
+    TransferError,
+    TransferTimeout,
+)
 from emtransfer.errors import PeerLost as PeerLostError
-from emtransfer.errors import ProtocolError, TransferAborted, TransferError, TransferTimeout
 from emtransfer.protocol import events as ev
 from emtransfer.protocol.events import (
     AbortAckReceived,
@@ -374,7 +380,7 @@ CASES: list[Case] = [
         S.STAGING,
         Timeout(),
         S.FAILED,
-        [SendAbort("sender timeout"), FailWith(TT, "STAGING")],
+        [SendAbort("sender timeout"), FailWith(AllocationTimeout, "STAGING")],
     ),
     Case(
         "staging-abort",
@@ -822,7 +828,7 @@ def test_one_outcome_per_request() -> None:
     [
         (wait_init, Timeout(), TransferTimeout),
         (wait_data, Timeout(), TransferTimeout),
-        (staging, Timeout(), TransferTimeout),
+        (staging, Timeout(), AllocationTimeout),
         (wait_resume, Timeout(), TransferTimeout),
         (new, AbortReceived(), TransferAborted),
         (wait_resume, AbortReceived(), TransferAborted),

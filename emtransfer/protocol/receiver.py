@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from enum import Enum, auto
 
+from ..errors import AllocationTimeout, ProtocolError, TransferAborted, TransferTimeout
 from ..errors import PeerLost as PeerLostError
-from ..errors import ProtocolError, TransferAborted, TransferTimeout
 from . import events as ev
 from .events import Action
 from .machine import Machine
@@ -115,7 +115,7 @@ class ReceiverMachine(Machine[ReceiverState]):
         return R.FAILED, [*acts, ev.Fail(error)]  # type: ignore[arg-type]
 
     def _alloc_timeout(self, e: ev.Timeout) -> Result:
-        err = TransferTimeout(f"rid={self.rid!r}: no allocation for round {self.round} in time")
+        err = AllocationTimeout(f"rid={self.rid!r}: no allocation for round {self.round} in time")
         return self._give_up_allocating(err)
 
     def _alloc_local_abort(self, e: ev.LocalAbort) -> Result:

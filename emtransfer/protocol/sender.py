@@ -19,8 +19,14 @@ from __future__ import annotations
 
 from enum import Enum, auto
 
+from ..errors import (
+    AllocationTimeout,
+    ProtocolError,
+    TransferAborted,
+    TransferError,
+    TransferTimeout,
+)
 from ..errors import PeerLost as PeerLostError
-from ..errors import ProtocolError, TransferAborted, TransferError, TransferTimeout
 from . import events as ev
 from .events import Action
 from .machine import Machine
@@ -148,7 +154,8 @@ class SenderMachine(Machine[SenderState]):
         return self._begin_round(e.blocks, e.capacity_tokens)
 
     def _timeout(self, e: ev.Timeout) -> Result:
-        err = TransferTimeout(f"rid={self.rid!r}: timed out in sender state {self.state.name}")
+        kind = AllocationTimeout if self.state is S.STAGING else TransferTimeout
+        err = kind(f"rid={self.rid!r}: timed out in sender state {self.state.name}")
         # before Init the receiver holds nothing of ours: no Abort needed
         acts: list[Action] = [] if self.state is S.WAIT_INIT else [ev.SendAbort("sender timeout")]
         return S.FAILED, [*acts, ev.Fail(err)]

@@ -138,7 +138,7 @@ class SenderSession(Session):
                 if last:
                     self.log.debug("last chunk sent", rounds=action.round + 1)
                 else:
-                    self.log.info(
+                    self.log.debug(
                         "round sent, awaiting resume",
                         round=action.round,
                         sent=action.start + action.count,
@@ -165,6 +165,14 @@ class SenderSession(Session):
             runs = staging.runs_to(dest, action.count, dst_start=action.dst_start)
             ops = node.registry.write_ops(runs)
             nbytes = action.count * node.registry.token_nbytes
+            if action.round > 0:
+                self.log.info(
+                    "resumed round",
+                    round=action.round,
+                    blocks=len(self.machine.dest_blocks),
+                    runs=len(runs),
+                    tokens=action.count,
+                )
 
             def stage() -> None:
                 node.registry.write(
@@ -234,7 +242,6 @@ class SenderSession(Session):
             alloc = self.node.allocator
             pre.copy.add_done_callback(lambda _: alloc.free(pre.allocation))
 
-
     def _complete(self, action: ev.Complete) -> None:
         now = time.perf_counter()
         stats = SendStats(
@@ -281,6 +288,7 @@ class EncodeNode(Node):
             raise ConfigError(f"invalid control={control!r}: choose auto, tcp or local")
         self._control = control
         self._senders: dict[str, SenderSession] = {}
+        self._failed_jobs: dict[str, str] = {}  # rid -> why its encode job failed (bounded)
         self._server: asyncio.Server | None = None
         #: where language nodes connect: ``host:port``, or ``local://...`` in-process
         self.address: str = ""
@@ -386,8 +394,16 @@ class EncodeNode(Node):
             await self.send(msg.rid, tensors, meta)
         except Exception as exc:
             self.log.warning("encode job failed", rid=msg.rid, error=repr(exc))
+            reason = m.reason(f"encode failed: {exc}")
+            session = self._senders.get(msg.rid)
+            if session is not None and session.running and session.payload is None:
+                session.feed(ev.LocalAbort(reason))  # its machine tells the receiver
+                return
+            self._failed_jobs[msg.rid] = reason  # for an Init still on its way
+            while len(self._failed_jobs) > 1024:
+                del self._failed_jobs[next(iter(self._failed_jobs))]
             try:
-                peer.send(m.Abort(rid=msg.rid, reason=m.reason(f"encode failed: {exc}")))
+                peer.send(m.Abort(rid=msg.rid, reason=reason))
             except PeerLost:
                 pass
 
@@ -397,6 +413,8 @@ class EncodeNode(Node):
         if session is None or session.peer is None:
             limit = self.settings.max_inflight_per_peer
             refusal = "encode node closing" if self._closing else None
+            if session is None and msg.rid in self._failed_jobs:
+                refusal = self._failed_jobs.pop(msg.rid)
             if len(peer.sessions) >= limit:
                 refusal = (
                     f"too many requests in flight from this peer (max_inflight_per_peer={limit})"

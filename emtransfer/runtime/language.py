@@ -372,7 +372,7 @@ class LanguageNode(Node):
             session = self._open(rid, peer)  # registered first: an early Abort finds it
             try:
                 peer.send(m.Encode(rid=rid, job=job))
-            except PeerLost:
+            except BaseException:
                 session._forget()
                 raise
             result: Received = await self._run(session, expected_tokens, whole=False)

@@ -1,0 +1,300 @@
+"""What both HTTP roles share: errors as JSON with the right status, 400 for any bad input,
+/health and /metrics, a concise access log, HTTP metrics in the node's registry."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..encoders import JOB_ERROR_PREFIX, JobError
+from ..errors import (
+    CapacityError,
+    InvalidRequest,
+    PeerLost,
+    TransferAborted,
+    TransferError,
+    TransferTimeout,
+)
+from ..runtime.node import Node
+from .options import ServeOptions
+from .schemas import ErrorBody
+
+log = structlog.get_logger("emtransfer.server")
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "bad input; the detail names the problem"},
+    409: {"model": ErrorBody, "description": "the rid is already in flight"},
+    413: {"model": ErrorBody, "description": "the request body is too large"},
+    502: {"model": ErrorBody, "description": "the encoder or the transfer failed"},
+    503: {"model": ErrorBody, "description": "no encode node reachable or no capacity in time"},
+    504: {"model": ErrorBody, "description": "a transfer deadline passed"},
+}
+
+
+class HTTPFailure(Exception):
+    """An error answered as ``{"error": kind, "detail": ...}`` with ``status``."""
+
+    def __init__(self, status: int, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.kind = kind
+        self.detail = detail
+
+
+def failure_from(exc: BaseException) -> HTTPFailure:
+    """Map an exception to the status the API promises (never a silent 5xx)."""
+    text = str(exc)
+    if isinstance(exc, HTTPFailure):
+        return exc
+    if isinstance(exc, JobError):
+        return HTTPFailure(400, "invalid_request", exc.detail)
+    if isinstance(exc, TransferAborted) and "encode failed: " in text:
+        reason = text.split("encode failed: ", 1)[1]
+        if reason.startswith(JOB_ERROR_PREFIX):  # the encoder refused the input
+            return HTTPFailure(400, "invalid_request", reason.removeprefix(JOB_ERROR_PREFIX))
+        return HTTPFailure(502, "encoder_failed", f"the encoder failed: {reason}")
+    if isinstance(exc, InvalidRequest):
+        if "already in flight" in text:
+            return HTTPFailure(409, "conflict", text)
+        return HTTPFailure(400, "invalid_request", text)
+    if isinstance(exc, PeerLost):
+        return HTTPFailure(503, "unavailable", f"peer lost: {text}")
+    if isinstance(exc, CapacityError):
+        return HTTPFailure(503, "no_capacity", text)
+    if isinstance(exc, TransferTimeout):
+        return HTTPFailure(504, "timeout", text)
+    if isinstance(exc, TransferError):
+        if "node is closing" in text:
+            return HTTPFailure(503, "unavailable", "the server is shutting down")
+        return HTTPFailure(502, "transfer_failed", f"{type(exc).__name__}: {text}")
+    return HTTPFailure(500, "internal", f"{type(exc).__name__}: {text}")
+
+
+def error_response(f: HTTPFailure) -> JSONResponse:
+    return JSONResponse({"error": f.kind, "detail": f.detail}, status_code=f.status)
+
+
+async def guarded(rid: str | None, call: Awaitable[Any]) -> Any:
+    """Await ``call``; any exception becomes an :class:`HTTPFailure`, logged by severity."""
+    try:
+        return await call
+    except HTTPFailure:
+        raise
+    except Exception as exc:
+        f = failure_from(exc)
+        if f.status >= 500:
+            level = log.error if f.status in (500, 502) else log.warning
+            level(
+                "request failed", rid=rid, status=f.status, error=f.detail, exc_info=f.status == 500
+            )
+        else:
+            log.info("request refused", rid=rid, status=f.status, error=f.detail)
+        raise f from exc
+
+
+def describe_validation(errors: list[Any]) -> str:
+    """FastAPI's validation errors as one sentence naming each problem."""
+    parts: list[str] = []
+    for err in errors:
+        kind, loc = err.get("type", ""), [str(p) for p in err.get("loc", ())]
+        where = ".".join(p for p in loc if p != "body")
+        given = err.get("input")
+        if kind == "json_invalid":
+            why = (err.get("ctx") or {}).get("error", "")
+            at = f" at position {loc[-1]}" if len(loc) > 1 and loc[-1].isdigit() else ""
+            parts.append(f"malformed JSON body: {why}{at}".rstrip(": "))
+        elif kind in ("model_attributes_type", "dict_type") or (kind == "missing" and not where):
+            parts.append(
+                "the request body must be a JSON object (send Content-Type: application/json)"
+            )
+        elif kind == "extra_forbidden":
+            parts.append(f"unknown field {where!r}")
+        elif kind == "missing":
+            parts.append(f"{where} is required")
+        elif kind.startswith(("greater_than", "less_than")):
+            bound = next(iter((err.get("ctx") or {}).values()), "")
+            op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<"}.get(kind, "<=")
+            parts.append(f"{where} must be {op} {bound}, got {given!r}")
+        elif kind in ("int_type", "int_parsing", "int_from_float"):
+            parts.append(f"{where} must be an integer, got {given!r}")
+        elif kind == "string_type":
+            parts.append(f"{where} must be a string, got {given!r}")
+        elif kind in ("string_too_short", "string_too_long"):
+            parts.append(f"{where}: {err.get('msg', '')}")
+        else:
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = describe_validation(list(exc.errors()))
+        log.info("request refused", path=request.url.path, status=400, error=detail)
+        return error_response(HTTPFailure(400, "invalid_request", detail))
+
+    @app.exception_handler(HTTPFailure)
+    async def _failure(request: Request, exc: HTTPFailure) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(HTTPFailure(exc.status_code, kind, str(exc.detail)))
+
+
+class NodeService:
+    """A node plus what the HTTP layer needs around it; subclasses make the node."""
+
+    role: str
+    node: Node
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.settings = options.settings
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="emtransfer-http")
+        self._started = False
+        self._closed = False
+
+    async def start(self) -> None:
+        if not self._started:
+            self._started = True
+            await self.node.start()
+            self._register_metrics()
+
+    async def close(self) -> None:
+        if self._started and not self._closed:
+            self._closed = True
+            await self.node.close()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _register_metrics(self) -> None:
+        r = self.node.metrics.registry
+        self.http_requests = Counter(
+            "emtransfer_http_requests",
+            "HTTP requests by path and status",
+            ["path", "status"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "emtransfer_http_request_seconds", "HTTP request duration", ["path"], registry=r
+        )
+
+    def health(self) -> dict[str, Any]:
+        return {**self.node.health(), "ready": True}
+
+    async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+def make_app(service: NodeService, title: str, description: str) -> FastAPI:
+    """The app skeleton both roles share: lifespan, errors, /health, /metrics, access log."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.close()
+
+    from .. import __version__
+
+    app = FastAPI(title=title, description=description, version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.get("/health", summary="role, pool blocks, requests in flight, peers")
+    async def health() -> dict[str, Any]:
+        return service.health()
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    )
+    async def metrics() -> Response:
+        return Response(service.node.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimit)
+    app.add_middleware(AccessLog, service=service, routes=app.router)
+    return app
+
+
+class BodyLimit:
+    """Refuse (413) a request whose Content-Length is above ``MAX_BODY`` before reading it."""
+
+    MAX_BODY = 2 << 20  # an image is at most ~0.9 MB of base64 (one control message)
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+            if length.isdigit() and int(length) > self.MAX_BODY:
+                detail = (
+                    f"request body of {int(length)} bytes is above the limit of {self.MAX_BODY}"
+                )
+                await error_response(HTTPFailure(413, "too_large", detail))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class AccessLog:
+    """Counts every request in the node's registry; logs one concise line when enabled."""
+
+    QUIET = frozenset({"/health", "/metrics"})
+
+    def __init__(self, app: Any, service: NodeService, routes: Any) -> None:
+        self.app = app
+        self.service = service
+        self.routes = routes
+        self._paths: frozenset[str] | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            elapsed = time.perf_counter() - t0
+            path = scope["path"]
+            if self._paths is None:  # the routes are all added by the first request
+                self._paths = frozenset(getattr(r, "path", "") for r in self.routes.routes)
+            label = path if path in self._paths else "other"
+            svc = self.service
+            if hasattr(svc, "http_requests"):
+                svc.http_requests.labels(label, str(status)).inc()
+                svc.http_seconds.labels(label).observe(elapsed)
+            if svc.options.access_log:
+                emit = log.debug if path in self.QUIET else log.info
+                emit(
+                    "http",
+                    method=scope["method"],
+                    path=path,
+                    status=status,
+                    ms=round(elapsed * 1e3, 1),
+                )

@@ -1,0 +1,230 @@
+"""``python -m emtransfer serve``: its options, and one ``--<setting>`` flag per Settings field.
+
+Precedence for the settings: flag > environment (EMTRANSFER_*, then the SGLANG_* aliases) >
+config file (--config or EMTRANSFER_CONFIG) > default. Nothing here imports the web stack, so
+building the parser stays cheap for ``demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from ..encoders import BUILTIN, DEFAULT_MAX_TOKENS, DEFAULT_PATCH_SIZE
+from ..errors import ConfigError
+from ..settings import SGLANG_ALIASES, Settings
+
+DEFAULT_HTTP_PORT = {"encode": 8100, "language": 8000}
+
+#: help for the settings whose field has no (short) docstring; config/default.toml agrees
+_HELP = {
+    "num_blocks": "pool size in blocks per node (SGLANG_EMBEDDING_CACHE_BUFFER_SIZE counts the "
+    "embedding cache's buffer blocks: the same thing, 1:1)",
+    "hidden_size": "width of the embeddings field",
+    "transport": "data plane; both roles must use the same one",
+    "host": "address the node binds: the control (bootstrap) listener of an encode node and, "
+    "unless --http-host is given, the HTTP server",
+    "bootstrap_timeout": "seconds to connect to an encode node and finish the handshake",
+    "chunk_timeout": "seconds the receiver waits for the next chunk",
+    "resume_timeout": "seconds the sender waits for a Resume",
+    "alloc_timeout": "seconds an allocation may wait for free blocks",
+    "abort_ack_timeout": "seconds to wait for an AbortAck before tearing the connection down",
+    "heartbeat_interval": "seconds between heartbeats",
+    "max_inflight_per_peer": "requests in flight per peer pair",
+    "auth_token": "shared secret for the handshake (prefer EMTRANSFER_AUTH_TOKEN: a flag shows in ps)",
+    "verify_digest": "check a digest of every payload on arrival (slower)",
+}
+#: appended to a field's own description
+_EXAMPLE = {
+    "fields": 'as JSON, e.g. \'{"mrope_positions": {"shape": [3], "dtype": "int64"}}\'',
+}
+
+
+def setting_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; absent flags stay absent (env, file and defaults apply)."""
+    group = parser.add_argument_group(
+        "settings",
+        "Every setting of emtransfer (see config/default.toml). Precedence: flag > environment "
+        "(EMTRANSFER_<NAME>, SGLang aliases) > --config file > default.",
+    )
+    for name, info in Settings.model_fields.items():
+        text = (_HELP.get(name) or info.description or name.replace("_", " ")).rstrip(".")
+        text = re.sub(r"\s*\(?[Aa]lias SGLANG_\w+\)?\.?", "", text)  # the env part says it
+        text = text[0].lower() + text[1:]
+        if name in _EXAMPLE:
+            text += ", " + _EXAMPLE[name]
+        default = "unset" if info.default is None else info.default
+        if name == "fields":
+            default = "none"
+        env = f"EMTRANSFER_{name.upper()}"
+        if name in SGLANG_ALIASES:
+            env += f" or {SGLANG_ALIASES[name]}"
+        help_text = f"{text} (default {default}; env {env})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if info.annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif name == "fields":
+            kwargs.update(type=_json_object, metavar="JSON")
+        elif typing.get_origin(info.annotation) is typing.Literal:
+            kwargs.update(choices=list(typing.get_args(info.annotation)))
+        else:
+            kind = "N" if info.annotation is int else "SECONDS" if info.annotation is float else ""
+            kwargs["metavar"] = kind or name.split("_")[-1].upper()
+        group.add_argument(setting_flag(name), **kwargs)
+
+
+def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
+    serve = sub.add_parser(
+        "serve",
+        help="run an encode or a language node behind an HTTP API",
+        description="Runs one node behind an HTTP API (FastAPI on uvicorn with uvloop; the "
+        "schema is at /openapi.json). Both roles: GET /health, GET /metrics. Encode: POST "
+        "/v1/encode computes a job with the encoder and holds it until a language node pulls "
+        "it. Language: POST /v1/embeddings asks an encode node (round-robin over "
+        "--encoder-addr, skipping dead ones) to compute a job and receives the result; POST "
+        "/v1/receive pulls a payload an encode node holds.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--role", required=True, choices=["encode", "language"], help="node role")
+    serve.add_argument(
+        "--config", help="TOML settings file (else $EMTRANSFER_CONFIG, else the defaults)"
+    )
+    serve.add_argument(
+        "--http-host", help="address the HTTP server binds (default: the --host setting)"
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        help="HTTP port (default 8100 for encode, 8000 for language; 0 picks a free one)",
+    )
+    serve.add_argument(
+        "--encoder",
+        default="auto",
+        help=f"encode role: {', '.join(BUILTIN)} (see emtransfer.encoders) or module:factory, "
+        "where factory(settings) returns a callable job -> tensors | (tensors, meta) (default auto)",
+    )
+    serve.add_argument(
+        "--encoder-addr",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="language role: an encode node's bootstrap address; repeat or comma-separate for "
+        "several (round-robin). Default: --host:--bootstrap-port when bootstrap_port is set",
+    )
+    serve.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"largest num_tokens (or image token count) a request may ask for (default {DEFAULT_MAX_TOKENS})",
+    )
+    serve.add_argument(
+        "--patch-size",
+        type=int,
+        default=DEFAULT_PATCH_SIZE,
+        help=f"encode role: patch size of the built-in vision encoder (default {DEFAULT_PATCH_SIZE})",
+    )
+    serve.add_argument(
+        "--retry-interval",
+        type=float,
+        default=1.0,
+        help="language role: seconds between reconnection attempts to an encode node that is "
+        "down (default 1.0)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        help="debug, info, warning, error (default info)",
+    )
+    serve.add_argument(
+        "--log-json", action="store_true", default=argparse.SUPPRESS, help="JSON log lines"
+    )
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="one concise line per HTTP request (at info; /health and /metrics at debug)",
+    )
+    add_settings_flags(serve)
+    return serve
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What ``serve`` runs, resolved from the arguments."""
+
+    role: str
+    settings: Settings
+    http_host: str
+    port: int
+    encoder: str = "auto"
+    encoder_addrs: tuple[str, ...] = ()
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    patch_size: int = DEFAULT_PATCH_SIZE
+    retry_interval: float = 1.0
+    access_log: bool = False
+
+
+def resolve_serve(args: argparse.Namespace) -> ServeOptions:
+    """Turn parsed arguments into options; ConfigError names the bad option or setting."""
+    overrides = {n: getattr(args, n) for n in Settings.model_fields if hasattr(args, n)}
+    settings = Settings.load(args.config, **overrides)
+    if args.max_tokens <= 0:
+        raise ConfigError(f"invalid --max-tokens={args.max_tokens}: must be > 0")
+    if args.patch_size <= 0:
+        raise ConfigError(f"invalid --patch-size={args.patch_size}: must be > 0")
+    if args.retry_interval <= 0:
+        raise ConfigError(f"invalid --retry-interval={args.retry_interval}: must be > 0")
+    port = DEFAULT_HTTP_PORT[args.role] if args.port is None else args.port
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"invalid --port={port}: must be 0..65535")
+    addrs: list[str] = []
+    for item in args.encoder_addr:
+        addrs += [a.strip() for a in item.split(",") if a.strip()]
+    if args.role == "language":
+        if not addrs and settings.bootstrap_port:
+            addrs = [f"{settings.host}:{settings.bootstrap_port}"]
+        if not addrs:
+            raise ConfigError(
+                "the language role needs --encoder-addr HOST:PORT (or bootstrap_port in the "
+                "config, to reach an encode node on --host)"
+            )
+        from ..runtime.control import parse_address
+
+        for a in addrs:
+            try:
+                parse_address(a)
+            except Exception as exc:
+                raise ConfigError(f"invalid --encoder-addr: {exc}") from None
+        if len(set(addrs)) != len(addrs):
+            raise ConfigError(f"invalid --encoder-addr: duplicates in {addrs}")
+    elif addrs:
+        raise ConfigError("--encoder-addr is for the language role")
+    return ServeOptions(
+        role=args.role,
+        settings=settings,
+        http_host=args.http_host or settings.host,
+        port=port,
+        encoder=args.encoder,
+        encoder_addrs=tuple(addrs),
+        max_tokens=args.max_tokens,
+        patch_size=args.patch_size,
+        retry_interval=args.retry_interval,
+        access_log=args.access_log,
+    )

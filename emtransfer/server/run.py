@@ -1,0 +1,141 @@
+"""Run a role's app under uvicorn on a uvloop event loop, logs through structlog."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+import structlog
+
+from ..errors import ConfigError
+from .common import NodeService
+from .options import ServeOptions
+
+log = structlog.get_logger("emtransfer.server")
+
+
+class _ToStructlog(logging.Handler):
+    """Standard-library records (uvicorn's) as structlog events: one format for every line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger = structlog.get_logger(record.name)
+        name = record.levelname.lower()
+        method = getattr(logger, name if name in ("debug", "info", "warning", "error") else "error")
+        kw: dict[str, Any] = {"logger": record.name}
+        if record.exc_info:
+            kw["exc_info"] = record.exc_info
+        method(record.getMessage(), **kw)
+
+
+def route_stdlib_logging(level: str) -> None:
+    root = logging.getLogger()
+    root.handlers = [_ToStructlog()]
+    root.setLevel(logging.getLevelName(level.upper()))
+    quiet = logging.DEBUG if level.lower() == "debug" else logging.WARNING
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers, lg.propagate = [], True
+        lg.setLevel(quiet)  # uvicorn's start-up chatter only when debugging
+
+
+def build_service(options: ServeOptions) -> tuple[NodeService, Any]:
+    """The service and its FastAPI app for the role (call inside the event loop)."""
+    if options.role == "encode":
+        from .encode_app import EncodeService, create_encode_app
+
+        enc = EncodeService(options)
+        return enc, create_encode_app(enc)
+    from .language_app import LanguageService, create_language_app
+
+    lang = LanguageService(options)
+    return lang, create_language_app(lang)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _serve(options: ServeOptions, stop: list[int]) -> None:
+    import uvicorn
+
+    sock = _bind(options.http_host, options.port)
+    try:
+        service, app = build_service(options)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        try:
+            await service.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot start the {options.role} node: {exc}") from None
+        host, port = sock.getsockname()[:2]
+        extra = {"bootstrap": service.health().get("address")} if options.role == "encode" else {}
+        if options.role == "language":
+            extra = {"encoders": list(options.encoder_addrs)}
+        log.info(
+            "serving",
+            role=options.role,
+            url=f"http://{host}:{port}",
+            transport=service.node.transport.name,
+            **extra,
+        )
+        if stop:  # a signal arrived while starting
+            return
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+            server_header=False,
+        )
+        await uvicorn.Server(config).serve(sockets=[sock])
+    finally:
+        await service.close()
+        sock.close()
+
+
+def serve(options: ServeOptions, *, log_level: str = "info") -> int:
+    """Serve until SIGINT or SIGTERM; returns the exit status."""
+    root = logging.getLogger()
+    saved_logging = (root.handlers[:], root.level)
+    route_stdlib_logging(log_level)
+    stop: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:  # uvicorn takes over once it serves
+        stop.append(signum)
+
+    saved = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        factory = None
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(_serve(options, stop))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        root.handlers = saved_logging[0]
+        root.setLevel(saved_logging[1])
+    log.info("stopped", role=options.role)
+    return 0
