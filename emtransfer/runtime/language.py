@@ -288,11 +288,15 @@ class ReceiverSession(Session):
             del self.peer.sessions[self.rid]
 
     async def _crash_cleanup(self) -> None:
-        if self.current is not None:
+        for held in (self.current, self.quarantined):
+            if held is None:
+                continue
             # a write may still land here: keep it out of circulation until the peer is gone
-            self.node.allocator.quarantine(self.current)
-            self.quarantined, self.current = self.current, None
-            self._send(m.Abort(rid=self.rid, reason="receiver failed"))
+            if self.node.allocator.owns(held):
+                self.node.allocator.quarantine(held)
+            self._hold_until_teardown(held)
+        self.current = self.quarantined = None
+        self._send(m.Abort(rid=self.rid, reason="receiver failed"))
 
 
 def _chunk_event(msg: m.ChunkDone) -> ev.ChunkReceived:

@@ -12,8 +12,6 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from ..allocator import Allocation
 from ..errors import ProtocolError, TransferError
 from ..protocol import events as ev
@@ -215,7 +213,3 @@ class Session:
 
     async def _crash_cleanup(self) -> None:
         raise NotImplementedError
-
-
-def get_logger() -> Any:
-    return structlog.get_logger("emtransfer")
