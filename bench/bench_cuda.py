@@ -81,7 +81,9 @@ def encode_main(n: int, reps: int, transport: str, conn: Any) -> None:
     asyncio.run(main())
 
 
-async def language(n: int, reps: int, transport: str, address: str, conn: Any) -> dict[str, Any]:
+async def language(
+    n: int, reps: int, transport: str, address: str, conn: Any, resume: bool = False
+) -> dict[str, Any]:
     import emtransfer as et
 
     e2e, phase, ok = [], [], True
@@ -89,7 +91,7 @@ async def language(n: int, reps: int, transport: str, address: str, conn: Any) -
         peer = await lang.connect(address)
         for i in range(reps + 2):
             t = time.perf_counter()
-            got = await lang.receive(f"r{i}", peer, expected_tokens=n)
+            got = await lang.receive(f"r{i}", peer, expected_tokens=None if resume else n)
             sync()
             dt = time.perf_counter() - t
             first = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
@@ -98,7 +100,7 @@ async def language(n: int, reps: int, transport: str, address: str, conn: Any) -
                 phase.append(got.stats["last_chunk_at"] - first)
             if i < 3:
                 ok = ok and torch.equal(got.tensors["embeddings"], payload(n, i))
-    return {"e2e": e2e, "phase": phase, "verified": ok}
+    return {"e2e": e2e, "phase": phase, "verified": ok, "rounds": got.rounds}
 
 
 def main() -> int:
@@ -107,6 +109,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--transport", default="nixl")
     ap.add_argument("--json")
+    ap.add_argument(
+        "--resume", action="store_true", help="unknown length: resume from the default allocation"
+    )
     args = ap.parse_args()
     from emtransfer.logs import configure_logging
 
@@ -122,7 +127,7 @@ def main() -> int:
         p = ctx.Process(target=encode_main, args=(n, args.reps, args.transport, child))
         p.start()
         address = conn.recv()
-        res = asyncio.run(language(n, args.reps, args.transport, address, conn))
+        res = asyncio.run(language(n, args.reps, args.transport, address, conn, args.resume))
         p.join(60)
         row = {
             "MiB": mib,
@@ -131,6 +136,7 @@ def main() -> int:
             "phase_GBps": nbytes / statistics.median(res["phase"]) / 1e9,
             "e2e_p50_ms": statistics.median(res["e2e"]) * 1e3,
             "verified": res["verified"],
+            "rounds": res["rounds"],
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
