@@ -70,6 +70,9 @@ def d2d(nbytes: int, reps: int) -> float:
 
 def encode_main(n: int, reps: int, transport: str, conn: Any) -> None:
     import emtransfer as et
+    from emtransfer.logs import configure_logging
+
+    configure_logging("warning")  # a spawned process starts with structlog's defaults
 
     async def main() -> None:
         async with et.EncodeNode(settings(n, transport), control="tcp") as enc:
