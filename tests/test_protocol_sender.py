@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from protocol_samples import SAMPLE_EVENTS, all_event_types
 
 from emtransfer.errors import (
     AllocationTimeout,
@@ -856,33 +857,6 @@ def test_peer_lost_error_is_a_transfer_error_and_connection_error() -> None:
 
 
 # ------------------------------------------------------------------- invalid events
-
-
-def all_event_types() -> list[type[Event]]:
-    found = [
-        obj
-        for obj in vars(ev).values()
-        if isinstance(obj, type) and issubclass(obj, Event) and obj is not Event
-    ]
-    return sorted(found, key=lambda t: t.__name__)
-
-
-#: one instance of every event class in events.py
-SAMPLE_EVENTS: dict[type[Event], Event] = {
-    AbortAckReceived: AbortAckReceived(),
-    AbortReceived: AbortReceived("r"),
-    AllocGranted: AllocGranted((0,), 4),
-    ChunkReceived: ChunkReceived(0, 0, 4, 4, True),
-    DataReady: DataReady(4),
-    InitReceived: InitReceived((0,), 4),
-    LocalAbort: LocalAbort(),
-    PeerLost: PeerLost(),
-    ResumeReceived: ResumeReceived(1, (0,), 4, 12),
-    Start: Start(),
-    Timeout: Timeout(),
-    WriteDone: WriteDone(),
-    WriteFailed: WriteFailed("x"),
-}
 
 
 def test_sample_events_cover_every_event_class() -> None:
