@@ -215,7 +215,12 @@ class ReceiverSession(Session):
             self.copy_s += time.perf_counter() - t0
 
         if action.count * node.registry.token_nbytes >= OFFLOAD_BYTES:
-            self._copying = (cur, asyncio.get_running_loop().run_in_executor(node.executor, copy))
+            loop = asyncio.get_running_loop()
+
+            async def copy_soon() -> None:  # starts once this coroutine yields: after the Resume
+                await loop.run_in_executor(node.executor, copy)
+
+            self._copying = (cur, asyncio.ensure_future(copy_soon()))
         else:
             copy()
 
