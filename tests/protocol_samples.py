@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from enum import Enum
+from typing import Any
+
+import pytest
+
+from emtransfer.errors import ProtocolError
 from emtransfer.protocol import events as ev
 from emtransfer.protocol.events import (
     AbortAckReceived,
@@ -19,6 +26,7 @@ from emtransfer.protocol.events import (
     WriteDone,
     WriteFailed,
 )
+from emtransfer.protocol.machine import Machine
 
 
 def all_event_types() -> list[type[Event]]:
@@ -46,3 +54,26 @@ SAMPLE_EVENTS: dict[type[Event], Event] = {
     WriteDone: WriteDone(),
     WriteFailed: WriteFailed("x"),
 }
+
+
+def invalid_pairs(machine: type[Machine[Any]], states: Iterable[Enum]) -> list[tuple[Any, Any]]:
+    """Every (state, event type) the machine's table does not list."""
+    return [
+        (state, et)
+        for state in states
+        for et in all_event_types()
+        if (state, et) not in machine.TRANSITIONS
+    ]
+
+
+def assert_refused(m: Machine[Any], event_type: type[Event], role: str, rid: str) -> None:
+    """The event raises ProtocolError naming role, rid, state and event, and changes nothing."""
+    state, history, snapshot = m.state, list(m.history), dict(vars(m))
+    with pytest.raises(ProtocolError) as info:
+        m.handle(SAMPLE_EVENTS[event_type])
+    msg = str(info.value)
+    for part in (role, rid, state.name, event_type.__name__):
+        assert part in msg
+    assert m.state is state
+    assert m.history == history
+    assert vars(m) == snapshot

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from protocol_samples import SAMPLE_EVENTS, all_event_types
+from protocol_samples import SAMPLE_EVENTS, all_event_types, assert_refused, invalid_pairs
 
 from emtransfer.errors import (
     AllocationTimeout,
@@ -663,31 +663,14 @@ def test_state_paths_cover_every_state() -> None:
         assert build().state is state
 
 
-INVALID = [
-    (state, et)
-    for state in ReceiverState
-    for et in all_event_types()
-    if (state, et) not in ReceiverMachine.TRANSITIONS
-]
+INVALID = invalid_pairs(ReceiverMachine, ReceiverState)
 
 
 @pytest.mark.parametrize(
     ("state", "event_type"), INVALID, ids=[f"{s.name}-{e.__name__}" for s, e in INVALID]
 )
 def test_invalid_event_raises(state: ReceiverState, event_type: type[Event]) -> None:
-    m = STATE_PATHS[state]()
-    history = list(m.history)
-    snapshot = dict(vars(m))
-    with pytest.raises(ProtocolError) as info:
-        m.handle(SAMPLE_EVENTS[event_type])
-    msg = str(info.value)
-    assert "receiver" in msg
-    assert state.name in msg
-    assert event_type.__name__ in msg
-    assert RID in msg
-    assert m.state is state
-    assert m.history == history
-    assert vars(m) == snapshot
+    assert_refused(STATE_PATHS[state](), event_type, "receiver", RID)
 
 
 def test_sender_only_events_are_invalid_everywhere() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,11 +26,8 @@ from ..protocol import events as ev
 from ..protocol import messages as m
 from . import control
 from .channel import Channel, register_local, unregister_local
-from .node import OFFLOAD_BYTES, Node, Peer
+from .node import OFFLOAD_BYTES, Node, Peer, check_rid, data_tag
 from .session import Session, _Granted
-
-#: how long a failed write waits for the control connection to report the peer's death
-PEER_LOSS_GRACE_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -199,12 +195,8 @@ class SenderSession(Session):
             self.log.warning("write failed", error=repr(exc), round=action.round)
             # a dead peer usually breaks the data path a moment before its control connection
             # reports it: give that report a moment, so the caller learns the real cause
-            if self.peer is not None:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(PEER_LOSS_GRACE_S):
-                        await self.peer.gone.wait()
-                if not self.peer.alive:
-                    self.feed(ev.PeerLost("peer lost during the write"))
+            if self.peer is not None and await self.peer.lost_soon():
+                self.feed(ev.PeerLost("peer lost during the write"))
             self.feed(ev.WriteFailed(repr(exc)))
 
     def _prestage(self, start: int, total: int) -> None:
@@ -330,7 +322,7 @@ class EncodeNode(Node):
     ) -> SendStats:
         """Push ``tensors`` for ``rid`` to whichever receiver asks for it (its ``Init`` may come
         before or after this call) and return once the last round was written."""
-        _check_rid(rid)
+        check_rid(rid)
         num_tokens = self.registry.check_payload(tensors)
         if meta is not None:
             _check_meta(meta)
@@ -452,11 +444,6 @@ class EncodeNode(Node):
             del session.peer.sessions[session.rid]
 
 
-def data_tag(rid: str, session: str, round_: int) -> str:
-    """The data-plane tag of one round of one attempt."""
-    return f"{rid}/{session}/{round_}"
-
-
 def _check_meta(meta: object) -> None:
     """meta travels in ChunkDone: it must survive the wire schema (string keys, plain values)."""
     try:
@@ -474,8 +461,3 @@ def _check_meta(meta: object) -> None:
         raise PayloadError(
             f"meta must be a dict with string keys and plain values: {exc}"
         ) from None
-
-
-def _check_rid(rid: object) -> None:
-    if not isinstance(rid, str) or not 0 < len(rid) <= m.MAX_RID_LEN:
-        raise InvalidRequest(f"rid must be a non-empty string of at most {m.MAX_RID_LEN} chars")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -15,14 +14,13 @@ import torch
 
 from ..allocator import Allocation
 from ..buffers import payload_digest
-from ..errors import CapacityError, InvalidRequest, PeerLost, ProtocolError, TransferError
+from ..errors import InvalidRequest, PeerLost, ProtocolError, TransferError
 from ..protocol import ReceiverMachine, ReceiverState
 from ..protocol import events as ev
 from ..protocol import messages as m
 from . import control
 from .channel import LocalChannel, lookup_local
-from .encode import PEER_LOSS_GRACE_S, _check_rid, data_tag
-from .node import OFFLOAD_BYTES, Node, Peer
+from .node import OFFLOAD_BYTES, Node, Peer, check_rid, data_tag
 from .session import Session
 
 
@@ -94,10 +92,7 @@ class ReceiverSession(Session):
                 )
             return None
         except (TimeoutError, TransferError) as exc:
-            with contextlib.suppress(TimeoutError):  # a dead peer: let its loss be the cause
-                async with asyncio.timeout(PEER_LOSS_GRACE_S):
-                    await self.peer.gone.wait()
-            if not self.peer.alive:
+            if await self.peer.lost_soon():  # a dead peer: let its loss be the cause
                 return ev.PeerLost(f"peer lost while round {round_} was landing")
             self._error_override = TransferError(
                 f"rid={self.rid!r}: data of round {round_} did not land: {exc!r}"
@@ -355,7 +350,7 @@ class LanguageNode(Node):
         """Receive the payload of ``rid`` from ``peer`` (a :class:`Peer` or an address). Without
         ``expected_tokens`` the first allocation is ``default_blocks``; longer payloads resume
         into further allocations."""
-        _check_rid(rid)
+        check_rid(rid)
         _check_expected(expected_tokens)
         peer = await self._resolve(peer)
         self._check_new(rid, peer)
@@ -373,7 +368,7 @@ class LanguageNode(Node):
     ) -> Received:
         """Ask the encode node to compute ``job`` (its encoder decides what a job holds) and
         receive the result as :meth:`receive` does."""
-        _check_rid(rid)
+        check_rid(rid)
         _check_expected(expected_tokens)
         peer = await self._resolve(peer)
         self._check_new(rid, peer)
@@ -393,14 +388,8 @@ class LanguageNode(Node):
     ) -> AsyncIterator[Received]:
         """Receive into one allocation and lend it: ``tensors`` are views into the pool when the
         payload fits one allocation of consecutive blocks (else copies). Freed at exit."""
-        _check_rid(rid)
+        check_rid(rid)
         _check_expected(expected_tokens)
-        want = expected_tokens or self.settings.default_tokens
-        if self.allocator.blocks_for(want) > self.allocator.num_blocks:
-            raise CapacityError(
-                f"a lease of {want} tokens needs {self.allocator.blocks_for(want)} blocks; the "
-                f"pool has {self.allocator.num_blocks}"
-            )
         peer = await self._resolve(peer)
         self._check_new(rid, peer)
         async with peer.inflight:

@@ -4,6 +4,7 @@ the handshake, and an orderly shutdown that leaves no block behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -17,7 +18,7 @@ import structlog
 
 from ..allocator import Allocation, BlockAllocator
 from ..buffers import BufferRegistry
-from ..errors import ConfigError, PeerLost, ProtocolError, TransferError
+from ..errors import ConfigError, InvalidRequest, PeerLost, ProtocolError, TransferError
 from ..protocol import PROTOCOL_VERSION
 from ..protocol import events as ev
 from ..protocol import messages as m
@@ -29,6 +30,9 @@ from .session import Session
 
 #: payloads at least this large are copied on the executor, not on the event loop
 OFFLOAD_BYTES = 1 << 20
+#: how long a failed data-plane operation waits for the control connection to report the
+#: peer's death (a dead peer breaks the data path a moment before its control connection)
+PEER_LOSS_GRACE_S = 0.25
 _peer_serial = itertools.count(1)
 
 
@@ -54,6 +58,14 @@ class Peer:
     held: list[Allocation] = field(default_factory=list)
     #: set once the peer is lost
     gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def lost_soon(self) -> bool:
+        """After a data-plane failure: whether the peer turns out to be gone (so the caller
+        reports PeerLost, the real cause, rather than the transport's error)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(PEER_LOSS_GRACE_S):
+                await self.gone.wait()
+        return not self.alive
 
     def send(self, msg: m.Message) -> None:
         if not self.alive:
@@ -412,3 +424,13 @@ def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | 
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
         a, b = list(a), list(b)
     return None if a == b else (path or "fingerprint", a, b)
+
+
+def data_tag(rid: str, session: str, round_: int) -> str:
+    """The data-plane tag of one round of one attempt."""
+    return f"{rid}/{session}/{round_}"
+
+
+def check_rid(rid: object) -> None:
+    if not isinstance(rid, str) or not 0 < len(rid) <= m.MAX_RID_LEN:
+        raise InvalidRequest(f"rid must be a non-empty string of at most {m.MAX_RID_LEN} chars")
