@@ -148,6 +148,15 @@ class Settings(BaseSettings):
     resume_timeout: PosFloat = 30.0
     alloc_timeout: PosFloat = 30.0
     abort_ack_timeout: PosFloat = 5.0
+    """Seconds a receiver waits for the sender's AbortAck after giving up on a round before it
+    tears the connection down; the blocks stay quarantined until a proof or the grant's
+    expiry. Also bounds a sender waiting for its last write to end after an abort."""
+    write_timeout: PosFloat = 10.0
+    """The engine's bound on one posted data-plane write: it lands, fails or is cancelled within
+    this many seconds. A receiver's quarantine lasts at most chunk_timeout plus this."""
+    max_tokens: PosInt = 262_144
+    """The largest payload (tokens) this node sends or accepts; a larger total_tokens or
+    expected_tokens is refused before any block is allocated."""
     heartbeat_interval: PosFloat = 1.0
     heartbeat_timeout: PosFloat = 5.0
     """Seconds without a heartbeat before the peer is lost; must be > heartbeat_interval."""

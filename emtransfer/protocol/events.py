@@ -35,6 +35,8 @@ class InitReceived(Event):
     blocks: tuple[int, ...]
     capacity_tokens: int
     expected_tokens: int | None = None
+    #: the grant's write deadline on the sender's clock (no write is posted after it)
+    deadline: float = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,7 @@ class ResumeReceived(Event):
     blocks: tuple[int, ...]
     capacity_tokens: int
     received_tokens: int
+    deadline: float = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +110,24 @@ class Timeout(Event):
 
 @dataclass(frozen=True, slots=True)
 class PeerLost(Event):
-    """The peer is gone and the transport confirmed no write from it can still land."""
+    """The peer is gone. ``inbound_stopped``: the transport proved (``remove_peer``) that no
+    write from it can still land in our pool."""
 
     reason: str = "peer lost"
+    inbound_stopped: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Fenced(Event):
+    """Receiver: the transport's ``discard`` of the abandoned round returned: nothing of it
+    can land any more."""
+
+
+@dataclass(frozen=True, slots=True)
+class FenceFailed(Event):
+    """Receiver: the transport could not fence the abandoned round."""
+
+    reason: str = ""
 
 
 # -------------------------------------------------------------------------------- actions
@@ -137,11 +155,19 @@ class Write(Action):
     src_start: int
     dst_start: int
     count: int
+    #: the receiver's grant for ``round`` expires then (sender's clock): never post after it
+    deadline: float = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
 class FreeStaging(Action):
     """Sender: free the staging allocation of the write that just ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class FreeStagingAfterWrite(Action):
+    """Sender: a write did not end in time; free its staging allocation whenever it ends (the
+    engine may still read from it until then)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,12 +221,26 @@ class Free(Action):
 
 @dataclass(frozen=True, slots=True)
 class Quarantine(Action):
-    """Receiver: a write may still land in the current allocation; keep it out of circulation."""
+    """Receiver: a write may still land in the current allocation; keep it out of circulation
+    until a proof (AbortAck, fence, teardown) or the grant's expiry releases it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fence(Action):
+    """Receiver: ask the transport to fence the current round's tag; feed ``Fenced`` or
+    ``FenceFailed``."""
 
 
 @dataclass(frozen=True, slots=True)
 class ReleaseQuarantine(Action):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class TearDownPeer(Action):
+    """Receiver: the sender did not confirm an abort in time; drop its connection."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)

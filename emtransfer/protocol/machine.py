@@ -17,6 +17,10 @@ from ..errors import ProtocolError
 from .events import Action, Event
 
 S = TypeVar("S", bound=Enum)
+#: a TIMEOUTS entry that names no setting: the deadline is the current grant's, which only the
+#: runtime knows (receiver: the grant's expiry plus the engine's post bound; sender: the
+#: grant's write deadline plus that bound)
+GRANT_EXPIRY = "grant_expiry"
 Handler = Callable[[Any, Any], tuple[Any, list[Action]]]
 
 
@@ -26,7 +30,8 @@ class Machine(Generic[S]):
     ROLE: ClassVar[str]
     #: (state, event type) -> (handler, allowed new states)
     TRANSITIONS: ClassVar[dict[tuple[Any, type[Event]], tuple[Handler, frozenset[Any]]]]
-    #: state -> name of the Settings timeout that bounds it (absent: no deadline)
+    #: state -> name of the Settings timeout that bounds it, or GRANT_EXPIRY; every state but
+    #: NEW and the terminal ones has one
     TIMEOUTS: ClassVar[dict[Any, str]]
     TERMINAL: ClassVar[frozenset[Any]]
 

@@ -13,7 +13,7 @@ import msgspec
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_RID_LEN = 256
 MAX_BLOCKS = 1 << 16
 
@@ -22,6 +22,13 @@ NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 Pos = Annotated[int, msgspec.Meta(gt=0)]
 Blocks = Annotated[list[NonNeg], msgspec.Meta(min_length=1, max_length=MAX_BLOCKS)]
 Reason = Annotated[str, msgspec.Meta(max_length=4096)]
+SessionTag = Annotated[str, msgspec.Meta(max_length=64)]
+#: a moment on the sender's monotonic clock, in microseconds. The sender stamps its Heartbeat,
+#: HelloAck and ChunkDone; a receiver echoes the latest stamp it has seen in each grant, so the
+#: sender can start the grant's lifetime at a moment that surely came before the grant
+Stamp = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+#: the lifetime of a grant, in milliseconds from its stamp
+TtlMs = Annotated[int, msgspec.Meta(ge=0, le=86_400_000)]
 
 
 class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
@@ -45,6 +52,7 @@ class Hello(Message, tag="hello", frozen=True):
     transport_meta: bytes = b""
     nonce: bytes = b""
     auth: bytes = b""
+    stamp: Stamp = 0
 
 
 class HelloAck(Message, tag="hello_ack", frozen=True):
@@ -56,10 +64,12 @@ class HelloAck(Message, tag="hello_ack", frozen=True):
     transport: str
     transport_meta: bytes = b""
     auth: bytes = b""
+    stamp: Stamp = 0
 
 
 class Init(Message, tag="init", frozen=True):
-    """Language -> encode: the receiver's first allocation for ``rid``."""
+    """Language -> encode: the receiver's first allocation for ``rid``: a grant that lives
+    ``ttl_ms`` from the sender's ``stamp`` (no write may be posted after that)."""
 
     rid: Rid
     blocks: Blocks
@@ -67,7 +77,9 @@ class Init(Message, tag="init", frozen=True):
     expected_tokens: Pos | None = None
     #: the receiver's name for this attempt: data-plane tags carry it, so bytes of an
     #: abandoned attempt can never be taken for those of a new request reusing the rid
-    session: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    session: SessionTag = ""
+    stamp: Stamp = 0
+    ttl_ms: TtlMs = 0
 
 
 class ChunkDone(Message, tag="chunk", frozen=True):
@@ -81,38 +93,48 @@ class ChunkDone(Message, tag="chunk", frozen=True):
     is_last: bool
     meta: dict[str, Any] | None = None
     digest: str | None = None
+    stamp: Stamp = 0
 
 
 class Resume(Message, tag="resume", frozen=True):
-    """Language -> encode: the receiver's next allocation (round >= 1)."""
+    """Language -> encode: the receiver's next allocation (round >= 1), a grant like Init's."""
 
     rid: Rid
     round: Pos
     blocks: Blocks
     capacity_tokens: Pos
     received_tokens: Pos
+    stamp: Stamp = 0
+    ttl_ms: TtlMs = 0
 
 
 class Abort(Message, tag="abort", frozen=True):
+    """Either way. From the sender it also says that no write of ``session`` is in flight."""
+
     rid: Rid
     reason: Reason = ""
+    session: SessionTag = ""
 
 
 class AbortAck(Message, tag="abort_ack", frozen=True):
-    """Confirms that no write for ``rid`` is in flight any more."""
+    """Confirms that no write for ``rid`` (attempt ``session``) is in flight any more."""
 
     rid: Rid
+    session: SessionTag = ""
 
 
 class Heartbeat(Message, tag="heartbeat", frozen=True):
     seq: NonNeg = 0
+    stamp: Stamp = 0
 
 
 class Encode(Message, tag="encode", frozen=True):
-    """Language asks its encoder to compute the embedding for ``rid``."""
+    """Language asks its encoder to compute the embedding for ``rid``; the result belongs to
+    the sending peer's attempt ``session`` (its Init carries the same tag)."""
 
     rid: Rid
     job: dict[str, Any]
+    session: SessionTag = ""
 
 
 class Error(Message, tag="error", frozen=True):

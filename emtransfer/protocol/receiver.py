@@ -7,20 +7,35 @@ allocation *before* asking for the next one (no hold-and-wait across rounds), th
 
     NEW --Start--> ALLOCATING --AllocGranted--> WAIT_CHUNK --ChunkReceived--> ALLOCATING | DONE
 
-When it gives up while a write may still land in its allocation (a timeout or a local abort
-in ``WAIT_CHUNK``, or a chunk that breaks the rules) the allocation is quarantined until the
-sender's ``AbortAck`` or the peer's teardown says nothing can land any more.
+Every allocation it grants carries a write deadline (the sender never posts after it). When it
+gives up while a write may still land (a timeout, an abort, a chunk that breaks the rules, a
+lost peer whose writes the transport cannot stop) the allocation is quarantined, and released
+only on proof, as the transport's :class:`~emtransfer.guarantees.Guarantees` allow:
+
+    WAIT_CHUNK --give up--> QUARANTINED --Fenced | AbortAck | PeerLost(stopped)--> FAILED
+    QUARANTINED --Timeout (abort_ack_timeout): TearDownPeer--> EXPIRING
+    EXPIRING --Fenced | AbortAck | PeerLost(stopped) | Timeout (grant expiry)--> FAILED
+
+Quarantine always ends: EXPIRING's deadline is the grant's expiry plus the engine's bound on a
+posted write.
 """
 
 from __future__ import annotations
 
 from enum import Enum, auto
 
-from ..errors import AllocationTimeout, ProtocolError, TransferAborted, TransferTimeout
+from ..errors import (
+    AllocationTimeout,
+    ProtocolError,
+    TransferAborted,
+    TransferError,
+    TransferTimeout,
+)
 from ..errors import PeerLost as PeerLostError
+from ..guarantees import Guarantees
 from . import events as ev
 from .events import Action
-from .machine import Machine
+from .machine import GRANT_EXPIRY, Machine
 
 
 class ReceiverState(Enum):
@@ -28,6 +43,7 @@ class ReceiverState(Enum):
     ALLOCATING = auto()
     WAIT_CHUNK = auto()
     QUARANTINED = auto()
+    EXPIRING = auto()
     DONE = auto()
     FAILED = auto()
 
@@ -39,10 +55,20 @@ Result = tuple[ReceiverState, list[Action]]
 class ReceiverMachine(Machine[ReceiverState]):
     ROLE = "receiver"
 
-    def __init__(self, rid: str, *, block_size: int, default_tokens: int) -> None:
+    def __init__(
+        self,
+        rid: str,
+        *,
+        block_size: int,
+        default_tokens: int,
+        guarantees: Guarantees,
+        max_tokens: int | None = None,
+    ) -> None:
         super().__init__(rid, R.NEW)
         self.block_size = block_size
         self.default_tokens = default_tokens
+        self.g = guarantees
+        self.max_tokens = max_tokens
         self.round = -1  # round of the current (or requested) allocation
         self.received = 0
         self.total: int | None = None
@@ -80,6 +106,8 @@ class ReceiverMachine(Machine[ReceiverState]):
             return f"ChunkDone starts at token {e.start}, {self.received} were received"
         if e.count > self.capacity:
             return f"ChunkDone count {e.count} exceeds the allocation's {self.capacity} tokens"
+        if self.max_tokens is not None and e.total_tokens > self.max_tokens:
+            return f"total_tokens {e.total_tokens} exceeds max_tokens={self.max_tokens}"
         if self.total is not None and e.total_tokens != self.total:
             return f"total_tokens changed from {self.total} to {e.total_tokens}"
         if e.start + e.count > e.total_tokens:
@@ -90,15 +118,20 @@ class ReceiverMachine(Machine[ReceiverState]):
             return f"ChunkDone count {e.count} leaves the allocation part-filled mid-transfer"
         return None
 
+    def _abandon(self, error: TransferError, *, tell: bool) -> Result:
+        """Give up while a write may still land in the current allocation: quarantine it, fence
+        it where the engine can, tell the sender unless it told us."""
+        acts: list[Action] = [ev.Quarantine()]
+        if self.g.fences_tag:
+            acts.append(ev.Fence())
+        if tell:
+            acts.append(ev.SendAbort(str(error)))
+        return R.QUARANTINED, [*acts, ev.Fail(error)]
+
     def _chunk(self, e: ev.ChunkReceived) -> Result:
         why = self.chunk_error(e)
         if why:
-            err = ProtocolError(f"rid={self.rid!r}: {why}")
-            return R.QUARANTINED, [
-                ev.Quarantine(),
-                ev.SendAbort(f"protocol error: {why}"),
-                ev.Fail(err),
-            ]
+            return self._abandon(ProtocolError(f"rid={self.rid!r}: {why}"), tell=True)
         self.total = e.total_tokens
         self.received += e.count
         if e.is_last and self.round == 0 and self.whole:
@@ -123,21 +156,32 @@ class ReceiverMachine(Machine[ReceiverState]):
 
     def _chunk_timeout(self, e: ev.Timeout) -> Result:
         err = TransferTimeout(f"rid={self.rid!r}: no ChunkDone for round {self.round} in time")
-        return R.QUARANTINED, [ev.Quarantine(), ev.SendAbort("receiver timeout"), ev.Fail(err)]
+        return self._abandon(err, tell=True)
 
     def _chunk_local_abort(self, e: ev.LocalAbort) -> Result:
-        err = TransferAborted(f"rid={self.rid!r}: {e.reason}")
-        return R.QUARANTINED, [ev.Quarantine(), ev.SendAbort(e.reason), ev.Fail(err)]
+        return self._abandon(TransferAborted(f"rid={self.rid!r}: {e.reason}"), tell=True)
+
+    def _aborted_allocating(self, e: ev.AbortReceived) -> Result:
+        err = TransferAborted(f"rid={self.rid!r}: aborted by sender: {e.reason}")
+        return R.FAILED, [ev.Fail(err)]
 
     def _aborted(self, e: ev.AbortReceived) -> Result:
-        # the sender aborts only with no write in flight: the blocks are safe to reuse
+        # the sender aborts only once no write of its own is in flight; whether that proves
+        # nothing more lands depends on the engine
         err = TransferAborted(f"rid={self.rid!r}: aborted by sender: {e.reason}")
-        free: list[Action] = [ev.Free()] if self.state is R.WAIT_CHUNK else []
-        return R.FAILED, [*free, ev.Fail(err)]
+        if self.g.remote_completion:
+            return R.FAILED, [ev.Free(), ev.Fail(err)]
+        return self._abandon(err, tell=False)
+
+    def _lost_allocating(self, e: ev.PeerLost) -> Result:
+        return R.FAILED, [ev.Fail(PeerLostError(f"rid={self.rid!r}: {e.reason}"))]
 
     def _lost(self, e: ev.PeerLost) -> Result:
-        free: list[Action] = [ev.Free()] if self.state is R.WAIT_CHUNK else []
-        return R.FAILED, [*free, ev.Fail(PeerLostError(f"rid={self.rid!r}: {e.reason}"))]
+        err = PeerLostError(f"rid={self.rid!r}: {e.reason}")
+        if e.inbound_stopped:
+            return R.FAILED, [ev.Free(), ev.Fail(err)]
+        # no ack can come any more: only the grant's expiry ends the quarantine
+        return R.EXPIRING, [ev.Quarantine(), ev.Fail(err)]
 
     def _new_abort(self, e: ev.LocalAbort) -> Result:
         return R.FAILED, [ev.Fail(TransferAborted(f"rid={self.rid!r}: {e.reason}"))]
@@ -145,35 +189,62 @@ class ReceiverMachine(Machine[ReceiverState]):
     def _released(self, e: ev.Event) -> Result:
         return R.FAILED, [ev.ReleaseQuarantine()]
 
+    def _proof_by_ack(self, e: ev.Event) -> Result:
+        if self.g.remote_completion:
+            return R.FAILED, [ev.ReleaseQuarantine()]
+        return self.state, []  # the engine may still deliver: wait for the fence or the expiry
+
+    def _lost_quarantined(self, e: ev.PeerLost) -> Result:
+        if e.inbound_stopped:
+            return R.FAILED, [ev.ReleaseQuarantine()]
+        return R.EXPIRING, []
+
+    def _no_ack(self, e: ev.Timeout) -> Result:
+        reason = "no AbortAck within abort_ack_timeout"
+        return R.EXPIRING, [ev.TearDownPeer(f"rid={self.rid!r}: {reason}")]
+
     def _ignore(self, e: ev.Event) -> Result:
         return self.state, []
 
-    TIMEOUTS = {R.ALLOCATING: "alloc_timeout", R.WAIT_CHUNK: "chunk_timeout"}
+    #: EXPIRING ends at the grant's expiry, which the runtime knows (it sent the grant)
+    TIMEOUTS = {
+        R.ALLOCATING: "alloc_timeout",
+        R.WAIT_CHUNK: "chunk_timeout",
+        R.QUARANTINED: "abort_ack_timeout",
+        R.EXPIRING: GRANT_EXPIRY,
+    }
     TERMINAL = frozenset({R.DONE, R.FAILED})
 
 
 _F = frozenset
 _M = ReceiverMachine
+_LINGER = (R.QUARANTINED, R.EXPIRING)
 ReceiverMachine.TRANSITIONS = {
     (R.NEW, ev.Start): (_M._start, _F({R.ALLOCATING})),
     (R.NEW, ev.LocalAbort): (_M._new_abort, _F({R.FAILED})),
     (R.ALLOCATING, ev.AllocGranted): (_M._granted, _F({R.WAIT_CHUNK})),
     (R.ALLOCATING, ev.Timeout): (_M._alloc_timeout, _F({R.FAILED})),
     (R.ALLOCATING, ev.LocalAbort): (_M._alloc_local_abort, _F({R.FAILED})),
-    (R.ALLOCATING, ev.AbortReceived): (_M._aborted, _F({R.FAILED})),
-    (R.ALLOCATING, ev.PeerLost): (_M._lost, _F({R.FAILED})),
+    (R.ALLOCATING, ev.AbortReceived): (_M._aborted_allocating, _F({R.FAILED})),
+    (R.ALLOCATING, ev.PeerLost): (_M._lost_allocating, _F({R.FAILED})),
     (R.WAIT_CHUNK, ev.ChunkReceived): (_M._chunk, _F({R.ALLOCATING, R.DONE, R.QUARANTINED})),
     (R.WAIT_CHUNK, ev.Timeout): (_M._chunk_timeout, _F({R.QUARANTINED})),
     (R.WAIT_CHUNK, ev.LocalAbort): (_M._chunk_local_abort, _F({R.QUARANTINED})),
-    (R.WAIT_CHUNK, ev.AbortReceived): (_M._aborted, _F({R.FAILED})),
-    (R.WAIT_CHUNK, ev.PeerLost): (_M._lost, _F({R.FAILED})),
-    (R.QUARANTINED, ev.AbortAckReceived): (_M._released, _F({R.FAILED})),
-    (R.QUARANTINED, ev.PeerLost): (_M._released, _F({R.FAILED})),
-    # a late chunk or abort while we wait for the ack changes nothing
-    (R.QUARANTINED, ev.ChunkReceived): (_M._ignore, _F({R.QUARANTINED})),
-    (R.QUARANTINED, ev.AbortReceived): (_M._released, _F({R.FAILED})),
-    (R.QUARANTINED, ev.LocalAbort): (_M._ignore, _F({R.QUARANTINED})),
-    (R.QUARANTINED, ev.Timeout): (_M._ignore, _F({R.QUARANTINED})),
+    (R.WAIT_CHUNK, ev.AbortReceived): (_M._aborted, _F({R.FAILED, R.QUARANTINED})),
+    (R.WAIT_CHUNK, ev.PeerLost): (_M._lost, _F({R.FAILED, R.EXPIRING})),
+    # proofs that end a quarantine, in either lingering state
+    **{(st, ev.Fenced): (_M._released, _F({R.FAILED})) for st in _LINGER},
+    **{(st, ev.FenceFailed): (_M._ignore, _F({st})) for st in _LINGER},
+    **{(st, ev.AbortAckReceived): (_M._proof_by_ack, _F({st, R.FAILED})) for st in _LINGER},
+    # the sender's Abort comes only once its write ended: as good as an AbortAck
+    **{(st, ev.AbortReceived): (_M._proof_by_ack, _F({st, R.FAILED})) for st in _LINGER},
+    (R.QUARANTINED, ev.PeerLost): (_M._lost_quarantined, _F({R.FAILED, R.EXPIRING})),
+    (R.EXPIRING, ev.PeerLost): (_M._lost_quarantined, _F({R.FAILED, R.EXPIRING})),
+    (R.QUARANTINED, ev.Timeout): (_M._no_ack, _F({R.EXPIRING})),
+    (R.EXPIRING, ev.Timeout): (_M._released, _F({R.FAILED})),
+    # a late chunk or a second abort while we wait changes nothing
+    **{(st, ev.ChunkReceived): (_M._ignore, _F({st})) for st in _LINGER},
+    **{(st, ev.LocalAbort): (_M._ignore, _F({st})) for st in _LINGER},
     (R.DONE, ev.AbortReceived): (_M._ignore, _F({R.DONE})),
     (R.DONE, ev.LocalAbort): (_M._ignore, _F({R.DONE})),
     (R.DONE, ev.PeerLost): (_M._ignore, _F({R.DONE})),
@@ -184,4 +255,6 @@ ReceiverMachine.TRANSITIONS = {
     (R.FAILED, ev.PeerLost): (_M._ignore, _F({R.FAILED})),
     (R.FAILED, ev.Timeout): (_M._ignore, _F({R.FAILED})),
     (R.FAILED, ev.ChunkReceived): (_M._ignore, _F({R.FAILED})),
+    (R.FAILED, ev.Fenced): (_M._ignore, _F({R.FAILED})),
+    (R.FAILED, ev.FenceFailed): (_M._ignore, _F({R.FAILED})),
 }

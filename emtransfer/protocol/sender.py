@@ -12,7 +12,14 @@ flight). A write in flight is never abandoned: aborts, peer loss and cancellatio
     STAGING --AllocGranted--> WRITING --WriteDone--> STAGING (more of this round)
                                                  \\-> WAIT_RESUME --ResumeReceived--> STAGING
                                                  \\-> DONE (last round)
-    WRITING --AbortReceived|LocalAbort|PeerLost--> DRAINING --WriteDone|WriteFailed--> FAILED
+    WRITING --AbortReceived|LocalAbort|PeerLost|Timeout--> DRAINING --WriteDone|WriteFailed--> FAILED
+    DRAINING --Timeout--> FAILED (staging freed whenever the engine lets go of the write)
+
+Each allocation the receiver grants carries a write deadline (``deadline`` of the Init and
+Resume events, on this node's clock); every ``Write`` carries it, and the runtime never posts
+a write after it. WRITING is bounded by ``write_timeout``, DRAINING by ``abort_ack_timeout``.
+An ``Abort`` or ``AbortAck`` is sent only once no write is in flight: the receiver takes it
+as proof.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class SenderMachine(Machine[SenderState]):
         self.round = -1
         self.sent = 0  # tokens in completed rounds
         self.dest_blocks: tuple[int, ...] = ()
+        self.deadline = float("inf")  # the current grant's write deadline
         self.round_count = 0  # tokens this round writes
         self.round_written = 0  # of those, written so far
         self.pending = 0  # tokens of the write in flight
@@ -84,10 +92,11 @@ class SenderMachine(Machine[SenderState]):
         err = ProtocolError(f"rid={self.rid!r}: {why}")
         return S.FAILED, [ev.SendAbort(f"protocol error: {why}"), ev.Fail(err)]
 
-    def _begin_round(self, blocks: tuple[int, ...], capacity: int) -> Result:
+    def _begin_round(self, blocks: tuple[int, ...], capacity: int, deadline: float) -> Result:
         assert self.total is not None
         self.round += 1
         self.dest_blocks = blocks
+        self.deadline = deadline
         self.round_count = min(self.total - self.sent, capacity)
         self.round_written = 0
         return S.STAGING, [ev.Alloc(self.round_count, min_tokens=1)]
@@ -107,19 +116,20 @@ class SenderMachine(Machine[SenderState]):
     def _data_after_init(self, e: ev.DataReady) -> Result:
         self.total, self.meta, self.digest = e.total_tokens, e.meta, e.digest
         assert self._init is not None
-        return self._begin_round(self._init.blocks, self._init.capacity_tokens)
+        i = self._init
+        return self._begin_round(i.blocks, i.capacity_tokens, i.deadline)
 
     def _init_after_data(self, e: ev.InitReceived) -> Result:
         why = self._check_allocation(e.blocks, e.capacity_tokens)
         if why:
             return self._peer_error(f"Init: {why}")
-        return self._begin_round(e.blocks, e.capacity_tokens)
+        return self._begin_round(e.blocks, e.capacity_tokens, e.deadline)
 
     def _granted(self, e: ev.AllocGranted) -> Result:
         n = min(e.capacity_tokens, self.round_count - self.round_written)
         self.pending = n
         start = self.sent + self.round_written
-        return S.WRITING, [ev.Write(self.round, start, self.round_written, n)]
+        return S.WRITING, [ev.Write(self.round, start, self.round_written, n, self.deadline)]
 
     def _written(self, e: ev.WriteDone) -> Result:
         assert self.total is not None
@@ -151,7 +161,7 @@ class SenderMachine(Machine[SenderState]):
         why = self._check_allocation(e.blocks, e.capacity_tokens)
         if why:
             return self._peer_error(f"Resume: {why}")
-        return self._begin_round(e.blocks, e.capacity_tokens)
+        return self._begin_round(e.blocks, e.capacity_tokens, e.deadline)
 
     def _timeout(self, e: ev.Timeout) -> Result:
         kind = AllocationTimeout if self.state is S.STAGING else TransferTimeout
@@ -188,6 +198,19 @@ class SenderMachine(Machine[SenderState]):
         self._drain_error = PeerLostError(f"rid={self.rid!r}: {e.reason}")
         return S.DRAINING, []
 
+    def _drain_on_timeout(self, e: ev.Timeout) -> Result:
+        self._drain_reply = ev.SendAbort("sender write timed out")
+        self._drain_error = TransferTimeout(
+            f"rid={self.rid!r}: write of round {self.round} did not end within write_timeout"
+        )
+        return S.DRAINING, []
+
+    def _drain_timeout(self, e: ev.Timeout) -> Result:
+        # the write still runs: its staging blocks go back when it ends, and no Abort or
+        # AbortAck is sent, since we cannot prove that nothing more lands
+        assert self._drain_error is not None
+        return S.FAILED, [ev.FreeStagingAfterWrite(), ev.Fail(self._drain_error)]
+
     def _drained(self, e: ev.Event) -> Result:
         assert self._drain_error is not None
         reply = [self._drain_reply] if self._drain_reply is not None else []
@@ -219,6 +242,8 @@ class SenderMachine(Machine[SenderState]):
         S.WAIT_DATA: "data_timeout",
         S.STAGING: "alloc_timeout",
         S.WAIT_RESUME: "resume_timeout",
+        S.WRITING: "write_timeout",
+        S.DRAINING: "abort_ack_timeout",
     }
     TERMINAL = frozenset({S.DONE, S.FAILED})
 
@@ -248,6 +273,8 @@ SenderMachine.TRANSITIONS = {
     (S.DRAINING, ev.AbortReceived): (_M._drain_more, _F({S.DRAINING})),
     (S.DRAINING, ev.LocalAbort): (_M._drain_more, _F({S.DRAINING})),
     (S.DRAINING, ev.PeerLost): (_M._drain_more, _F({S.DRAINING})),
+    (S.WRITING, ev.Timeout): (_M._drain_on_timeout, _F({S.DRAINING})),
+    (S.DRAINING, ev.Timeout): (_M._drain_timeout, _F({S.FAILED})),
     (S.DONE, ev.AbortReceived): (_M._ack_late, _F({S.DONE})),
     (S.DONE, ev.LocalAbort): (_M._ignore, _F({S.DONE})),
     (S.DONE, ev.PeerLost): (_M._ignore, _F({S.DONE})),
@@ -257,6 +284,9 @@ SenderMachine.TRANSITIONS = {
     (S.FAILED, ev.ResumeReceived): (_M._ignore, _F({S.FAILED})),
     (S.FAILED, ev.PeerLost): (_M._ignore, _F({S.FAILED})),
     (S.FAILED, ev.Timeout): (_M._ignore, _F({S.FAILED})),
+    # a write that outlived DRAINING's deadline ends after the request did
+    (S.FAILED, ev.WriteDone): (_M._ignore, _F({S.FAILED})),
+    (S.FAILED, ev.WriteFailed): (_M._ignore, _F({S.FAILED})),
     **{(st, ev.Timeout): (_M._timeout, _F({S.FAILED})) for st in _WAITING if st is not S.NEW},
     **{(st, ev.AbortReceived): (_M._aborted, _F({S.FAILED})) for st in _WAITING},
     **{(st, ev.LocalAbort): (_M._local_abort, _F({S.FAILED})) for st in _WAITING},

@@ -8,15 +8,10 @@ Cross-process channels implement the same interface over a socket.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
 
 from ..errors import PeerLost
 from ..protocol import messages as m
-
-if TYPE_CHECKING:
-    from .encode import EncodeNode
 
 _EOF = object()
 
@@ -87,25 +82,3 @@ class LocalChannel(Channel):
     @property
     def closed(self) -> bool:
         return self._closed
-
-
-# -- in-process addresses ------------------------------------------------------------------
-_local_ids = itertools.count(1)
-_local_nodes: dict[str, EncodeNode] = {}
-
-
-def register_local(node: EncodeNode) -> str:
-    address = f"local://encode-{next(_local_ids)}"
-    _local_nodes[address] = node
-    return address
-
-
-def unregister_local(address: str) -> None:
-    _local_nodes.pop(address, None)
-
-
-def lookup_local(address: str) -> EncodeNode:
-    node = _local_nodes.get(address)
-    if node is None:
-        raise PeerLost(f"no encode node at {address} in this process")
-    return node

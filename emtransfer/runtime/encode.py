@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,9 +26,42 @@ from ..protocol import SenderMachine, SenderState
 from ..protocol import events as ev
 from ..protocol import messages as m
 from . import control
-from .channel import Channel, register_local, unregister_local
-from .node import OFFLOAD_BYTES, Node, Peer, check_rid, data_tag
+from .channel import Channel
+from .directory import register_local, unregister_local
+from .node import OFFLOAD_BYTES, Node, Peer, check_rid, data_tag, now_stamp
 from .session import Session, _Granted
+
+#: who may claim a payload: one connection, the node id a peer presents, or any peer
+Owner = Peer | str | None
+
+
+def _owns(owner: Owner, peer: Peer) -> bool:
+    if owner is None:
+        return True
+    if isinstance(owner, Peer):
+        return owner is peer
+    return owner == peer.node_id
+
+
+def _overlap(a: Owner, b: Owner) -> bool:
+    """Whether one peer could claim both ``a``'s and ``b``'s payloads."""
+    if a is None or b is None:
+        return True
+    if isinstance(a, Peer) and isinstance(b, Peer):
+        return a is b
+    if isinstance(a, str) and isinstance(b, str):
+        return a == b
+    peer, name = (a, b) if isinstance(a, Peer) else (b, a)
+    return isinstance(peer, Peer) and peer.node_id == name
+
+
+def grant_deadline(stamp: int, ttl_ms: int) -> float:
+    """The local ``time.monotonic()`` after which no write may be posted for a grant: its
+    lifetime counts from ``stamp``, our own clock as the receiver last saw it (a moment that
+    surely came before the grant was made)."""
+    if stamp > now_stamp():
+        raise ProtocolError(f"grant stamped {stamp}, in this node's future")
+    return stamp / 1e6 + ttl_ms / 1e3
 
 
 @dataclass(frozen=True)
@@ -67,9 +101,12 @@ class SenderSession(Session):
     ALLOC_STATES = frozenset({SenderState.STAGING})
     machine: SenderMachine
 
-    def __init__(self, node: EncodeNode, rid: str) -> None:
+    def __init__(self, node: EncodeNode, rid: str, owner: Owner = None, job_tag: str = "") -> None:
         machine = SenderMachine(rid, block_size=node.settings.block_size, remote_num_blocks=0)
         super().__init__(node, machine, None)
+        self.owner = owner
+        #: an Encode job's session: only an Init of that attempt (its tag) may bind to it
+        self.job_tag = job_tag
         self.payload: Mapping[str, torch.Tensor] | None = None
         self.staging: Allocation | None = None
         self.writes = 0
@@ -81,10 +118,20 @@ class SenderSession(Session):
         self._staged: _Prestaged | None = None  # handed to the machine as its staging grant
         self.first_write_at = 0.0
 
-    def bind(self, peer: Peer) -> None:
+    def bind(self, peer: Peer, session_tag: str) -> None:
         self.peer = peer
+        self.session_tag = session_tag
         self.machine.remote_num_blocks = peer.num_blocks
         peer.sessions[self.rid] = self
+
+    @property
+    def waits_for_data(self) -> bool:
+        """An Init-first session that a ``send()`` may still fill."""
+        return (
+            not self.job_tag
+            and self.payload is None
+            and self.machine.state in (SenderState.NEW, SenderState.WAIT_DATA)
+        )
 
     def _granted(self, allocation: Allocation) -> ev.Event:
         self.staging = allocation
@@ -103,7 +150,13 @@ class SenderSession(Session):
             case ev.Alloc() if self._prestaged is not None:
                 self.node.allocator.reclaimers.discard(self._cleanup)
                 pre, self._prestaged = self._prestaged, None
-                await pre.copy  # usually long done: it ran while we waited for the Resume
+                try:
+                    await pre.copy  # usually long done: it ran while we waited for the Resume
+                except Exception as exc:  # the copy failed: its blocks go back, stage anew
+                    self.node.allocator.free(pre.allocation)
+                    self.log.warning("pre-staging failed", error=repr(exc))
+                    self._start_alloc(action)
+                    return
                 self._staged, self._alloc_token = pre, object()
                 self.feed(_Granted(self._alloc_token, pre.allocation))  # stale ones are freed
             case ev.Alloc():
@@ -114,6 +167,15 @@ class SenderSession(Session):
                 if self.staging is not None:
                     self.node.allocator.free(self.staging)
                     self.staging = None
+            case ev.FreeStagingAfterWrite():
+                staging, self.staging = self.staging, None
+                task = self._write_task
+                if staging is not None:
+                    alloc = self.node.allocator
+                    if task is None or task.done():
+                        alloc.free(staging)
+                    else:
+                        task.add_done_callback(lambda _: alloc.free(staging))
             case ev.SendChunkDone():
                 last = action.is_last
                 self._send(
@@ -126,6 +188,7 @@ class SenderSession(Session):
                         is_last=last,
                         meta=mach.meta if last else None,
                         digest=mach.digest if last else None,
+                        stamp=now_stamp(),
                     )
                 )
                 self.node.metrics.rounds.inc()
@@ -142,9 +205,10 @@ class SenderSession(Session):
                     )
                     self._prestage(action.start + action.count, action.total_tokens)
             case ev.SendAbort():
-                self._send(m.Abort(rid=self.rid, reason=m.reason(action.reason)))
+                reason = m.reason(action.reason)
+                self._send(m.Abort(rid=self.rid, reason=reason, session=self.session_tag))
             case ev.SendAbortAck():
-                self._send(m.AbortAck(rid=self.rid))
+                self._send(m.AbortAck(rid=self.rid, session=self.session_tag))
             case ev.Complete():
                 self._complete(action)
             case ev.Fail():
@@ -162,7 +226,7 @@ class SenderSession(Session):
             ops = node.registry.write_ops(runs)
             nbytes = action.count * node.registry.token_nbytes
             if action.round > 0:
-                self.log.info(
+                self.log.debug(
                     "resumed round",
                     round=action.round,
                     blocks=len(self.machine.dest_blocks),
@@ -186,7 +250,7 @@ class SenderSession(Session):
                 self.t_first_write = time.perf_counter()
                 self.first_write_at = time.time()
             tag = data_tag(self.rid, self.session_tag, action.round)
-            await node.transport.write(peer.transport_id, ops, tag=tag)
+            await node.transport.write(peer.transport_id, ops, tag=tag, deadline=action.deadline)
             self.t_last_write = time.perf_counter()
             self.writes += 1
             node.metrics.bytes.labels("out").inc(nbytes)
@@ -220,8 +284,13 @@ class SenderSession(Session):
         if count * node.registry.token_nbytes >= OFFLOAD_BYTES:
             copy = loop.run_in_executor(node.executor, stage)
         else:
-            stage()
             copy = loop.create_future()
+            try:
+                stage()
+            except Exception as exc:  # a failed copy must not keep the blocks
+                node.allocator.free(a)
+                self.log.warning("pre-staging failed", error=repr(exc))
+                return
             copy.set_result(None)
         self._prestaged = _Prestaged(a, start, count, copy)
         node.allocator.reclaimers.add(self._cleanup)
@@ -259,7 +328,7 @@ class SenderSession(Session):
             self.node.allocator.free(self.staging)
             self.staging = None
         if self.peer is not None and self.peer.alive:
-            self._send(m.Abort(rid=self.rid, reason="sender failed"))
+            self._send(m.Abort(rid=self.rid, reason="sender failed", session=self.session_tag))
 
 
 class EncodeNode(Node):
@@ -279,8 +348,12 @@ class EncodeNode(Node):
         if control not in ("auto", "tcp", "local"):
             raise ConfigError(f"invalid control={control!r}: choose auto, tcp or local")
         self._control = control
-        self._senders: dict[str, SenderSession] = {}
-        self._failed_jobs: dict[str, str] = {}  # rid -> why its encode job failed (bounded)
+        #: payloads handed to send() that no Init claimed yet, by rid (a few per rid at most:
+        #: one per owner); claimed ones live in their peer's ``sessions``
+        self._offers: dict[str, list[SenderSession]] = {}
+        #: (connection, rid, attempt) -> why its encode job failed, for an Init still on its
+        #: way (bounded); a retry is another attempt and never sees it
+        self._failed_jobs: dict[tuple[str, str, str], str] = {}
         self._server: asyncio.Server | None = None
         #: where language nodes connect: ``host:port``, or ``local://...`` in-process
         self.address: str = ""
@@ -311,7 +384,7 @@ class EncodeNode(Node):
         await super().close()
 
     def _unbound_sessions(self) -> list[Session]:
-        return [s for s in self._senders.values() if s.peer is None]
+        return [x for offers in self._offers.values() for x in offers]
 
     # -- the API -------------------------------------------------------------------------------
     async def send(
@@ -319,28 +392,45 @@ class EncodeNode(Node):
         rid: str,
         tensors: Mapping[str, torch.Tensor],
         meta: dict[str, Any] | None = None,
+        *,
+        peer: Peer | str | None = None,
     ) -> SendStats:
-        """Push ``tensors`` for ``rid`` to whichever receiver asks for it (its ``Init`` may come
-        before or after this call) and return once the last round was written."""
+        """Push ``tensors`` for ``rid`` to the receiver that asks for it (its ``Init`` may come
+        before or after this call) and return once the last round was written.
+
+        ``peer`` says who may claim the payload: a :class:`Peer` (that connection only), a
+        node id (a peer presenting that id on an authenticated connection), or None (any
+        connected peer: the first Init for ``rid`` wins, so use it only among trusted peers).
+        An Init from anyone else is refused."""
         check_rid(rid)
         num_tokens = self.registry.check_payload(tensors)
+        if num_tokens > self.settings.max_tokens:
+            raise PayloadError(
+                f"payload of {num_tokens} tokens exceeds max_tokens={self.settings.max_tokens}"
+            )
         if meta is not None:
             _check_meta(meta)
         if self._closing:
             raise TransferError("node is closing")
-        session = self._senders.get(rid)
-        if session is not None and (
-            session.payload is not None
-            or session.machine.state not in (SenderState.NEW, SenderState.WAIT_DATA)
-        ):
-            raise InvalidRequest(f"rid {rid!r} is already in flight on this node")
+        session = self._claimed_by_init(rid, peer)
+        if session is None:
+            if any(_overlap(x.owner, peer) for x in self._offers.get(rid, ())):
+                raise InvalidRequest(f"rid {rid!r} is already in flight on this node")
+            session = SenderSession(self, rid, owner=peer)
+            self._offers.setdefault(rid, []).append(session)
+            session.start()
+        return await self._push(session, tensors, meta, num_tokens)
+
+    async def _push(
+        self,
+        session: SenderSession,
+        tensors: Mapping[str, torch.Tensor],
+        meta: dict[str, Any] | None,
+        num_tokens: int,
+    ) -> SendStats:
         digest = None
         if self.settings.verify_digest:
             digest = payload_digest(tensors, list(self.registry.layouts))
-        if session is None:
-            session = SenderSession(self, rid)
-            self._senders[rid] = session
-            session.start()
         session.payload = tensors
         session.feed(ev.DataReady(num_tokens, meta, digest))
         try:
@@ -350,6 +440,18 @@ class EncodeNode(Node):
             if session.running:
                 session.feed(ev.LocalAbort("send cancelled by caller"))
             raise
+
+    def _claimed_by_init(self, rid: str, owner: Owner) -> SenderSession | None:
+        """An Init-first session for ``rid`` from a peer ``owner`` admits, waiting for data."""
+        for peer in self.peers.values():
+            session = peer.sessions.get(rid)
+            if (
+                isinstance(session, SenderSession)
+                and session.waits_for_data
+                and _owns(owner, peer)
+            ):
+                return session
+        return None
 
     # -- peers ---------------------------------------------------------------------------------
     async def accept(self, channel: Channel) -> Peer | None:
@@ -362,84 +464,142 @@ class EncodeNode(Node):
                 self._on_init(peer, msg)
             case m.Resume():
                 event: ev.Event = ev.ResumeReceived(
-                    msg.round, tuple(msg.blocks), msg.capacity_tokens, msg.received_tokens
+                    msg.round,
+                    tuple(msg.blocks),
+                    msg.capacity_tokens,
+                    msg.received_tokens,
+                    grant_deadline(msg.stamp, msg.ttl_ms),
                 )
                 self._to_session(peer, msg.rid, event)
             case m.Abort():
-                self._to_session(peer, msg.rid, ev.AbortReceived(msg.reason))
+                self._to_session(peer, msg.rid, ev.AbortReceived(msg.reason), msg.session)
             case m.Encode():
-                self._spawn(self._encode(peer, msg))
+                self._on_encode(peer, msg)
             case m.Heartbeat():
                 pass
             case _:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from a language node")
 
-    async def _encode(self, peer: Peer, msg: m.Encode) -> None:
-        """Run the encoder for a job and push the result; any failure aborts that request."""
+    def _refuse_rid(self, peer: Peer, rid: str, tag: str, why: str) -> None:
+        self.log.warning("request refused", peer=peer.node_id, rid=rid, reason=why)
         try:
-            if self.encoder is None:
-                raise InvalidRequest("this encode node has no encoder")
+            peer.send(m.Abort(rid=rid, reason=m.reason(why), session=tag))
+        except PeerLost:
+            pass
+
+    def _over_limit(self, peer: Peer) -> str | None:
+        if self._closing:
+            return "encode node closing"
+        limit = self.settings.max_inflight_per_peer
+        if len(peer.sessions) >= limit:
+            return f"too many requests in flight from this peer (max_inflight_per_peer={limit})"
+        return None
+
+    def _on_encode(self, peer: Peer, msg: m.Encode) -> None:
+        """An Encode job: its result belongs to this connection's attempt ``msg.session``, and
+        it counts against the peer's in-flight limit from now on."""
+        why = self._over_limit(peer)
+        if why is None and msg.rid in peer.sessions:
+            why = f"rid {msg.rid!r} is already in flight on this connection"
+        if why is None and self.encoder is None:
+            why = "this encode node has no encoder"
+        if why is not None:
+            self._refuse_rid(peer, msg.rid, msg.session, why)
+            return
+        self._failed_jobs.pop((peer.transport_id, msg.rid, msg.session), None)
+        session = SenderSession(self, msg.rid, owner=peer, job_tag=msg.session or "-")
+        session.bind(peer, msg.session)
+        session.start()
+        self.spawn(self._encode(peer, msg, session))
+
+    async def _encode(self, peer: Peer, msg: m.Encode, session: SenderSession) -> None:
+        """Run the encoder for a job and push the result into its own session; any failure
+        aborts that attempt (and only it)."""
+        try:
+            assert self.encoder is not None
             out = self.encoder(msg.job)
             if asyncio.iscoroutine(out):
                 out = await out
             tensors, meta = out if isinstance(out, tuple) else (out, None)
-            await self.send(msg.rid, tensors, meta)
+            num_tokens = self.registry.check_payload(tensors)
+            if num_tokens > self.settings.max_tokens:
+                raise PayloadError(
+                    f"{num_tokens} tokens exceed max_tokens={self.settings.max_tokens}"
+                )
+            if meta is not None:
+                _check_meta(meta)
         except Exception as exc:
             self.log.warning("encode job failed", rid=msg.rid, error=repr(exc))
             reason = m.reason(f"encode failed: {exc}")
-            session = self._senders.get(msg.rid)
-            if session is not None and session.running and session.payload is None:
-                session.feed(ev.LocalAbort(reason))  # its machine tells the receiver
-                return
-            self._failed_jobs[msg.rid] = reason  # for an Init still on its way
-            while len(self._failed_jobs) > 1024:
-                del self._failed_jobs[next(iter(self._failed_jobs))]
-            try:
-                peer.send(m.Abort(rid=msg.rid, reason=reason))
-            except PeerLost:
-                pass
+            if session.running and session.machine.state is SenderState.NEW:
+                # no Init yet: the receiver hears it now, its Init (if on its way) later
+                self._failed_jobs[(peer.transport_id, msg.rid, msg.session)] = reason
+                while len(self._failed_jobs) > 1024:
+                    del self._failed_jobs[next(iter(self._failed_jobs))]
+                self._refuse_rid(peer, msg.rid, msg.session, reason)
+            if session.running:
+                session.feed(ev.LocalAbort(reason))  # past NEW its machine tells the receiver
+            return
+        if not session.running or session.payload is not None:
+            self.log.info("encode result dropped: its request ended", rid=msg.rid)
+            return
+        with contextlib.suppress(TransferError):
+            await self._push(session, tensors, meta, num_tokens)
 
     def _on_init(self, peer: Peer, msg: m.Init) -> None:
-        event = ev.InitReceived(tuple(msg.blocks), msg.capacity_tokens, msg.expected_tokens)
-        session = self._senders.get(msg.rid)
-        if session is None or session.peer is None:
-            limit = self.settings.max_inflight_per_peer
-            refusal = "encode node closing" if self._closing else None
-            if session is None and msg.rid in self._failed_jobs:
-                refusal = self._failed_jobs.pop(msg.rid)
-            if len(peer.sessions) >= limit:
-                refusal = (
-                    f"too many requests in flight from this peer (max_inflight_per_peer={limit})"
-                )
-            if refusal:
-                peer.send(m.Abort(rid=msg.rid, reason=refusal))
-                self.log.warning("Init refused", peer=peer.node_id, rid=msg.rid, reason=refusal)
+        event = ev.InitReceived(
+            tuple(msg.blocks),
+            msg.capacity_tokens,
+            msg.expected_tokens,
+            grant_deadline(msg.stamp, msg.ttl_ms),
+        )
+        rid, tag = msg.rid, msg.session
+        session = peer.sessions.get(rid)
+        if isinstance(session, SenderSession):
+            if session.job_tag and session.session_tag == tag and session.running:
+                session.feed(event)  # the Init of the Encode job's attempt
                 return
-        if session is None:
-            session = SenderSession(self, msg.rid)
-            self._senders[msg.rid] = session
-            session.start()
-        if session.peer is None:
-            session.bind(peer)
-            session.session_tag = msg.session
-        elif session.peer is not peer:
-            peer.send(m.Abort(rid=msg.rid, reason="rid already in flight with another receiver"))
+            self._refuse_rid(peer, rid, tag, f"rid {rid!r} is already in flight on this connection")
             return
+        offers = self._offers.get(rid, [])
+        mine = next((x for x in offers if _owns(x.owner, peer) and x.running), None)
+        if mine is not None:
+            offers.remove(mine)
+            if not offers:
+                del self._offers[rid]
+            mine.bind(peer, tag)
+            mine.feed(event)
+            return
+        failed = self._failed_jobs.pop((peer.transport_id, rid, tag), None)
+        why = failed or self._over_limit(peer)
+        if why is None and offers:
+            why = f"rid {rid!r} is held here for another peer"
+        if why is not None:
+            self._refuse_rid(peer, rid, tag, why)
+            return
+        session = SenderSession(self, rid, owner=peer)  # Init first: send() fills it later
+        session.bind(peer, tag)
+        session.start()
         session.feed(event)
 
-    def _to_session(self, peer: Peer, rid: str, event: ev.Event) -> None:
+    def _to_session(self, peer: Peer, rid: str, event: ev.Event, tag: str = "") -> None:
         session = peer.sessions.get(rid)
+        if isinstance(session, SenderSession) and tag and session.session_tag != tag:
+            session = None  # a message for an attempt that already ended
         if session is not None and session.running:
             session.feed(event)
         elif isinstance(event, ev.AbortReceived):
-            peer.send(m.AbortAck(rid=rid))  # nothing of rid is in flight here
+            peer.send(m.AbortAck(rid=rid, session=tag))  # nothing of that attempt is in flight
         else:
-            peer.send(m.Abort(rid=rid, reason=f"unknown rid {rid!r}"))
+            peer.send(m.Abort(rid=rid, reason=f"unknown rid {rid!r}", session=tag))
             raise ProtocolError(f"{type(event).__name__} for unknown rid {rid!r}")
 
-    def _session_ended(self, session: Session) -> None:
-        if self._senders.get(session.rid) is session:
-            del self._senders[session.rid]
+    def session_ended(self, session: Session) -> None:
+        offers = self._offers.get(session.rid)
+        if offers is not None and session in offers:
+            offers.remove(session)
+            if not offers:
+                del self._offers[session.rid]
         if session.peer is not None and session.peer.sessions.get(session.rid) is session:
             del session.peer.sessions[session.rid]
 

@@ -19,9 +19,13 @@ from ..protocol import ReceiverMachine, ReceiverState
 from ..protocol import events as ev
 from ..protocol import messages as m
 from . import control
-from .channel import LocalChannel, lookup_local
+from .channel import LocalChannel
+from .directory import lookup_local
 from .node import OFFLOAD_BYTES, Node, Peer, check_rid, data_tag
 from .session import Session
+
+#: slack on a grant's expiry for clock-rate drift between two hosts and scheduling
+GRANT_MARGIN_S = 0.05
 
 
 @dataclass
@@ -45,7 +49,13 @@ class ReceiverSession(Session):
 
     def __init__(self, node: LanguageNode, rid: str, peer: Peer) -> None:
         s = node.settings
-        machine = ReceiverMachine(rid, block_size=s.block_size, default_tokens=s.default_tokens)
+        machine = ReceiverMachine(
+            rid,
+            block_size=s.block_size,
+            default_tokens=s.default_tokens,
+            guarantees=node.transport.guarantees,
+            max_tokens=s.max_tokens,
+        )
         super().__init__(node, machine, peer)
         self.current: Allocation | None = None
         self.quarantined: Allocation | None = None
@@ -57,9 +67,20 @@ class ReceiverSession(Session):
         self.last_chunk_at = 0.0  # wall clock, to line up with the sender's first_write_at
         self._copying: tuple[Allocation, asyncio.Future[None]] | None = None
         self._pending_copies: list[asyncio.Future[None]] = []
+        self._grant_sent_at = 0.0  # loop time the current grant left
 
-    def _loop_done(self) -> bool:
-        return self.machine.finished or self.machine.state is ReceiverState.QUARANTINED
+    def grant_expiry(self) -> float:
+        """After this (loop time) no write for the current grant can land: the sender posts
+        none after ``stamp + ttl`` (a moment before we sent the grant), and a posted one ends
+        within the engine's post bound."""
+        ttl = self.settings.chunk_timeout
+        bound = self.node.transport.guarantees.post_bound
+        return self._grant_sent_at + ttl * 1.001 + bound + GRANT_MARGIN_S
+
+    def _grant_fields(self) -> dict[str, int]:
+        assert self.peer is not None
+        self._grant_sent_at = asyncio.get_running_loop().time()
+        return {"stamp": self.peer.stamp, "ttl_ms": int(self.settings.chunk_timeout * 1000)}
 
     def _granted(self, allocation: Allocation) -> ev.Event:
         self.current = allocation
@@ -99,26 +120,6 @@ class ReceiverSession(Session):
             )
             return ev.LocalAbort(f"data of round {round_} did not land")
 
-    async def _fence(self) -> bool:
-        """No late byte of the current round may land once its blocks are reused. False when
-        the transport cannot promise that: the blocks then wait for the peer's teardown."""
-        if self.peer is None:
-            return True
-        try:
-            await self.node.transport.discard(self.peer.transport_id, self._tag(self.machine.round))
-            return True
-        except TransferError as exc:
-            self.log.warning(
-                "cannot fence the round; blocks held until the peer is gone", error=str(exc)
-            )
-            return False
-
-    def _hold_until_teardown(self, allocation: Allocation) -> None:
-        assert self.peer is not None
-        self.peer.held.append(allocation)
-        if not self.peer.alive:  # already torn down: nothing can land any more
-            self.node._release_held(self.peer)
-
     def _send(self, msg: m.Message) -> None:
         try:
             assert self.peer is not None
@@ -140,10 +141,11 @@ class ReceiverSession(Session):
                         capacity_tokens=action.capacity_tokens,
                         expected_tokens=action.expected_tokens,
                         session=self.session_tag,
+                        **self._grant_fields(),
                     )
                 )
             case ev.SendResume():
-                self.log.info(
+                self.log.debug(
                     "resume",
                     round=action.round,
                     blocks=len(action.blocks),
@@ -157,34 +159,35 @@ class ReceiverSession(Session):
                         blocks=list(action.blocks),
                         capacity_tokens=action.capacity_tokens,
                         received_tokens=action.received_tokens,
+                        **self._grant_fields(),
                     )
                 )
             case ev.Deliver():
                 await self._deliver(action)
             case ev.Free():
                 assert self.current is not None
-                # abandoned mid-round: stop stray bytes before the blocks are reused
-                if self.machine.state is not ReceiverState.FAILED or await self._fence():
-                    self._free_after_copy(self.current)
-                else:
-                    alloc.quarantine(self.current)
-                    self._hold_until_teardown(self.current)
+                self._free_after_copy(self.current)
                 self.current = None
             case ev.Quarantine():
                 assert self.current is not None
                 alloc.quarantine(self.current)
                 self.quarantined, self.current = self.current, None
-                self.log.warning("allocation quarantined", blocks=list(self.quarantined.blocks))
+                self._linger()
+                self.node.metrics.quarantines.inc()
+                self.log.info("allocation quarantined", blocks=len(self.quarantined.blocks))
+            case ev.Fence():
+                await self._fence()
             case ev.ReleaseQuarantine():
                 assert self.quarantined is not None
-                if await self._fence():
-                    alloc.release_quarantine(self.quarantined)
-                else:
-                    self._hold_until_teardown(self.quarantined)
+                alloc.release_quarantine(self.quarantined)
                 self.quarantined = None
-                self._forget()
+            case ev.TearDownPeer():
+                if self.peer is not None:
+                    self.node.spawn(self.node.tear_down(self.peer, action.reason))
             case ev.SendAbort():
-                self._send(m.Abort(rid=self.rid, reason=m.reason(action.reason)))
+                self._send(
+                    m.Abort(rid=self.rid, reason=m.reason(action.reason), session=self.session_tag)
+                )
             case ev.Complete():
                 if self._pending_copies:
                     await asyncio.gather(*self._pending_copies)
@@ -193,6 +196,25 @@ class ReceiverSession(Session):
                 self._set_error(action.error)
             case _:  # pragma: no cover
                 raise ProtocolError(f"receiver cannot execute {action!r}")
+
+    async def _fence(self) -> None:
+        """Ask the engine to fence the current round; feed the machine the outcome."""
+        assert self.peer is not None
+        try:
+            await self.node.transport.discard(self.peer.transport_id, self._tag(self.machine.round))
+        except TransferError as exc:
+            self.log.warning("cannot fence the round; blocks stay quarantined", error=str(exc))
+            self.feed(ev.FenceFailed(str(exc)))
+            return
+        self.feed(ev.Fenced())
+
+    def _linger(self) -> None:
+        """An ended request whose blocks are quarantined frees its rid for a retry, and waits
+        for its proof (or expiry) under its attempt's tag."""
+        if self.peer is not None:
+            if self.peer.sessions.get(self.rid) is self:
+                del self.peer.sessions[self.rid]
+            self.peer.lingering[self.session_tag] = self
 
     async def _deliver(self, action: ev.Deliver) -> None:
         """Copy the round out. A large copy runs on the executor *in the background*: the
@@ -284,19 +306,24 @@ class ReceiverSession(Session):
         return a
 
     def _forget(self) -> None:
-        if self.peer is not None and self.peer.sessions.get(self.rid) is self:
-            del self.peer.sessions[self.rid]
+        if self.peer is not None:
+            if self.peer.sessions.get(self.rid) is self:
+                del self.peer.sessions[self.rid]
+            if self.peer.lingering.get(self.session_tag) is self:
+                del self.peer.lingering[self.session_tag]
 
     async def _crash_cleanup(self) -> None:
+        """A bug ended the session: a write may still land in what it holds, so keep that out
+        of circulation until the grant has surely expired."""
+        allocator, loop = self.node.allocator, asyncio.get_running_loop()
         for held in (self.current, self.quarantined):
             if held is None:
                 continue
-            # a write may still land here: keep it out of circulation until the peer is gone
-            if self.node.allocator.owns(held):
-                self.node.allocator.quarantine(held)
-            self._hold_until_teardown(held)
+            if allocator.owns(held):
+                allocator.quarantine(held)
+            loop.call_at(self.grant_expiry(), allocator.release_quarantine, held)
         self.current = self.quarantined = None
-        self._send(m.Abort(rid=self.rid, reason="receiver failed"))
+        self._send(m.Abort(rid=self.rid, reason="receiver failed", session=self.session_tag))
 
 
 def _chunk_event(msg: m.ChunkDone) -> ev.ChunkReceived:
@@ -305,13 +332,17 @@ def _chunk_event(msg: m.ChunkDone) -> ev.ChunkReceived:
     )
 
 
-def _check_expected(expected_tokens: object) -> None:
+def _check_expected(expected_tokens: object, max_tokens: int) -> None:
     if expected_tokens is not None and (
         not isinstance(expected_tokens, int)
         or isinstance(expected_tokens, bool)
         or expected_tokens <= 0
     ):
         raise InvalidRequest(f"expected_tokens must be a positive integer, got {expected_tokens!r}")
+    if expected_tokens is not None and expected_tokens > max_tokens:
+        raise InvalidRequest(
+            f"expected_tokens={expected_tokens} exceeds max_tokens={max_tokens} (a setting)"
+        )
 
 
 class LanguageNode(Node):
@@ -319,12 +350,31 @@ class LanguageNode(Node):
 
     role = "language"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connecting: dict[str, asyncio.Future[Peer]] = {}
+
     async def connect(self, address: str) -> Peer:
         """The live connection to the encode node at ``address`` (``host:port`` or
-        ``local://...``), connecting -- or reconnecting after a restart -- when needed."""
+        ``local://...``), connecting -- or reconnecting after a restart -- when needed.
+        Single-flight: concurrent callers for one address share one connection attempt."""
         for peer in self.peers.values():
             if peer.address == address and peer.alive:
                 return peer
+        pending = self._connecting.get(address)
+        if pending is None:
+            pending = asyncio.ensure_future(self._connect(address))
+            self._connecting[address] = pending
+            pending.add_done_callback(lambda f: self._connect_done(address, f))
+        return await asyncio.shield(pending)
+
+    def _connect_done(self, address: str, fut: asyncio.Future[Peer]) -> None:
+        if self._connecting.get(address) is fut:
+            del self._connecting[address]
+        if not fut.cancelled():
+            fut.exception()  # retrieved: callers that left must not make it warn
+
+    async def _connect(self, address: str) -> Peer:
         if address.startswith("local://"):
             server = lookup_local(address)
             ours, theirs = LocalChannel.pair()
@@ -351,7 +401,7 @@ class LanguageNode(Node):
         ``expected_tokens`` the first allocation is ``default_blocks``; longer payloads resume
         into further allocations."""
         check_rid(rid)
-        _check_expected(expected_tokens)
+        _check_expected(expected_tokens, self.settings.max_tokens)
         peer = await self._resolve(peer)
         self._check_new(rid, peer)
         async with peer.inflight:
@@ -369,13 +419,13 @@ class LanguageNode(Node):
         """Ask the encode node to compute ``job`` (its encoder decides what a job holds) and
         receive the result as :meth:`receive` does."""
         check_rid(rid)
-        _check_expected(expected_tokens)
+        _check_expected(expected_tokens, self.settings.max_tokens)
         peer = await self._resolve(peer)
         self._check_new(rid, peer)
         async with peer.inflight:
             session = self._open(rid, peer)  # registered first: an early Abort finds it
             try:
-                peer.send(m.Encode(rid=rid, job=job))
+                peer.send(m.Encode(rid=rid, job=job, session=session.session_tag))
             except BaseException:
                 session._forget()
                 raise
@@ -389,13 +439,13 @@ class LanguageNode(Node):
         """Receive into one allocation and lend it: ``tensors`` are views into the pool when the
         payload fits one allocation of consecutive blocks (else copies). Freed at exit."""
         check_rid(rid)
-        _check_expected(expected_tokens)
+        _check_expected(expected_tokens, self.settings.max_tokens)
         peer = await self._resolve(peer)
         self._check_new(rid, peer)
         async with peer.inflight:
             session = self._open(rid, peer)
             got: Received = await self._run(session, expected_tokens, whole=True)
-        held = session.take_allocation()
+        held = session.take_allocation()  # no await between the result and this: no leak
         try:
             yield got
         finally:
@@ -422,7 +472,13 @@ class LanguageNode(Node):
         try:
             return await asyncio.shield(session.result)
         except asyncio.CancelledError:
-            if session.running:
+            # the result may already be there (the cancel raced the completion): whatever
+            # it holds in the pool goes back, since nobody will take it any more
+            if session.result.done() and not session.result.cancelled():
+                held = session.take_allocation()
+                if held is not None:
+                    self.allocator.free(held)
+            elif session.running:
                 session.feed(ev.LocalAbort("receive cancelled by caller"))
             raise
 
@@ -432,30 +488,40 @@ class LanguageNode(Node):
             case m.ChunkDone():
                 self._to_session(peer, msg.rid, msg)
             case m.Abort():
-                self._to_session(peer, msg.rid, ev.AbortReceived(msg.reason))
+                self._to_session(peer, msg.rid, ev.AbortReceived(msg.reason), msg.session)
             case m.AbortAck():
-                session = peer.sessions.get(msg.rid)
-                if session is not None and not session.running:
-                    self._spawn(session.step(ev.AbortAckReceived()))
-                elif session is not None:
+                session = self._find(peer, msg.rid, msg.session)
+                if session is not None and session.running:
                     session.feed(ev.AbortAckReceived())
             case m.Heartbeat():
                 pass
             case _:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from an encode node")
 
-    def _to_session(self, peer: Peer, rid: str, item: object) -> None:
-        session = peer.sessions.get(rid)
+    @staticmethod
+    def _find(peer: Peer, rid: str, tag: str = "") -> ReceiverSession | None:
+        """The request ``rid`` of ``peer``: attempt ``tag`` when the message names one (a
+        quarantined attempt lingers under its tag), else the live one."""
+        found = peer.lingering.get(tag) if tag else None
+        if found is None:
+            found = peer.sessions.get(rid)
+            if found is not None and tag and getattr(found, "session_tag", tag) != tag:
+                return None  # a message for another attempt of rid
+        if found is not None and found.rid != rid:
+            return None
+        return found  # type: ignore[return-value]
+
+    def _to_session(self, peer: Peer, rid: str, item: object, tag: str = "") -> None:
+        session = self._find(peer, rid, tag)
         if session is None:
+            if isinstance(item, ev.AbortReceived):
+                return  # an abort of something that already ended: nothing to do
             raise ProtocolError(f"{type(item).__name__} for unknown rid {rid!r}")
         if session.running:
             session.feed(item)
-        elif isinstance(item, ev.AbortReceived):  # quarantined: the sender confirms it stopped
-            self._spawn(session.step(item))
 
-    def _session_ended(self, session: Session) -> None:
+    def session_ended(self, session: Session) -> None:
         assert isinstance(session, ReceiverSession)
-        if session.quarantined is None:
-            session._forget()
+        session._forget()
         inflight = sum(len(p.sessions) for p in self.peers.values())
         self.metrics.inflight.set(inflight)

@@ -31,6 +31,11 @@ class Metrics:
             buckets=_DURATIONS,
             registry=r,
         )
+        self.quarantines = Counter(
+            "emtransfer_quarantines",
+            "Allocations quarantined because a write might still land in them",
+            registry=r,
+        )
         self.inflight = Gauge("emtransfer_inflight_requests", "Requests in flight", registry=r)
         self.peers = Gauge("emtransfer_peers", "Connected peers", registry=r)
         pool = Gauge("emtransfer_pool_blocks", "Pool blocks by state", ["state"], registry=r)

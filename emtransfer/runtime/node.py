@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import itertools
 import os
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from ..allocator import Allocation, BlockAllocator
+from ..allocator import BlockAllocator
 from ..buffers import BufferRegistry
 from ..errors import ConfigError, InvalidRequest, PeerLost, ProtocolError, TransferError
 from ..protocol import PROTOCOL_VERSION
@@ -36,9 +37,16 @@ PEER_LOSS_GRACE_S = 0.25
 _peer_serial = itertools.count(1)
 
 
+def now_stamp() -> int:
+    """This node's clock as a wire stamp (microseconds of ``time.monotonic()``)."""
+    return int(time.monotonic() * 1e6)
+
+
 @dataclass(eq=False)
 class Peer:
-    """A connected peer node: its control channel and the requests it shares with us."""
+    """A connected peer node: one authenticated control connection and the requests it shares
+    with us. A peer *is* its connection: ``node_id`` is only what it claims to be, and two
+    connections claiming one id are two peers."""
 
     node_id: str
     role: str
@@ -54,8 +62,10 @@ class Peer:
     address: str = ""
     last_seen: float = 0.0
     heartbeat: asyncio.Task[None] | None = None
-    #: quarantined allocations that only the peer's teardown may release
-    held: list[Allocation] = field(default_factory=list)
+    #: the latest stamp (the peer's clock) seen from it, echoed in the grants we send it
+    stamp: int = 0
+    #: ended requests whose blocks are still quarantined, by attempt (session tag)
+    lingering: dict[str, Session] = field(default_factory=dict)
     #: set once the peer is lost
     gone: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -95,6 +105,7 @@ class Node:
         self.registry = BufferRegistry.from_settings(settings)
         self.transport = transport or create_transport(settings, self.registry)
         self.metrics = Metrics(self.role, self.allocator)
+        #: connected peers by connection (their transport id), never by the id they claim
         self.peers: dict[str, Peer] = {}
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="emtransfer-copy")
         self.log = structlog.get_logger("emtransfer").bind(node=self.node_id, role=self.role)
@@ -129,6 +140,7 @@ class Node:
             return
         self._closing = True
         sessions = [s for p in self.peers.values() for s in p.sessions.values()]
+        sessions += [s for p in self.peers.values() for s in p.lingering.values()]
         sessions += self._unbound_sessions()
         for s in sessions:
             if s.running:
@@ -136,17 +148,24 @@ class Node:
         tasks = [s.task for s in sessions if s.task is not None and not s.task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.abort_ack_timeout)
+        lingering = [s for p in self.peers.values() for s in p.lingering.values()]
         for peer in list(self.peers.values()):
             peer.channel.close()
             await self._peer_lost(peer, "node closing")
         await self.transport.close()
+        # the pools are deregistered: nothing can land in a quarantined allocation any more
+        lingering = [s for s in lingering if s.running]
+        for s in lingering:
+            s.feed(ev.PeerLost("node closed", inbound_stopped=True))
+        if lingering:
+            await asyncio.wait([s.task for s in lingering if s.task is not None], timeout=5)
         self.executor.shutdown(wait=True)
         leaks = self.allocator.leak_report()
         if leaks:
             self.log.error("blocks still held at close", leaks=leaks)
         self.log.info("node closed")
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
         """Run a short piece of bookkeeping in the background, keeping a reference to it."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)
@@ -173,7 +192,12 @@ class Node:
             },
             "inflight": sum(len(p.sessions) for p in self.peers.values()),
             "peers": [p.node_id for p in self.peers.values() if p.alive],
+            "quarantined_requests": sum(len(p.lingering) for p in self.peers.values()),
         }
+
+    def peers_named(self, node_id: str) -> list[Peer]:
+        """The live connections whose peer claims ``node_id``."""
+        return [p for p in self.peers.values() if p.node_id == node_id and p.alive]
 
     # -- handshake -----------------------------------------------------------------------------
     def _hello_fields(self) -> dict[str, Any]:
@@ -185,6 +209,7 @@ class Node:
             "num_blocks": self.settings.num_blocks,
             "transport": self.transport.name,
             "transport_meta": self.transport.metadata(),
+            "stamp": now_stamp(),
         }
 
     def _proof(self, label: bytes, *parts: bytes) -> bytes:
@@ -302,12 +327,9 @@ class Node:
             inflight=asyncio.Semaphore(self.settings.max_inflight_per_peer),
             transport_id=tid,
             last_seen=asyncio.get_running_loop().time(),
+            stamp=hello.stamp,
         )
-        old = self.peers.get(peer.node_id)
-        if old is not None:
-            old.channel.close()
-            await self._peer_lost(old, "replaced by a new connection")
-        self.peers[peer.node_id] = peer
+        self.peers[tid] = peer
         self.metrics.peers.set(len(self.peers))
         peer.reader = asyncio.create_task(self._read(peer), name=f"emtransfer:read:{peer.node_id}")
         peer.heartbeat = asyncio.create_task(self._heartbeat(peer))
@@ -326,7 +348,7 @@ class Node:
                 await self._peer_lost(peer, f"no message for {silent:.1f}s (heartbeat_timeout)")
                 return
             try:
-                peer.channel.send(m.Heartbeat())
+                peer.channel.send(m.Heartbeat(stamp=now_stamp()))
             except PeerLost:
                 return
 
@@ -342,6 +364,9 @@ class Node:
                     self._refuse(peer, exc)
                     continue
                 peer.last_seen = loop.time()
+                stamp = getattr(msg, "stamp", 0)
+                if stamp > peer.stamp:
+                    peer.stamp = stamp
                 try:
                     self._on_message(peer, msg)
                 except TransferError as exc:
@@ -376,38 +401,43 @@ class Node:
             session._error_override = exc
             session.feed(ev.LocalAbort(m.reason(f"peer sent an invalid message: {exc}")))
 
+    async def tear_down(self, peer: Peer, reason: str) -> None:
+        """Drop ``peer``'s connection and fail its requests."""
+        self.log.warning("tearing the peer down", peer=peer.node_id, reason=reason)
+        peer.channel.close()
+        await self._peer_lost(peer, reason)
+
     async def _peer_lost(self, peer: Peer, reason: str) -> None:
-        """Fail every request of the peer once the transport confirmed nothing can land."""
+        """Fail every request of the peer, telling each whether the transport proved that no
+        write from the peer can land any more (the machines decide what that frees)."""
         if not peer.alive:
             return
         peer.alive = False
         peer.gone.set()
-        if self.peers.get(peer.node_id) is peer:
-            del self.peers[peer.node_id]
+        if self.peers.get(peer.transport_id) is peer:
+            del self.peers[peer.transport_id]
         self.metrics.peers.set(len(self.peers))
-        await self.transport.remove_peer(peer.transport_id)
-        self._release_held(peer)
+        stopped = self.transport.guarantees.remove_stops_inbound
+        try:
+            await self.transport.remove_peer(peer.transport_id)
+        except TransferError as exc:
+            stopped = False
+            self.log.warning("peer's writes not fenced", peer=peer.node_id, error=str(exc))
         # losing an idle peer is routine (it closed); losing one mid-request is not
         level = "warning" if peer.sessions and not self._closing else "info"
         getattr(self.log, level)(
             "peer lost", peer=peer.node_id, reason=reason, requests=len(peer.sessions)
         )
-        for session in list(peer.sessions.values()):
+        for session in [*peer.sessions.values(), *peer.lingering.values()]:
             if session.task is None:  # never started (its caller left while queued)
                 peer.sessions.pop(session.rid, None)
             elif session.running:
-                session.feed(ev.PeerLost(reason))
-            else:  # a quarantined allocation waiting for an AbortAck that will not come
-                await session.step(ev.PeerLost(reason))
+                session.feed(ev.PeerLost(reason, inbound_stopped=stopped))
         for task in (peer.reader, peer.heartbeat):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
 
-    def _release_held(self, peer: Peer) -> None:
-        while peer.held:
-            self.allocator.release_quarantine(peer.held.pop())
-
-    def _session_ended(self, session: Session) -> None:
+    def session_ended(self, session: Session) -> None:
         raise NotImplementedError
 
 

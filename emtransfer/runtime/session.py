@@ -10,15 +10,41 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..allocator import Allocation
+from ..allocator import Allocation, BlockAllocator
+from ..buffers import BufferRegistry
 from ..errors import ProtocolError, TransferError
 from ..protocol import events as ev
-from ..protocol.machine import Machine
+from ..protocol.machine import GRANT_EXPIRY, Machine
+from ..settings import Settings
+from ..transport import Transport
+from .metrics import Metrics
 
 if TYPE_CHECKING:
-    from .node import Node, Peer
+    from .node import Peer
+
+
+class SessionHost(Protocol):
+    """What a session needs of its node: the pool, the engine, the metrics, and two calls."""
+
+    settings: Settings
+    allocator: BlockAllocator
+    registry: BufferRegistry
+    transport: Transport
+    metrics: Metrics
+    executor: ThreadPoolExecutor
+    log: Any
+
+    def session_ended(self, session: Session) -> None:
+        """The session's coroutine has ended (after its last action)."""
+
+    async def tear_down(self, peer: Peer, reason: str) -> None:
+        """Drop ``peer``'s connection and fail its requests."""
+
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background, keeping a reference to it."""
 
 
 class _Granted:
@@ -37,7 +63,7 @@ class Session:
     #: states in which an allocation may be outstanding
     ALLOC_STATES: frozenset[Any] = frozenset()
 
-    def __init__(self, node: Node, machine: Machine[Any], peer: Peer | None) -> None:
+    def __init__(self, node: SessionHost, machine: Machine[Any], peer: Peer | None) -> None:
         self.node = node
         self.machine = machine
         self.peer = peer
@@ -77,7 +103,12 @@ class Session:
                 if m.state is not state:
                     state = m.state
                     name = m.timeout_name
-                    deadline = None if name is None else loop.time() + getattr(self.settings, name)
+                    if name is None:
+                        deadline = None
+                    elif name == GRANT_EXPIRY:
+                        deadline = self.grant_expiry()
+                    else:
+                        deadline = loop.time() + getattr(self.settings, name)
                 try:
                     async with asyncio.timeout_at(deadline):
                         item = await self.queue.get()
@@ -92,7 +123,7 @@ class Session:
             self._cancel_alloc()
             self._drop_stale_grants()
             self._cleanup()
-            self.node._session_ended(self)
+            self.node.session_ended(self)
 
     def _cleanup(self) -> None:
         """Release what the subclass holds beyond the machine's own allocations."""
@@ -205,6 +236,10 @@ class Session:
         log("request failed", error=str(error), reason=reason)
 
     # -- subclass hooks ------------------------------------------------------------------------
+    def grant_expiry(self) -> float:
+        """The loop time at which the current grant can no longer receive a write."""
+        raise NotImplementedError
+
     def _granted(self, allocation: Allocation) -> ev.Event:
         raise NotImplementedError
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ..errors import ConfigError
-from .base import Transport, TransportError
+from .base import GrantExpired, Transport, TransportError
 from .local import LocalTransport
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ def create_transport(settings: Settings, registry: BufferRegistry) -> Transport:
 
 
 __all__ = [
+    "GrantExpired",
     "LocalTransport",
     "Transport",
     "TransportError",

@@ -7,12 +7,14 @@ It knows nothing of requests or rounds: the runtime hands it byte descriptors
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from ..buffers import BufferRegistry, WriteOp
 from ..errors import TransferError
+from ..guarantees import Guarantees
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -22,21 +24,38 @@ class TransportError(TransferError):
     """The engine failed to move bytes (the request fails; the node keeps working)."""
 
 
+class GrantExpired(TransportError):
+    """A write was refused at the moment of posting: its grant's deadline had passed."""
+
+
+def check_deadline(deadline: float, what: str) -> None:
+    """Refuse to post ``what`` once ``deadline`` (``time.monotonic()``) has passed."""
+    if time.monotonic() >= deadline:
+        raise GrantExpired(f"{what}: the receiver's grant expired before the write was posted")
+
+
 class Transport(ABC):
     """Data plane of one node. Lifecycle: ``start`` -> ``add_peer``* -> ``write``* ->
     ``remove_peer``* -> ``close``."""
 
     name: ClassVar[str]
-    #: True when a completed write is already in the peer's pools (NIXL, in-process), so the
-    #: sender's AbortAck is a fence by itself and :meth:`discard` has nothing to do
-    fences_on_write_completion: ClassVar[bool] = False
+    #: what this engine proves (the post bound comes from ``write_timeout``); the conformance
+    #: suite checks every declared guarantee, and the protocol machines act on them alone
+    GUARANTEES: ClassVar[Guarantees]
 
-    def __init__(self, registry: BufferRegistry) -> None:
+    def __init__(self, registry: BufferRegistry, *, post_bound: float = 10.0) -> None:
         self.registry = registry
+        #: a posted write lands, fails or is cancelled within this many seconds
+        self.post_bound = post_bound
+
+    @property
+    def guarantees(self) -> Guarantees:
+        g = self.GUARANTEES
+        return Guarantees(g.remote_completion, g.fences_tag, g.remove_stops_inbound, self.post_bound)
 
     @classmethod
     def from_settings(cls, settings: Settings, registry: BufferRegistry) -> Transport:
-        return cls(registry)
+        return cls(registry, post_bound=settings.write_timeout)
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -54,10 +73,20 @@ class Transport(ABC):
         """Make the peer's pools reachable, from its :meth:`metadata`."""
 
     @abstractmethod
-    async def write(self, peer_id: str, ops: Sequence[WriteOp], *, tag: str) -> None:
+    async def write(
+        self,
+        peer_id: str,
+        ops: Sequence[WriteOp],
+        *,
+        tag: str,
+        deadline: float = float("inf"),
+    ) -> None:
         """Copy ``ops`` from this node's pools into the peer's. Returns once the local source
         may be reused and the bytes are (or will be, see :meth:`wait_landed`) in the peer's
-        pools; raises :class:`TransportError` on failure."""
+        pools; raises :class:`TransportError` on failure. ``deadline`` (``time.monotonic()``)
+        is the receiver's grant: the engine checks it at the moment it posts (after any queue
+        of its own) and raises :class:`GrantExpired` instead of posting late; it never posts
+        to a peer that was removed. A posted write ends within ``post_bound`` seconds."""
 
     async def wait_landed(self, peer_id: str, tag: str, nbytes: int) -> None:
         """Receiver side: return once ``nbytes`` (summed over every field and every write made
@@ -65,12 +94,15 @@ class Transport(ABC):
         whose sender-side completion already implies remote delivery need not wait."""
 
     async def discard(self, peer_id: str, tag: str) -> None:
-        """Receiver side, before blocks of an abandoned round are reused: once this returns, no
-        further byte written under ``tag`` lands in the pools. Engines whose sender-side
-        completion implies remote delivery (the sender's AbortAck then fences) need nothing."""
+        """Receiver side, before blocks of an abandoned round are reused. With
+        ``GUARANTEES.fences_tag``: once this returns, no further byte written under ``tag``
+        lands in the pools, and it raises :class:`TransportError` when it cannot promise that.
+        Without it, it only forgets the tag's bookkeeping (it fences nothing)."""
 
     async def remove_peer(self, peer_id: str) -> None:
-        """Tear the peer down. After this returns no write from or to it can land."""
+        """Tear the peer down: no write of ours to it is posted any more. With
+        ``GUARANTEES.remove_stops_inbound``, no write *from* it lands in our pools once this
+        returns, and it raises :class:`TransportError` when it cannot promise that."""
 
     async def close(self) -> None:
         """Deregister the pools and release the engine."""

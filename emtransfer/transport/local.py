@@ -9,7 +9,8 @@ import weakref
 from collections.abc import Sequence
 
 from ..buffers import BufferRegistry, WriteOp
-from .base import Transport, TransportError
+from ..guarantees import Guarantees
+from .base import Transport, TransportError, check_deadline
 
 _ids = itertools.count(1)
 _nodes: weakref.WeakValueDictionary[str, LocalTransport] = weakref.WeakValueDictionary()
@@ -17,12 +18,16 @@ _nodes: weakref.WeakValueDictionary[str, LocalTransport] = weakref.WeakValueDict
 
 class LocalTransport(Transport):
     name = "local"
-    fences_on_write_completion = True
+    #: a write is one synchronous copy: once it returned, it is in the pool, and nothing of a
+    #: peer is in flight while the receiver's loop runs its discard or remove_peer
+    GUARANTEES = Guarantees(remote_completion=True, fences_tag=True, remove_stops_inbound=True)
 
-    def __init__(self, registry: BufferRegistry) -> None:
-        super().__init__(registry)
+    def __init__(self, registry: BufferRegistry, *, post_bound: float = 10.0) -> None:
+        super().__init__(registry, post_bound=post_bound)
         self.node_key = f"local-{next(_ids)}"
         self._peers: dict[str, LocalTransport] = {}
+        self._refused: set[str] = set()  # node keys of removed peers: their writes go nowhere
+        self._discarded: dict[tuple[str, str], None] = {}  # (node key, tag), oldest first
 
     async def start(self) -> None:
         _nodes[self.node_key] = self
@@ -36,16 +41,33 @@ class LocalTransport(Transport):
             raise TransportError(f"local transport: no node {metadata!r} in this process")
         if peer.registry.layouts.keys() != self.registry.layouts.keys():
             raise TransportError("local transport: the peer's fields differ")
+        self._refused.discard(peer.node_key)
         self._peers[peer_id] = peer
 
-    async def write(self, peer_id: str, ops: Sequence[WriteOp], *, tag: str) -> None:
+    async def write(
+        self, peer_id: str, ops: Sequence[WriteOp], *, tag: str, deadline: float = float("inf")
+    ) -> None:
         peer = self._peers.get(peer_id)
         if peer is None:
             raise TransportError(f"local transport: unknown peer {peer_id!r}")
+        check_deadline(deadline, f"local transport: write {tag!r}")
+        if self.node_key in peer._refused:
+            raise TransportError(f"local transport: {peer_id!r} removed us")
+        if (self.node_key, tag) in peer._discarded:
+            return  # fenced by the receiver: the bytes go nowhere
         copy_ops(self.registry, peer.registry, ops)
 
+    async def discard(self, peer_id: str, tag: str) -> None:
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            self._discarded[(peer.node_key, tag)] = None
+            while len(self._discarded) > 4096:
+                del self._discarded[next(iter(self._discarded))]
+
     async def remove_peer(self, peer_id: str) -> None:
-        self._peers.pop(peer_id, None)
+        peer = self._peers.pop(peer_id, None)
+        if peer is not None and peer not in self._peers.values():
+            self._refused.add(peer.node_key)
 
     async def close(self) -> None:
         self._peers.clear()

@@ -21,7 +21,8 @@ import torch
 
 from ..buffers import BufferRegistry, WriteOp
 from ..errors import ConfigError
-from .base import Transport, TransportError
+from ..guarantees import Guarantees
+from .base import Transport, TransportError, check_deadline
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -79,7 +80,10 @@ class NixlTransport(Transport):
     in the post), smaller ones on the loop; one still in progress is polled in a thread."""
 
     name = "nixl"
-    fences_on_write_completion = True  # write() returns once the transfer is DONE at the target
+    #: write() returns once the transfer is DONE at the target; but NIXL cannot cancel a
+    #: posted write, and a peer's writes into our pool are one-sided: neither discard nor
+    #: remove_peer stops them. Only the grant's deadline (checked at posting) bounds them.
+    GUARANTEES = Guarantees(remote_completion=True, fences_tag=False, remove_stops_inbound=False)
     sweep_interval = 1.0  # seconds between background drains of notifications
 
     def __init__(
@@ -89,11 +93,11 @@ class NixlTransport(Transport):
         backend_params: Mapping[str, str] | None = None,
         progress_delay_us: int = 100,
         inline_max_bytes: int = 1 << 20,
-        xfer_timeout: float = 60.0,
+        xfer_timeout: float = 10.0,
         notif_ttl: float = 300.0,
         threads: int = 2,
     ) -> None:
-        super().__init__(registry)
+        super().__init__(registry, post_bound=xfer_timeout)
         self.backend_params = dict(
             parse_backend_params() if backend_params is None else backend_params
         )
@@ -128,7 +132,7 @@ class NixlTransport(Transport):
 
     @classmethod
     def from_settings(cls, settings: Settings, registry: BufferRegistry) -> NixlTransport:
-        return cls(registry, xfer_timeout=settings.chunk_timeout)
+        return cls(registry, xfer_timeout=settings.write_timeout)
 
     async def start(self) -> None:
         if self._closed:
@@ -204,7 +208,9 @@ class NixlTransport(Transport):
             self._landed.pop(peer.agent, None)
             _try("remove_remote_agent", self._agent.remove_remote_agent, peer.agent)
 
-    async def write(self, peer_id: str, ops: Sequence[WriteOp], *, tag: str) -> None:
+    async def write(
+        self, peer_id: str, ops: Sequence[WriteOp], *, tag: str, deadline: float = float("inf")
+    ) -> None:
         agent = self._require()
         peer = self._peer(peer_id)
         local, remote, total = self._descs(peer, ops)
@@ -215,7 +221,8 @@ class NixlTransport(Transport):
             await asyncio.get_running_loop().run_in_executor(self._pool, stream.synchronize)
             if self._peers.get(peer_id) is not peer:
                 raise TransportError(f"nixl: peer {peer_id!r} was removed")
-        args = (agent, peer, local, remote, tag.encode() + b"\0" + str(total).encode())
+        notif = tag.encode() + b"\0" + str(total).encode()
+        args = (agent, peer_id, peer, local, remote, notif, deadline)
         if total >= self.inline_max_bytes:
             fut = self._pool.submit(lambda: self._complete(agent, *self._post(*args), peer.agent))
         else:
@@ -285,12 +292,30 @@ class NixlTransport(Transport):
                 n, total = n + 1, total + size
         return local[:n], remote[:n], total
 
-    def _post(self, agent: Any, peer: _Peer, src: Any, dst: Any, notif: bytes) -> tuple[Any, str]:
+    def _post(
+        self,
+        agent: Any,
+        peer_id: str,
+        peer: _Peer,
+        src: Any,
+        dst: Any,
+        notif: bytes,
+        deadline: float,
+    ) -> tuple[Any, str]:
+        """Prepare and post one WRITE; the last checks (peer still added, grant not expired)
+        come right before the post, after any wait in the executor's queue."""
         try:
             src, dst = agent.get_xfer_descs(src, self._mem), agent.get_xfer_descs(dst, peer.mem)
             handle = agent.initialize_xfer("WRITE", src, dst, peer.agent, notif)
         except Exception as exc:
             raise TransportError(f"nixl: write to {peer.agent} refused: {exc}") from exc
+        try:
+            if self._peers.get(peer_id) is not peer:
+                raise TransportError(f"nixl: peer {peer_id!r} was removed")
+            check_deadline(deadline, f"nixl: write to {peer.agent}")
+        except TransportError:
+            _try("release", handle.release)
+            raise
         try:
             return handle, agent.transfer(handle)
         except Exception as exc:

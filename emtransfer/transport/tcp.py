@@ -21,7 +21,8 @@ import structlog
 
 from ..buffers import BufferRegistry, WriteOp
 from ..errors import ConfigError
-from .base import Transport, TransportError
+from ..guarantees import Guarantees
+from .base import Transport, TransportError, check_deadline
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -235,10 +236,14 @@ class TcpTransport(Transport):
     accepted (both nodes add each other; the receiver's add_peer may come second)."""
 
     name = "tcp"
+    #: write() returns once the bytes are in the kernel, not in the peer's pool; but the
+    #: receiver reads every frame itself, so discard and remove_peer really stop them
+    GUARANTEES = Guarantees(remote_completion=False, fences_tag=True, remove_stops_inbound=True)
 
     def __init__(self, registry: BufferRegistry, *, host: str = "127.0.0.1", port: int = 0,
-                 timeout: float = 10.0, sock_buf: int = SOCK_BUF) -> None:  # fmt: skip
-        super().__init__(registry)
+                 timeout: float = 10.0, sock_buf: int = SOCK_BUF,
+                 post_bound: float = 10.0) -> None:  # fmt: skip
+        super().__init__(registry, post_bound=post_bound)
         if (dev := str(registry.device)) != "cpu":
             raise ConfigError(f"invalid setting device={dev!r}: the tcp transport needs CPU pools")
         self.host, self.port, self.hello_timeout, self.sock_buf = host, port, timeout, sock_buf
@@ -254,7 +259,12 @@ class TcpTransport(Transport):
 
     @classmethod
     def from_settings(cls, settings: Settings, registry: BufferRegistry) -> TcpTransport:
-        return cls(registry, host=settings.host, timeout=settings.bootstrap_timeout)
+        return cls(
+            registry,
+            host=settings.host,
+            timeout=settings.bootstrap_timeout,
+            post_bound=settings.write_timeout,
+        )
 
     async def start(self) -> None:
         if self._server is None:
@@ -358,8 +368,11 @@ class TcpTransport(Transport):
                 ) from exc
             raise
 
-    async def write(self, peer_id: str, ops: Sequence[WriteOp], *, tag: str) -> None:
-        """Send ``ops``; returns once every byte is in the kernel (the source may be reused)."""
+    async def write(
+        self, peer_id: str, ops: Sequence[WriteOp], *, tag: str, deadline: float = float("inf")
+    ) -> None:
+        """Send ``ops``; returns once every byte is in the kernel (the source may be reused),
+        within ``post_bound`` seconds or the connection is dropped and the write fails."""
         peer = self._peer(peer_id)
         pieces = self._frames(peer, ops, tag.encode())
         async with peer.lock:  # one write at a time per connection: frames never interleave
@@ -373,9 +386,17 @@ class TcpTransport(Transport):
             try:
                 if self._peers.get(peer_id) is not peer:  # removed while connecting
                     raise ConnectionAbortedError("peer removed")
+                check_deadline(deadline, f"tcp transport: write {tag!r}")
                 for piece in pieces:
                     writer.write(piece)
-                await writer.drain()
+                try:
+                    async with asyncio.timeout(self.post_bound):
+                        await writer.drain()
+                except TimeoutError:
+                    raise TransportError(
+                        f"tcp transport: write to {peer_id!r} not taken within "
+                        f"{self.post_bound}s (write_timeout): the peer stopped reading"
+                    ) from None
                 if writer.is_closing():
                     raise ConnectionResetError("connection closed")
             except BaseException as exc:  # failed or cancelled mid-frame: drop the stream
@@ -405,8 +426,12 @@ class TcpTransport(Transport):
         if peer is None:
             return  # removed: nothing of it reaches the pool any more
         peer.discarded[key] = None
-        while len(peer.discarded) > MAX_TAGS:
-            del peer.discarded[next(iter(peer.discarded))]
+        if len(peer.discarded) > MAX_TAGS:
+            # forgetting a tag would let its late bytes land: drop the connections instead,
+            # taking every byte still in flight on them along (the sender reconnects)
+            for conn in list(peer.recv):
+                conn.drop("too many discarded tags", warn=False)
+            peer.discarded.clear()
         for conn in peer.recv:
             conn.discard_current(key)
         st = peer.tags.pop(key, None)

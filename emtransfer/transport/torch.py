@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from ..buffers import BufferRegistry, WriteOp
-from .base import Transport, TransportError
+from ..guarantees import Guarantees
+from .base import Transport, TransportError, check_deadline
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -34,7 +35,8 @@ _MAGIC, _WRITE, _STOP = 0x454D54, 1, 2
 _MAX_OPS, _MAX_TAG = 1 << 16, 1024  # per write, both sides
 _MAX_DISCARDED = 4096  # per link: beyond this, the oldest discarded tag is forgotten
 _FOREVER = timedelta(days=3650)  # a gloo wait that expires closes every pair of the group
-_Job = tuple[list[torch.Tensor] | None, "asyncio.Future[None] | None"]  # (None, None): our STOP
+#: (messages, future, grant deadline); (None, None, 0): our STOP
+_Job = tuple[list[torch.Tensor] | None, "asyncio.Future[None] | None", float]
 
 
 def _err(msg: str) -> TransportError:
@@ -70,7 +72,10 @@ class _Link:
 
 class TorchTransport(Transport):
     name = "torch"
-    fences_on_write_completion = False  # a completed isend is not yet in the peer's pool
+    #: a completed isend is not yet in the peer's pool; but the receiver's thread reads every
+    #: write itself: discard drains a tag into scratch (or raises), remove_peer stops the
+    #: link (or raises when a receive into the pool does not end within ``grace``)
+    GUARANTEES = Guarantees(remote_completion=False, fences_tag=True, remove_stops_inbound=True)
 
     def __init__(
         self,
@@ -80,7 +85,7 @@ class TorchTransport(Transport):
         write_timeout: float = 30.0,
         init_timeout: float = 30.0,
     ) -> None:
-        super().__init__(registry)
+        super().__init__(registry, post_bound=write_timeout)
         self._grace, self._write_timeout, self._init_timeout = grace, write_timeout, init_timeout
         self._fields = list(registry.layouts)
         self._views = [registry.byte_view(f) for f in self._fields]
@@ -102,7 +107,7 @@ class TorchTransport(Transport):
         return cls(
             registry,
             grace=settings.abort_ack_timeout,
-            write_timeout=settings.chunk_timeout,
+            write_timeout=settings.write_timeout,
             init_timeout=max(settings.bootstrap_timeout, settings.chunk_timeout),
         )
 
@@ -178,7 +183,9 @@ class TorchTransport(Transport):
             raise _err(f"unknown peer {peer_id!r}")
         return link
 
-    async def write(self, peer_id: str, ops: Sequence[WriteOp], *, tag: str) -> None:
+    async def write(
+        self, peer_id: str, ops: Sequence[WriteOp], *, tag: str, deadline: float = float("inf")
+    ) -> None:
         link = self._peer(peer_id)
         if not ops:
             return
@@ -187,7 +194,7 @@ class TorchTransport(Transport):
         with self._mu:
             if link.error or link.sent_stop:  # nothing may queue behind our STOP
                 raise _err(f"peer {peer_id!r} is unusable: {link.error or 'stopped'}")
-            link.jobs.put((msgs, fut))
+            link.jobs.put((msgs, fut, deadline))
         try:
             await asyncio.wait_for(asyncio.shield(fut), self._write_timeout)
         except TimeoutError:
@@ -272,9 +279,9 @@ class TorchTransport(Transport):
         if link is not None:
             self._retire(link, "peer removed")
             if not await asyncio.to_thread(self._quiesce, [link], self._grace):
-                _log.error(
-                    "torch transport: a receive from a removed peer is still running",
-                    rank=link.rank,
+                raise _err(
+                    f"a receive from removed rank {link.rank} is still running after "
+                    f"{self._grace}s: its bytes may still land"
                 )
 
     async def close(self) -> None:
@@ -304,7 +311,7 @@ class TorchTransport(Transport):
         with self._mu:
             if not link.sent_stop:
                 link.sent_stop = True
-                link.jobs.put((None, None))
+                link.jobs.put((None, None, 0.0))
 
     def _quiesce(self, links: list[_Link], timeout: float) -> bool:
         """Wait (bounded) for the links' threads to end; True once none receives into a pool."""
@@ -326,7 +333,7 @@ class TorchTransport(Transport):
         if self._cuda:
             torch.cuda.set_device(self._device)
         while True:
-            msgs, fut = link.jobs.get()
+            msgs, fut, deadline = link.jobs.get()
             if msgs is None:  # our last message on this link
                 stop = torch.tensor([_MAGIC, _STOP, 0, 0], dtype=torch.int64)
                 try:
@@ -339,6 +346,7 @@ class TorchTransport(Transport):
                 with self._mu:
                     if link.peer_id is None or link.error:
                         raise _err(f"peer gone before the write started: {link.error or 'removed'}")
+                check_deadline(deadline, f"torch transport: write to rank {link.rank}")
                 works = [
                     dist.isend(t, dst=link.rank, group=self._ctl, tag=link.tag) for t in msgs[:2]
                 ]
