@@ -72,6 +72,29 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
     held: list[Any] = []
     tasks: set[asyncio.Task[None]] = set()
     hidden = s.hidden_size
+    # a pause point the tests enable: data-plane writes wait here, before the engine's own
+    # checks and post, as a write queued behind a busy executor would
+    gate = asyncio.Event()
+    gate.set()
+    gated = {"waiting": 0}
+    waiting_changed = asyncio.Event()
+    real_write = node.transport.write
+
+    async def gated_write(*a: Any, **kw: Any) -> None:
+        if not gate.is_set():
+            gated["waiting"] += 1
+            waiting_changed.set()
+            await gate.wait()
+            gated["waiting"] -= 1
+        await real_write(*a, **kw)
+
+    node.transport.write = gated_write  # type: ignore[method-assign]
+    leases: dict[str, tuple[Any, Any, int, int]] = {}
+    import contextlib
+
+    def verify(got: Any, seed: int, n: int) -> bool:
+        want = payload(seed, n, hidden)
+        return got.num_tokens == n and all(torch.equal(got.tensors[k], v) for k, v in want.items())
 
     async def run(cid: int, cmd: str, args: tuple[Any, ...]) -> None:
         try:
@@ -93,6 +116,31 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
                 torch.equal(got.tensors[k], v) for k, v in want.items()
             )
             return {"ok": ok, "rounds": got.rounds, "meta": got.meta, "num_tokens": got.num_tokens}
+        if cmd == "hold_writes":
+            gate.clear()
+            return True
+        if cmd == "writes_held":  # wait until a write sits at the pause point
+            async with asyncio.timeout(args[0]):
+                while gated["waiting"] < 1:
+                    waiting_changed.clear()
+                    await waiting_changed.wait()
+            return gated["waiting"]
+        if cmd == "release_writes":
+            gate.set()
+            return True
+        if cmd == "lease_open":  # a zero-copy lease kept open until lease_close
+            rid, address, expected, seed, n = args
+            stack = contextlib.AsyncExitStack()
+            got = await stack.enter_async_context(node.lease(rid, address, expected_tokens=expected))
+            leases[rid] = (stack, got, seed, n)
+            return {"ok": verify(got, seed, n), "zero_copy": got.zero_copy}
+        if cmd == "lease_check":
+            _, got, seed, n = leases[args[0]]
+            return verify(got, seed, n)
+        if cmd == "lease_close":
+            stack, *_ = leases.pop(args[0])
+            await stack.aclose()
+            return True
         if cmd == "connect":
             peer = await node.connect(args[0])
             return peer.node_id
@@ -124,7 +172,7 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
                     for r, sess in p.sessions.items()
                 }
                 if role == "encode":
-                    states.update({r: x.machine.state.name for r, x in node._senders.items()})
+                    states.update({r: x.machine.state.name for r, x in node.senders.items()})
                 if states.get(rid) in wanted:
                     return states[rid]
                 if loop.time() > deadline:
@@ -219,6 +267,13 @@ class NodeProc:
 
     def call(self, cmd: str, *args: Any, timeout: float = 60) -> Any:
         return self.wait(self.start(cmd, *args), timeout)
+
+    def pause(self) -> None:
+        """SIGSTOP: the process stays alive, its sockets open, and does nothing at all."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         if self.proc.is_alive():

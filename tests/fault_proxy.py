@@ -1,0 +1,95 @@
+"""A userspace TCP proxy the tests own, between two processes (this kernel has no netem).
+
+It runs its own event loop in a thread, so a test can drive it from plain code while the nodes
+run in their own processes. Faults: ``blackhole()`` stops forwarding in both directions and
+keeps every socket open (a partition without FIN or RST), ``cut()`` resets every connection,
+``heal()`` forwards again (connections made after a cut go through).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from typing import Any
+
+
+class FaultProxy:
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._flowing = asyncio.Event()  # used on the proxy's loop only
+        self._loop.call_soon_threadsafe(self._flowing.set)
+        self._conns: set[Any] = set()
+        self._server = self._call(self._start())
+        port = self._server.sockets[0].getsockname()[1]
+        self.address = f"127.0.0.1:{port}"
+
+    def _call(self, coro: Any, timeout: float = 10) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _start(self) -> asyncio.Server:
+        return await asyncio.start_server(self._handle, "127.0.0.1", 0)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        pair = (writer, up_w)
+        self._conns.add(pair)
+        await asyncio.gather(self._pump(reader, up_w), self._pump(up_r, writer))
+        self._conns.discard(pair)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+                await self._flowing.wait()  # blackholed: hold the bytes, send nothing
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            await self._flowing.wait()  # blackholed: not even the FIN goes through
+            writer.close()
+
+    def blackhole(self) -> None:
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+
+    def heal(self) -> None:
+        self._loop.call_soon_threadsafe(self._flowing.set)
+
+    def cut(self) -> None:
+        """Reset every connection now (RST, not FIN)."""
+
+        async def reset() -> None:
+            for a, b in list(self._conns):
+                for w in (a, b):
+                    sock = w.get_extra_info("socket")
+                    if sock is not None:
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                        )
+                    w.transport.abort()
+            self._conns.clear()
+
+        self._call(reset())
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self._server.close()
+            for a, b in list(self._conns):
+                a.transport.abort()
+                b.transport.abort()
+
+        self.heal()
+        self._call(stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
