@@ -6,6 +6,7 @@ fence (``discard``): a write under a discarded tag lands nowhere."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -80,12 +81,11 @@ def _raw(ops: list[WriteOp]) -> list[tuple[str, int, int, int]]:
 
 
 def _fences(transport: Any) -> bool:
-    """Completed writes are already in the peer's pools: the sender's AbortAck fences, and
-    ``discard`` has nothing to stop (writes made after it land, by design)."""
-    return bool(getattr(transport, "fences_on_write_completion", False))
+    """Whether the transport declares that ``discard`` fences a tag (then it is checked)."""
+    return bool(transport.GUARANTEES.fences_tag)
 
 
-SKIP_DISCARD = "skipped: fences_on_write_completion (discard is a no-op by design)"
+NOT_DECLARED = "not declared"
 
 
 async def _recv(conn: Any) -> Any:
@@ -100,7 +100,7 @@ async def _connect(transport: Any, conn: Any) -> None:
 
 
 async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -> None:
-    from emtransfer.transport import TransportError
+    from emtransfer.transport import GrantExpired, TransportError
 
     await _connect(transport, conn)
     cases = _cases(registry)
@@ -121,7 +121,7 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
             conn.send(("check", 99, f"many{k}", _raw(ops)))
             assert (await _recv(conn))[0] == "checked"
         # the fence: a write under a tag the receiver discarded first, then one under a fresh tag
-        if not _fences(transport):
+        if _fences(transport):
             _fill(registry, seed=77)
             dropped = registry.write_ops(_alloc([1, 2, 3]).runs_to(_alloc([10, 11, 12]), 48))
             fresh = registry.write_ops(_alloc([4, 5]).runs_to(_alloc([20, 21]), 32))
@@ -130,6 +130,19 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
             await transport.write("peer", dropped, tag="dropped")
             await transport.write("peer", fresh, tag="fresh")
             conn.send(("check-discard", 77, _raw(dropped), _raw(fresh)))
+            assert (await _recv(conn))[0] == "checked"
+        # a grant past its deadline: never posted, on every transport
+        try:
+            await transport.write("peer", cases[0], tag="late", deadline=time.monotonic() - 1)
+            errors.append("a write past its grant's deadline was posted")
+        except GrantExpired:
+            pass
+        # remote completion: once write() returned, the bytes are in the peer's pool
+        if transport.GUARANTEES.remote_completion:
+            _fill(registry, seed=55)
+            now = registry.write_ops(_alloc([30]).runs_to(_alloc([40]), BLOCK_SIZE))
+            await transport.write("peer", now, tag="now")
+            conn.send(("check-now", 55, _raw(now)))
             assert (await _recv(conn))[0] == "checked"
         # refusals: past the end of the peer's pool, an unknown peer, a removed peer
         pool_bytes = registry.byte_view("embeddings").numel()
@@ -141,6 +154,18 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
                 errors.append(f"no error for {peer}")
             except TransportError:
                 pass
+        # the receiver removes us: with remove_stops_inbound, nothing we write lands any more
+        if transport.GUARANTEES.remove_stops_inbound:
+            conn.send(("remove-me",))
+            assert (await _recv(conn))[0] == "removed"
+            _fill(registry, seed=66)
+            gone = registry.write_ops(_alloc([50]).runs_to(_alloc([51]), BLOCK_SIZE))
+            try:
+                await asyncio.wait_for(transport.write("peer", gone, tag="gone"), 30)
+            except (TransportError, TimeoutError):
+                pass
+            conn.send(("check-removed", _raw(gone)))
+            assert (await _recv(conn))[0] == "checked"
         conn.send(("done-writing",))
         await _recv(conn)  # receiver confirms it is still healthy
         await transport.remove_peer("peer")
@@ -152,7 +177,10 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
         await transport.close()
         conn.send(("ok", errors))
     else:
-        checked, fence = 0, SKIP_DISCARD if _fences(transport) else "not run"
+        checked, fence = 0, "not run" if _fences(transport) else NOT_DECLARED
+        g = transport.GUARANTEES
+        remote = "not run" if g.remote_completion else NOT_DECLARED
+        removal = "not run" if g.remove_stops_inbound else NOT_DECLARED
         snapshot: dict[str, Any] = {}
         while True:
             msg = await _recv(conn)
@@ -167,6 +195,29 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
                 fence = await _check_discard(transport, registry, snapshot, *msg[1:])
                 conn.send(("checked",))
                 continue
+            if msg[0] == "check-now":  # no wait_landed: the write's completion is the proof
+                want = _expected(registry, msg[1])
+                remote = "ok"
+                for o in [WriteOp(*r) for r in msg[2]]:
+                    got = registry.byte_view(o.field)[o.dst_offset : o.dst_offset + o.nbytes]
+                    if not bool((got == want[o.field][o.src_offset : o.src_offset + o.nbytes]).all()):
+                        remote = f"a completed write is not in the pool yet: {o}"
+                conn.send(("checked",))
+                continue
+            if msg[0] == "remove-me":
+                await transport.remove_peer("peer")
+                snapshot = {n: registry.byte_view(n).clone() for n in registry.layouts}
+                conn.send(("removed",))
+                continue
+            if msg[0] == "check-removed":
+                removal = "ok"
+                for o in [WriteOp(*r) for r in msg[1]]:
+                    got = registry.byte_view(o.field)[o.dst_offset : o.dst_offset + o.nbytes]
+                    was = snapshot[o.field][o.dst_offset : o.dst_offset + o.nbytes]
+                    if not bool((got == was).all()):
+                        removal = f"a removed peer's write landed: {o}"
+                conn.send(("checked",))
+                continue
             _, seed, tag, raw = msg
             ops = [WriteOp(*o) for o in raw]
             await asyncio.wait_for(transport.wait_landed("peer", tag, _nbytes(ops)), 30)
@@ -179,7 +230,7 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
             conn.send(("checked",))
         conn.send(("alive",))
         await transport.close()
-        conn.send(("ok", (checked, fence)))
+        conn.send(("ok", (checked, fence, remote, removal)))
 
 
 async def _check_discard(
@@ -206,10 +257,10 @@ async def _check_discard(
 def test_transport_conformance(name: str) -> None:
     from emtransfer.transport import transport_class
 
-    sender, (checked, fence) = run_pair(name, scenario_writes, timeout=100)
+    sender, (checked, fence, remote, removal) = run_pair(name, scenario_writes, timeout=100)
     assert sender == [], sender
     assert checked == 5 + 16
-    if getattr(transport_class(name), "fences_on_write_completion", False):
-        assert fence == SKIP_DISCARD, fence
-    else:
-        assert fence == "ok", fence
+    g = transport_class(name).GUARANTEES  # every declared guarantee was checked, and held
+    assert fence == ("ok" if g.fences_tag else NOT_DECLARED), fence
+    assert remote == ("ok" if g.remote_completion else NOT_DECLARED), remote
+    assert removal == ("ok" if g.remove_stops_inbound else NOT_DECLARED), removal

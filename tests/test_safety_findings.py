@@ -1,0 +1,249 @@
+"""One test per finding of the safety review that the in-process or in-loop setting shows
+exactly (the live, two-process ones are in test_faults_live.py): single-flight connect and
+peers by connection, a cancellation racing the completion of a lease, bounds on
+total_tokens and on Encode jobs, retries never poisoned by a failed attempt, pre-staging that
+fails, and TCP writes to a receiver that stopped reading."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+from helpers_runtime import (
+    assert_same_payload,
+    connected,
+    make_payload,
+    make_settings,
+    receiver_session,
+    wait_pools_clean,
+    wait_until,
+)
+
+import emtransfer as et
+from emtransfer.runtime import encode as encode_mod
+from emtransfer.transport import tcp as tcp_mod
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_concurrent_receives_share_one_connection() -> None:
+    """Finding 3, benign trigger: four receive() calls naming the address at once used to open
+    four connections, three of them kicked off as 'replaced by a new connection'."""
+    s = make_settings(transport="tcp")
+    async with et.EncodeNode(s, control="tcp") as enc, et.LanguageNode(s) as lang:
+        payloads = {f"r{i}": make_payload(40 + i, seed=i) for i in range(4)}
+        sends = [asyncio.create_task(enc.send(r, p)) for r, p in payloads.items()]
+        got = await asyncio.gather(*(lang.receive(r, enc.address) for r in payloads))
+        await asyncio.gather(*sends)
+        for g in got:
+            assert_same_payload(g.tensors, payloads[g.rid])
+        assert len(lang.peers) == 1 and len(enc.peers) == 1
+        await wait_pools_clean(enc, lang)
+
+
+async def test_a_second_connection_claiming_the_same_id_kicks_nobody_off() -> None:
+    s = make_settings(transport="tcp")
+    async with (
+        et.EncodeNode(s, control="tcp") as enc,
+        et.LanguageNode(s) as a,
+        et.LanguageNode(s) as b,
+    ):
+        b.node_id = a.node_id  # an impostor, or an unlucky restart
+        pa = await a.connect(enc.address)
+        pb = await b.connect(enc.address)
+        assert len(enc.peers_named(a.node_id)) == 2 and pa.alive and pb.alive
+        pay = make_payload(50, seed=3)
+        send = asyncio.create_task(enc.send("x", pay, peer=enc.peers_named(a.node_id)[0]))
+        got = await a.receive("x", pa)
+        await send
+        assert_same_payload(got.tensors, pay)
+        await wait_pools_clean(enc, a, b)
+
+
+async def test_payload_named_for_one_peer_is_refused_to_another() -> None:
+    """Finding 2: first Init wins no more. The rightful receiver gets the payload; the other
+    peer's Init is refused at once with a typed error (no wait for chunk_timeout)."""
+    s = make_settings(transport="tcp", chunk_timeout=30)
+    async with (
+        et.EncodeNode(s, control="tcp") as enc,
+        et.LanguageNode(s) as owner,
+        et.LanguageNode(s) as thief,
+    ):
+        await owner.connect(enc.address)
+        tp = await thief.connect(enc.address)
+        pay = make_payload(60, seed=4)
+        send = asyncio.create_task(enc.send("img", pay, peer=owner.node_id))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(et.TransferAborted, match="another peer"):
+            await thief.receive("img", tp)
+        assert loop.time() - t0 < 5
+        got = await owner.receive("img", enc.address)
+        await send
+        assert_same_payload(got.tensors, pay)
+        await wait_pools_clean(enc, owner, thief)
+
+
+async def test_cancel_racing_the_in_place_completion_frees_the_lease() -> None:
+    """Finding 4: cancelled after the in-place completion but before resuming, the lease's
+    blocks were never freed."""
+    s = make_settings()
+    async with connected(s) as (enc, lang, peer):
+        pay = make_payload(40, seed=5)
+        task = asyncio.create_task(lang.lease("L", peer, expected_tokens=40).__aenter__())
+        await wait_until(lambda: receiver_session(peer, "L") is not None, what="session")
+        session = receiver_session(peer, "L")
+        # runs before the lease's coroutine wakes up: the cancel lands between the two
+        session.result.add_done_callback(lambda _: task.cancel())
+        await enc.send("L", pay)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_pools_clean(enc, lang)
+
+
+async def test_total_tokens_is_bounded_before_any_allocation() -> None:
+    """Finding 7: a sender's total_tokens was trusted and pre-allocated."""
+    small = make_settings(max_tokens=100)
+    big = make_settings(max_tokens=10_000)
+    async with connected(big, small) as (enc, lang, peer):
+        with pytest.raises(et.InvalidRequest, match="max_tokens"):
+            await lang.receive("e", peer, expected_tokens=101)
+        send = asyncio.create_task(enc.send("huge", make_payload(300, seed=6)))
+        with pytest.raises(et.ProtocolError, match="max_tokens"):
+            await lang.receive("huge", peer)
+        with pytest.raises(et.TransferError):
+            await send
+    async with connected(small) as (enc, _lang, _peer):
+        with pytest.raises(et.PayloadError, match="max_tokens"):
+            await enc.send("big", make_payload(101))
+
+
+async def test_encode_jobs_count_against_the_in_flight_limit() -> None:
+    """Finding 7: 200 jobs with the limit at 2 parked 200 payloads."""
+    gate = asyncio.Event()
+
+    async def slow(job: dict[str, Any]) -> dict[str, torch.Tensor]:
+        await gate.wait()
+        return make_payload(job["n"], seed=job["n"])
+
+    s = make_settings(max_inflight_per_peer=2)
+    async with (
+        et.EncodeNode(s, encoder=slow) as enc,
+        et.LanguageNode(make_settings(max_inflight_per_peer=8)) as lang,
+    ):
+        peer = await lang.connect(enc.address)
+        jobs = [asyncio.create_task(lang.encode(f"j{i}", peer, {"n": 20 + i})) for i in range(6)]
+        done, _ = await asyncio.wait(jobs, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        await wait_until(lambda: sum(j.done() for j in jobs) == 4, what="four refusals")
+        refused = [j for j in jobs if j.done()]
+        for j in refused:
+            with pytest.raises(et.TransferAborted, match="max_inflight_per_peer"):
+                j.result()
+        gate.set()
+        for j in jobs:
+            if j not in refused:
+                got = await j
+                assert_same_payload(got.tensors, make_payload(got.num_tokens, seed=got.num_tokens))
+        await wait_pools_clean(enc, lang)
+
+
+async def test_a_failed_attempt_never_poisons_a_retry_nor_binds_its_orphan() -> None:
+    """Finding 6: a failed job was remembered by rid (a retry got the old reason), and an
+    orphaned result of an old attempt could bind to the retry."""
+    calls: list[dict[str, Any]] = []
+    release_old = asyncio.Event()
+
+    async def encoder(job: dict[str, Any]) -> dict[str, torch.Tensor]:
+        calls.append(job)
+        if job.get("fail"):
+            raise ValueError("undecodable image")
+        if job.get("slow"):
+            await release_old.wait()
+        return make_payload(30, seed=job["seed"])
+
+    s = make_settings()
+    async with et.EncodeNode(s, encoder=encoder) as enc, et.LanguageNode(s) as lang:
+        peer = await lang.connect(enc.address)
+        with pytest.raises(et.TransferAborted, match="undecodable"):
+            await lang.encode("r", peer, {"fail": True, "seed": 1})
+        got = await lang.encode("r", peer, {"seed": 2})  # the retry: same rid
+        assert_same_payload(got.tensors, make_payload(30, seed=2))
+        old = asyncio.create_task(lang.encode("o", peer, {"slow": True, "seed": 3}))
+        await wait_until(lambda: len(calls) == 3, what="the slow job to start")
+        old.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await old
+        await wait_until(lambda: "o" not in peer.sessions, what="the old attempt to end")
+        retry = asyncio.create_task(lang.encode("o", peer, {"slow": False, "seed": 4}))
+        await wait_until(lambda: len(calls) == 4, what="the retry's job")
+        release_old.set()  # the orphan's result arrives now: it must go nowhere
+        got = await retry
+        assert_same_payload(got.tensors, make_payload(30, seed=4))
+        await wait_pools_clean(enc, lang)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["inline", "executor"])
+async def test_a_failing_prestage_copy_gives_its_blocks_back(
+    offload: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 8: a pre-staged allocation leaked if its copy raised."""
+    if offload:
+        monkeypatch.setattr(encode_mod, "OFFLOAD_BYTES", 0)
+    s = make_settings()
+    async with connected(s) as (enc, lang, peer):
+        real = enc.registry.write
+        calls = {"n": 0}
+
+        def flaky(*a: Any, **kw: Any) -> None:
+            calls["n"] += 1
+            if calls["n"] == 2:  # round 0 stages first; the pre-stage of round 1 is second
+                raise RuntimeError("copy failed")
+            real(*a, **kw)
+
+        monkeypatch.setattr(enc.registry, "write", flaky)
+        pay = make_payload(150, seed=7)  # 150 tokens over a 64-token default: resumes
+        send = asyncio.create_task(enc.send("p", pay))
+        got = await lang.receive("p", peer)
+        await send
+        assert calls["n"] >= 3 and got.rounds >= 2
+        assert_same_payload(got.tensors, pay)
+        await wait_pools_clean(enc, lang)
+
+
+async def test_tcp_write_to_a_receiver_that_stopped_reading_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Finding 5: with no deadline in WRITING and an unbounded drain(), a receiver that stops
+    reading its data socket but keeps heartbeating pinned blocks on both nodes forever."""
+    real_accept = tcp_mod._RecvConn.accept
+
+    def accept_then_stall(self: Any, peer: Any) -> None:
+        real_accept(self, peer)
+        self.tr.pause_reading()
+
+    monkeypatch.setattr(tcp_mod._RecvConn, "accept", accept_then_stall)
+    s = et.Settings(
+        hidden_size=4096,
+        num_blocks=32,
+        block_size=128,
+        default_blocks=8,
+        transport="tcp",
+        chunk_timeout=2.0,
+        write_timeout=0.5,
+        abort_ack_timeout=1.0,
+    )
+    async with et.EncodeNode(s, control="tcp") as enc, et.LanguageNode(s) as lang:
+        peer = await lang.connect(enc.address)
+        emb = torch.randn(2048, 4096).to(torch.bfloat16)  # 16 MiB: more than both buffers
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        send = asyncio.create_task(enc.send("stall", {"embeddings": emb}))
+        with pytest.raises(et.TransferError):
+            await lang.receive("stall", peer, expected_tokens=2048)
+        with pytest.raises(et.TransferError):
+            await send
+        assert loop.time() - t0 < s.chunk_timeout + s.write_timeout + 2
+        assert peer.alive  # the control connection was never the problem
+        await wait_pools_clean(enc, lang, timeout=10)
