@@ -16,6 +16,8 @@ import torch
 
 import emtransfer as et
 from emtransfer.allocator import Allocation, BlockAllocator
+from emtransfer.guarantees import Guarantees
+from emtransfer.transport import LocalTransport
 
 HIDDEN = 32
 BLOCK = 16
@@ -153,7 +155,7 @@ def receiver_session(peer: et.Peer, rid: str) -> Any:
 
 
 def sender_session(enc: et.EncodeNode, rid: str) -> Any:
-    return enc._senders.get(rid)
+    return enc.senders.get(rid)
 
 
 def state_of(session: Any) -> str | None:
@@ -202,3 +204,35 @@ class raises_typed:
             pytest.fail(f"{want} raised but {self.match!r} not in: {exc}", pytrace=False)
         self.value = exc
         return True
+
+
+def grant(ttl_s: float = 30.0) -> dict[str, int]:
+    """The grant fields of a hand-made Init or Resume: stamped now (both nodes of a test share
+    this process's clock) and living ``ttl_s``."""
+    from emtransfer.runtime.node import now_stamp
+
+    return {"stamp": now_stamp(), "ttl_ms": int(ttl_s * 1000)}
+
+
+#: what NIXL declares: a completed write is in the receiver's pool (so an AbortAck is proof),
+#: but neither a fence nor removing the peer stops a write that is already posted
+NIXL_GUARANTEES = Guarantees(remote_completion=True, fences_tag=False, remove_stops_inbound=False)
+
+
+class NixlLikeTransport(LocalTransport):
+    """The in-process engine, declaring only what NIXL declares: a receiver on it can release
+    abandoned blocks on an AbortAck or at the grant's expiry, never on a fence or a teardown."""
+
+    GUARANTEES = NIXL_GUARANTEES
+
+
+def language_node(
+    settings: et.Settings, transport: type[LocalTransport] = NixlLikeTransport
+) -> et.LanguageNode:
+    """A language node on ``transport`` (a LocalTransport declaring other guarantees). The
+    transport is built on the node's own pool registry and handed to the node before it
+    starts (``LanguageNode(transport=...)`` takes a transport built on another registry)."""
+    node = et.LanguageNode(settings)
+    node.transport = transport.from_settings(settings, node.registry)
+    assert node.transport.guarantees.post_bound == settings.write_timeout
+    return node

@@ -1,4 +1,5 @@
-"""Shared by the sender and receiver machine tests: every event class, one sample of each."""
+"""Shared by the protocol machine tests: every event class, one sample of each, and the
+transports' guarantee combinations."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 
 from emtransfer.errors import ProtocolError
+from emtransfer.guarantees import NONE, Guarantees
 from emtransfer.protocol import events as ev
 from emtransfer.protocol.events import (
     AbortAckReceived,
@@ -17,6 +19,8 @@ from emtransfer.protocol.events import (
     ChunkReceived,
     DataReady,
     Event,
+    Fenced,
+    FenceFailed,
     InitReceived,
     LocalAbort,
     PeerLost,
@@ -26,7 +30,18 @@ from emtransfer.protocol.events import (
     WriteDone,
     WriteFailed,
 )
-from emtransfer.protocol.machine import Machine
+from emtransfer.protocol.machine import GRANT_EXPIRY, Machine
+from emtransfer.settings import Settings
+
+#: the guarantee combinations the transports declare (nixl; tcp and torch; local), and none at
+#: all: the receiver machine is tested under each
+GUARANTEES: dict[str, Guarantees] = {
+    "nixl": Guarantees(remote_completion=True, fences_tag=False, remove_stops_inbound=False),
+    "tcp": Guarantees(remote_completion=False, fences_tag=True, remove_stops_inbound=True),
+    "local": Guarantees(remote_completion=True, fences_tag=True, remove_stops_inbound=True),
+    "none": NONE,
+}
+KINDS = tuple(GUARANTEES)
 
 
 def all_event_types() -> list[type[Event]]:
@@ -45,6 +60,8 @@ SAMPLE_EVENTS: dict[type[Event], Event] = {
     AllocGranted: AllocGranted((0,), 4),
     ChunkReceived: ChunkReceived(0, 0, 4, 4, True),
     DataReady: DataReady(4),
+    Fenced: Fenced(),
+    FenceFailed: FenceFailed("f"),
     InitReceived: InitReceived((0,), 4),
     LocalAbort: LocalAbort(),
     PeerLost: PeerLost(),
@@ -77,3 +94,17 @@ def assert_refused(m: Machine[Any], event_type: type[Event], role: str, rid: str
     assert m.state is state
     assert m.history == history
     assert vars(m) == snapshot
+
+
+def assert_timeouts_name_settings(machine: type[Machine[Any]], states: Iterable[Enum]) -> None:
+    """Every state but NEW and the terminal ones has a deadline: a Settings timeout (a float
+    field of Settings) or the grant's expiry; and each accepts the Timeout."""
+    fields = Settings.model_fields
+    for state in states:
+        name = machine.TIMEOUTS.get(state)
+        if state.name == "NEW" or state in machine.TERMINAL:
+            assert name is None, state
+            continue
+        assert name is not None, f"{state.name} has no deadline"
+        assert name == GRANT_EXPIRY or (name in fields and fields[name].annotation is float), name
+        assert (state, ev.Timeout) in machine.TRANSITIONS, state

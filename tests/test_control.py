@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import structlog
 import torch
-from helpers_runtime import raises_typed, sender_session, state_of
+from helpers_runtime import grant, raises_typed, sender_session, state_of
 
 import emtransfer as et
 from emtransfer.logs import configure_logging
@@ -307,10 +307,12 @@ async def test_tcp_handshake_lists_each_other_as_peers() -> None:
         assert peer.node_id == enc.node_id and peer.role == "encode"
         assert peer.num_blocks == s.num_blocks
         assert lang.health()["peers"] == [enc.node_id]
-        await poll_until(lambda: lang.node_id in enc.peers, 5, "encode node lists the language")
+        await poll_until(
+            lambda: bool(enc.peers_named(lang.node_id)), 5, "encode node lists the language"
+        )
         assert enc.health()["peers"] == [lang.node_id]
-        assert enc.peers[lang.node_id].role == "language"
-        assert isinstance(enc.peers[lang.node_id].channel, TcpChannel)
+        assert enc.peers_named(lang.node_id)[0].role == "language"
+        assert isinstance(enc.peers_named(lang.node_id)[0].channel, TcpChannel)
         # connecting again reuses the live connection
         assert await lang.connect(enc.address) is peer
         assert len(enc.peers) == 1
@@ -457,7 +459,8 @@ async def test_a_replayed_hello_is_refused() -> None:
         refused = await second.recv()
         assert isinstance(refused, m.Error) and "authentication failed" in refused.reason
         await second.closed_by_peer(5)
-        assert list(enc.peers) == ["raw-language"]  # the first connection is untouched
+        # the first connection is untouched
+        assert [p.node_id for p in enc.peers.values()] == ["raw-language"]
         _assert_secret_absent(SECRET_A, first.tx, first.rx, second.tx, second.rx)
         first.close()
         await poll_until(lambda: not enc.peers, 5, "the first raw client to be gone")
@@ -495,8 +498,8 @@ async def test_an_idle_pair_stays_connected_over_several_heartbeat_timeouts() ->
     s = settings(**FAST_HB)
     async with tcp_pair(s) as (enc, lang):
         peer = await asyncio.wait_for(lang.connect(enc.address), 5)
-        await poll_until(lambda: lang.node_id in enc.peers, 5, "encode side peer")
-        enc_peer = enc.peers[lang.node_id]
+        await poll_until(lambda: bool(enc.peers_named(lang.node_id)), 5, "encode side peer")
+        enc_peer = enc.peers_named(lang.node_id)[0]
         seen = (peer.last_seen, enc_peer.last_seen)
         loop = asyncio.get_running_loop()
         end = loop.time() + 4 * s.heartbeat_timeout
@@ -514,7 +517,7 @@ async def test_an_idle_pair_stays_connected_over_several_heartbeat_timeouts() ->
 async def _raw_round0(enc: et.EncodeNode, conn: RawConn, rid: str, n: int) -> asyncio.Task[Any]:
     """A raw client's Init for one block; the encode node writes round 0 and waits for a Resume."""
     send = asyncio.create_task(enc.send(rid, payload(n)))
-    conn.send(m.Init(rid=rid, blocks=[3], capacity_tokens=BLOCK))
+    conn.send(m.Init(**grant(), rid=rid, blocks=[3], capacity_tokens=BLOCK))
     chunk = await conn.recv_until(lambda x: isinstance(x, m.ChunkDone))
     assert chunk.rid == rid and chunk.round == 0 and chunk.count == BLOCK and not chunk.is_last
     await poll_until(
@@ -533,14 +536,14 @@ async def test_a_silent_client_is_lost_within_the_heartbeat_timeout() -> None:
         t0 = loop.time()  # the client's last message (its Init) was before this
         # from now on the client sends nothing (no heartbeats), but keeps the socket open
         limit = s.heartbeat_timeout + s.heartbeat_interval + 1.0
-        took = await poll_until(lambda: "raw-language" not in enc.peers, limit, "peer lost")
+        took = await poll_until(lambda: not enc.peers_named("raw-language"), limit, "peer lost")
         assert took <= limit
         with raises_typed(et.PeerLost):
             await asyncio.wait_for(send, 1)
         assert loop.time() - t0 >= 0.8 * s.heartbeat_timeout, "declared lost too early"
         await conn.closed_by_peer(5)  # the encode node hung up
         await wait_pools_full(enc)
-        assert not enc._senders
+        assert not enc.senders
 
 
 async def test_a_silent_encode_server_is_lost_within_the_heartbeat_timeout() -> None:
@@ -578,7 +581,7 @@ async def test_language_side_closing_mid_transfer_fails_the_send_with_peer_lost(
         with raises_typed(et.PeerLost):
             await asyncio.wait_for(send, 5)
         assert loop.time() - t0 < 1.0, "not prompt"
-        assert "raw-language" not in enc.peers and "cut" not in enc._senders
+        assert not enc.peers_named("raw-language") and "cut" not in enc.senders
         # the other connection is unaffected
         data = payload(30, seed=4)
         await enc.send("bystander", data)
@@ -631,7 +634,7 @@ async def test_reconnect_to_a_restarted_encode_node_on_the_same_port(by: str) ->
             assert torch.equal(got.tensors["embeddings"], data["embeddings"])
             [new] = lang.peers.values()
             assert new is not old and new.node_id == enc2.node_id and new.address == address
-            assert list(enc2.peers) == [lang.node_id]
+            assert [p.node_id for p in enc2.peers.values()] == [lang.node_id]
             await wait_pools_full(enc2, lang)
 
 

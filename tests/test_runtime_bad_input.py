@@ -14,6 +14,7 @@ from helpers_runtime import (
     assert_pools_clean,
     assert_same_payload,
     connected,
+    grant,
     make_payload,
     make_settings,
     raises_typed,
@@ -287,7 +288,7 @@ async def test_pool_sizes_and_timeouts_may_differ() -> None:
 
 
 def _enc_peer(enc: et.EncodeNode, lang: et.LanguageNode) -> et.Peer:
-    return enc.peers[lang.node_id]
+    return enc.peers_named(lang.node_id)[0]
 
 
 @pytest.mark.parametrize(
@@ -328,7 +329,8 @@ async def test_bad_chunk_done_fails_only_that_request(violation: str) -> None:
         await enc.send("good", payload)
         assert_same_payload((await asyncio.wait_for(good, 5)).tensors, payload)
         assert peer.alive
-        await wait_pools_clean(enc, lang)  # the bad one's quarantine ends with the AbortAck
+        # the local engine fences the bad one's round: its quarantine ends at once
+        await wait_pools_clean(enc, lang)
 
 
 async def test_chunk_done_for_an_unknown_rid_is_refused() -> None:
@@ -353,13 +355,20 @@ async def test_resume_and_abort_for_an_unknown_rid_are_refused() -> None:
         good = asyncio.create_task(lang.receive("good", peer))
         await wait_receive_ready(enc, peer, "good")
         peer.channel.send(
-            m.Resume(rid="ghost", round=1, blocks=[0], capacity_tokens=BLOCK, received_tokens=BLOCK)
+            m.Resume(
+                **grant(),
+                rid="ghost",
+                round=1,
+                blocks=[0],
+                capacity_tokens=BLOCK,
+                received_tokens=BLOCK,
+            )
         )
         peer.channel.send(m.Abort(rid="ghost2", reason="?"))
         payload = make_payload(12, seed=6)
         await enc.send("good", payload)
         assert_same_payload((await asyncio.wait_for(good, 5)).tensors, payload)
-        assert peer.alive and not enc._senders
+        assert peer.alive and not enc.senders
         await wait_pools_clean(enc, lang)
 
 
@@ -373,7 +382,7 @@ async def _raw_round0(
     send = asyncio.create_task(enc.send(rid, make_payload(n, seed=7)))
     await wait_until(lambda: state_of(sender_session(enc, rid)) == "WAIT_INIT")
     peer.channel.send(
-        m.Init(rid=rid, blocks=list(dest.blocks), capacity_tokens=dest.capacity_tokens)
+        m.Init(**grant(), rid=rid, blocks=list(dest.blocks), capacity_tokens=dest.capacity_tokens)
     )
     await wait_until(lambda: state_of(sender_session(enc, rid)) == "WAIT_RESUME")
     return send, dest
@@ -405,7 +414,7 @@ async def test_bad_resume_fails_only_that_request(violation: str) -> None:
             },
         }[violation]
         cap = len(resume["blocks"]) * BLOCK
-        peer.channel.send(m.Resume(rid="raw", capacity_tokens=cap, **resume))
+        peer.channel.send(m.Resume(**grant(), rid="raw", capacity_tokens=cap, **resume))
         with raises_typed(et.ProtocolError):
             await asyncio.wait_for(send, 5)
         lang.allocator.free(dest)
@@ -432,7 +441,7 @@ async def test_bad_init_fails_only_that_request(violation: str) -> None:
             "capacity-over-blocks": {"blocks": [7], "capacity_tokens": BLOCK + 1},
         }[violation]
         before = lang.registry.pools["embeddings"].clone()
-        peer.channel.send(m.Init(rid="raw", **init))
+        peer.channel.send(m.Init(**grant(), rid="raw", **init))
         with raises_typed(et.ProtocolError):
             await asyncio.wait_for(send, 5)
         # nothing was written into the language pool
@@ -456,7 +465,9 @@ async def test_long_block_list_in_a_bad_init_does_not_kill_the_connection() -> N
         send = asyncio.create_task(enc.send("raw", make_payload(20)))
         await wait_until(lambda: state_of(sender_session(enc, "raw")) == "WAIT_INIT")
         blocks = list(range(1000, 3000))
-        peer.channel.send(m.Init(rid="raw", blocks=blocks, capacity_tokens=len(blocks) * BLOCK))
+        peer.channel.send(
+            m.Init(**grant(), rid="raw", blocks=blocks, capacity_tokens=len(blocks) * BLOCK)
+        )
         with raises_typed(et.ProtocolError):
             await asyncio.wait_for(send, 5)
         payload = make_payload(25, seed=10)
@@ -472,11 +483,13 @@ async def test_schema_invalid_message_ends_cleanly() -> None:
     async with connected(s) as (enc, lang, peer):
         victim = asyncio.create_task(lang.receive("victim", peer))
         await wait_receive_ready(enc, peer, "victim")
-        peer.channel.send(m.Init(rid="x", blocks=[], capacity_tokens=0))
+        peer.channel.send(m.Init(**grant(), rid="x", blocks=[], capacity_tokens=0))
         # a valid probe behind it tells when the encode node has dealt with the bad message
         probe = lang.allocator.try_alloc(BLOCK, "probe")
         assert probe is not None
-        peer.channel.send(m.Init(rid="probe", blocks=list(probe.blocks), capacity_tokens=BLOCK))
+        peer.channel.send(
+            m.Init(**grant(), rid="probe", blocks=list(probe.blocks), capacity_tokens=BLOCK)
+        )
         await wait_until(lambda: not peer.alive or sender_session(enc, "probe") is not None)
         if peer.alive:  # refused, connection kept: the victim still completes
             peer.channel.send(m.Abort(rid="probe", reason="probe done"))
@@ -492,15 +505,26 @@ async def test_schema_invalid_message_ends_cleanly() -> None:
         await _complete(enc, lang, fresh, "after")
 
 
-async def test_same_rid_from_a_second_receiver_is_refused() -> None:
-    s = _settings()
+@pytest.mark.parametrize("owner", ["peer", "node-id"])
+async def test_same_rid_from_a_second_receiver_is_refused(owner: str) -> None:
+    # chunk_timeout is long: a refusal that came by timeout would not be prompt
+    s = _settings(chunk_timeout=20.0)
     async with connected(s) as (enc, lang, peer), et.LanguageNode(s) as lang2:
         peer2 = await lang2.connect(enc.address)
-        first = asyncio.create_task(lang.receive("shared", peer))
-        await wait_receive_ready(enc, peer, "shared")
-        with raises_typed(et.TransferAborted, match="another receiver"):
-            await asyncio.wait_for(lang2.receive("shared", peer2), 5)
+        held_for: et.Peer | str = _enc_peer(enc, lang) if owner == "peer" else lang.node_id
         payload = make_payload(20, seed=11)
-        await enc.send("shared", payload)
-        assert_same_payload((await asyncio.wait_for(first, 5)).tensors, payload)
+        send = asyncio.create_task(enc.send("shared", payload, peer=held_for))
+        await wait_until(lambda: state_of(sender_session(enc, "shared")) == "WAIT_INIT")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with raises_typed(et.TransferAborted, match="held here for another peer"):
+            await asyncio.wait_for(lang2.receive("shared", peer2), 5)
+        assert loop.time() - t0 < 1.0, "not refused promptly"
+        assert peer2.alive and "shared" not in peer2.sessions
+        await wait_pools_clean(lang2)  # nothing was written, nothing stays held
+        # the payload is still held for its receiver, who gets it intact
+        assert state_of(sender_session(enc, "shared")) == "WAIT_INIT" and not send.done()
+        got = await asyncio.wait_for(lang.receive("shared", peer), 5)
+        assert_same_payload(got.tensors, payload)
+        await asyncio.wait_for(send, 5)
         await wait_pools_clean(enc, lang, lang2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -423,8 +424,8 @@ async def test_verify_digest_catches_corruption(use_lease: bool) -> None:
     async with connected(s) as (enc, lang, peer):
         original = enc.transport.write
 
-        async def corrupting_write(peer_id: str, ops: list, *, tag: str) -> None:
-            await original(peer_id, ops, tag=tag)
+        async def corrupting_write(peer_id: str, ops: list, *, tag: str, **kw: Any) -> None:
+            await original(peer_id, ops, tag=tag, **kw)
             op = next(o for o in ops if o.field == "embeddings")
             lang.registry.byte_view("embeddings")[op.dst_offset] ^= 0x5A  # one flipped byte
 

@@ -1,15 +1,25 @@
 """Encode jobs (``LanguageNode.encode`` -> the encode node's encoder -> the transfer): the
-result arrives verified, and an encoder that fails ends the request at once on both sides."""
+result arrives verified, an encoder that fails ends the request at once on both sides, and a
+job's result goes to the connection (and attempt) that asked for it, and nowhere else."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 import torch
-from helpers_runtime import make_payload, make_settings, wait_pools_clean, wait_until
+from helpers_runtime import (
+    make_payload,
+    make_settings,
+    receiver_session,
+    state_of,
+    wait_pools_clean,
+    wait_until,
+)
 
 import emtransfer as et
+from emtransfer.protocol import messages as m
 
 
 def encoder(job: dict[str, Any]) -> Any:
@@ -30,6 +40,65 @@ async def test_encode_job_round_trip_and_failure() -> None:
         with pytest.raises(et.TransferAborted, match="encode failed: bad job"):
             await lang.encode("bad", peer, {"fail": True})
         # the encode side holds no session for the failed job (no wait for data_timeout)
-        await wait_until(lambda: not enc._senders, what="encode side sessions gone")
+        await wait_until(lambda: not enc.senders, what="encode side sessions gone")
         assert all(not p.sessions for p in enc.peers.values())
         await wait_pools_clean(enc, lang)
+
+
+@pytest.mark.timeout(30)
+async def test_an_encode_jobs_result_belongs_to_the_connection_that_asked() -> None:
+    s = make_settings()
+    gate = asyncio.Event()
+
+    async def gated(job: dict[str, Any]) -> Any:
+        await asyncio.wait_for(gate.wait(), 10)  # released by the test
+        return encoder(job)
+
+    async with (
+        et.EncodeNode(s, encoder=gated) as enc,
+        et.LanguageNode(s) as lang,
+        et.LanguageNode(s) as other,
+    ):
+        peer = await lang.connect(enc.address)
+        other_peer = await other.connect(enc.address)
+        aborts: list[m.Abort] = []
+        original = lang._on_message
+
+        def on_message(p: et.Peer, msg: Any) -> None:
+            if isinstance(msg, m.Abort):
+                aborts.append(msg)
+            original(p, msg)
+
+        lang._on_message = on_message  # type: ignore[method-assign]
+        job = {"num_tokens": 40, "seed": 4}
+        mine = asyncio.create_task(lang.encode("j", peer, job))
+        [enc_side] = enc.peers_named(lang.node_id)
+        await wait_until(
+            lambda: state_of(enc_side.sessions.get("j")) == "WAIT_DATA", what="the job's Init"
+        )
+        tag = receiver_session(peer, "j").session_tag
+        # the same rid again on the same connection (another attempt): refused, the first
+        # one untouched
+        peer.channel.send(m.Encode(rid="j", job=job, session="again"))
+        await wait_until(lambda: bool(aborts), what="the refusal")
+        [abort] = aborts
+        assert abort.rid == "j" and abort.session == "again"
+        assert "already in flight on this connection" in abort.reason
+        assert receiver_session(peer, "j").session_tag == tag and not mine.done()
+        # another connection asking for the rid waits on its own; it never gets the job
+        theirs = asyncio.create_task(other.receive("j", other_peer))
+        [other_side] = enc.peers_named(other.node_id)
+        await wait_until(
+            lambda: state_of(other_side.sessions.get("j")) == "WAIT_DATA", what="their Init"
+        )
+        gate.set()
+        got = await asyncio.wait_for(mine, 10)
+        want = make_payload(40, seed=4)
+        assert all(torch.equal(got.tensors[k], v) for k, v in want.items())
+        assert not theirs.done()
+        assert state_of(other_side.sessions.get("j")) == "WAIT_DATA"
+        theirs.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await theirs
+        await wait_until(lambda: not enc.senders, what="encode side sessions gone")
+        await wait_pools_clean(enc, lang, other)

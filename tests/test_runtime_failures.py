@@ -1,6 +1,7 @@
 """Timeouts, aborts, cancellations and lost peers in every state: the request ends with a typed
-error, nothing hangs, and once the peer acknowledged (or vanished) no block is allocated or
-quarantined on either node."""
+error, nothing hangs, and once a proof that nothing more lands (a fence, an AbortAck, a teardown
+the transport stops, as its guarantees allow) or the grant's expiry came, no block is allocated
+or quarantined on either node."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from helpers_runtime import (
     assert_pools_clean,
     assert_same_payload,
     connected,
+    grant,
     hold_all,
+    language_node,
     make_payload,
     make_settings,
     receiver_session,
@@ -97,41 +100,137 @@ def _settings(**kw: Any) -> et.Settings:
 # --------------------------------------------------------------------------------- timeouts
 
 
-async def test_chunk_timeout_quarantines_until_the_abort_ack() -> None:
-    s = _settings(chunk_timeout=SHORT)
+def _drop_aborts(enc: et.EncodeNode) -> list[m.Abort]:
+    """The encode node never sees the receiver's Aborts (so it never answers with an
+    AbortAck); returns the list of those it dropped."""
+    original = enc._on_message
+    dropped: list[m.Abort] = []
+
+    def on_message(p: et.Peer, msg: Any) -> None:
+        if isinstance(msg, m.Abort):
+            dropped.append(msg)
+        else:
+            original(p, msg)
+
+    enc._on_message = on_message  # type: ignore[method-assign]
+    return dropped
+
+
+class _HeldAcks:
+    """The language node holds back every AbortAck until :meth:`deliver`."""
+
+    def __init__(self, lang: et.LanguageNode) -> None:
+        self.original = lang._on_message
+        self.lang = lang
+        self.held: list[tuple[et.Peer, m.AbortAck]] = []
+        lang._on_message = self._on_message  # type: ignore[method-assign]
+
+    def _on_message(self, p: et.Peer, msg: Any) -> None:
+        if isinstance(msg, m.AbortAck):
+            self.held.append((p, msg))
+        else:
+            self.original(p, msg)
+
+    def deliver(self) -> None:
+        """Hand over the held acks, and every later message, as if nothing had been held."""
+        self.lang._on_message = self.original  # type: ignore[method-assign]
+        for p, msg in self.held:
+            self.original(p, msg)
+
+
+async def test_chunk_timeout_on_the_local_transport_fences_and_releases_at_once() -> None:
+    # the local engine fences a tag: the blocks come back without waiting for the AbortAck,
+    # and the peer stays connected (fresh heartbeat stamps keep the retry's short grants usable)
+    s = _settings(chunk_timeout=SHORT, heartbeat_interval=0.05)
     async with connected(s) as (enc, lang, peer):
+        assert lang.transport.guarantees.fences_tag
+        acks = _HeldAcks(lang)
         recv = asyncio.create_task(lang.receive("r", peer))
         session = await _receiver_in(peer, "r", "WAIT_CHUNK")
         await _expect(recv, et.TransferTimeout)
-        assert "QUARANTINED" in states_seen(session)
-        # the encode node answers the Abort with AbortAck: the quarantine is lifted
-        await wait_pools_clean(enc, lang)
-        assert sender_session(enc, "r") is None and "r" not in peer.sessions
+        # released by the fence alone, long before abort_ack_timeout could tear anything down
+        await wait_pools_clean(lang, timeout=s.abort_ack_timeout / 2)
+        seen = states_seen(session)
+        assert "QUARANTINED" in seen and "EXPIRING" not in seen, seen
+        assert state_of(session) == "FAILED"
+        assert not peer.lingering and "r" not in peer.sessions
+        # the encode node did answer the Abort; the late ack changes nothing
+        await wait_until(lambda: bool(acks.held), 5, "the encode node's AbortAck")
+        acks.deliver()
+        assert peer.alive and lang.peers
+        await wait_until(lambda: sender_session(enc, "r") is None, 5, "the sender to end")
         await _still_works(enc, lang, peer, "r")
 
 
-async def test_quarantine_holds_without_an_ack_and_ends_with_the_connection() -> None:
-    s = _settings(chunk_timeout=SHORT)
-    async with connected(s) as (enc, lang, peer):
-        original = enc._on_message
-
-        def drop_aborts(p: et.Peer, msg: Any) -> None:  # the encode node never answers
-            if type(msg).__name__ != "Abort":
-                original(p, msg)
-
-        enc._on_message = drop_aborts  # type: ignore[method-assign]
-        recv = asyncio.create_task(lang.receive("q", peer))
-        await _receiver_in(peer, "q", "WAIT_CHUNK")
+async def test_chunk_timeout_quarantines_until_the_abort_ack() -> None:
+    # an engine that cannot fence (NIXL's guarantees): only the sender's AbortAck proves that
+    # nothing more lands
+    s = _settings(chunk_timeout=SHORT, heartbeat_interval=0.05)
+    async with et.EncodeNode(s) as enc, language_node(s) as lang:
+        peer = await lang.connect(enc.address)
+        acks = _HeldAcks(lang)
+        recv = asyncio.create_task(lang.receive("r", peer))
+        session = await _receiver_in(peer, "r", "WAIT_CHUNK")
         await _expect(recv, et.TransferTimeout)
-        for _ in range(200):  # no ack: the blocks stay out of circulation
-            await asyncio.sleep(0)
+        await wait_until(lambda: bool(acks.held), 5, "the encode node's AbortAck")
+        [(_, ack)] = acks.held
+        assert ack.rid == "r" and ack.session == session.session_tag
+        # quarantined, lingering under its attempt's tag: the rid itself is free again
+        assert state_of(session) == "QUARANTINED"
+        assert lang.allocator.num_quarantined == s.default_blocks
+        assert peer.lingering == {session.session_tag: session} and "r" not in peer.sessions
+        assert sender_session(enc, "r") is None
+        # a retry of the rid runs and completes while the old attempt is still quarantined
+        await _still_works(enc, lang, peer, "r")
+        assert state_of(session) == "QUARANTINED"
+        assert lang.allocator.num_quarantined == s.default_blocks
+        # the ack arrives: the quarantine is lifted, and the peer was never torn down
+        acks.deliver()
+        await wait_pools_clean(enc, lang)
+        assert state_of(session) == "FAILED" and "EXPIRING" not in states_seen(session)
+        assert not peer.lingering and peer.alive
+    assert_pools_clean(enc, lang)
+
+
+async def test_no_abort_ack_tears_the_peer_down_and_holds_until_the_grant_expires() -> None:
+    # teardown after chunk_timeout + abort_ack_timeout; expiry after chunk_timeout +
+    # write_timeout + a margin: far enough apart to see the blocks held in between
+    s = _settings(chunk_timeout=0.5, write_timeout=0.6, abort_ack_timeout=0.3)
+    async with (
+        et.EncodeNode(s) as enc,
+        language_node(s) as lang,
+    ):
+        peer = await lang.connect(enc.address)
+        dropped = _drop_aborts(enc)
+        loop = asyncio.get_running_loop()
+        recv = asyncio.create_task(lang.receive("q", peer))
+        session = await _receiver_in(peer, "q", "WAIT_CHUNK")
+        expiry = session.grant_expiry()
+        await _expect(recv, et.TransferTimeout)
+        t_gave_up = loop.time()
+        await wait_until(lambda: bool(dropped), 5, "the receiver's Abort")
+        # no ack: the blocks stay out of circulation
+        assert state_of(session) == "QUARANTINED"
         assert lang.allocator.num_quarantined == s.default_blocks
         assert lang.leak_report() == {"q": list(range(s.default_blocks))}
-        # the rid stays reserved while its blocks may still be written
-        with pytest.raises(et.InvalidRequest):
-            await lang.receive("q", peer)
-        peer.channel.close()  # teardown: nothing can land any more
+        # after abort_ack_timeout the receiver tears the connection down...
+        await wait_until(lambda: not peer.alive, 5, "the peer torn down")
+        assert loop.time() - t_gave_up >= 0.9 * s.abort_ack_timeout, "torn down too early"
+        assert not lang.peers
+        await wait_until(lambda: not enc.peers, 5, "the encode node to see the teardown")
+        # ...but a write posted before the grant expired might still land: still quarantined
+        assert loop.time() < expiry
+        assert state_of(session) == "EXPIRING"
+        assert lang.allocator.num_quarantined == s.default_blocks
+        assert peer.lingering == {session.session_tag: session}
+        # released at the grant's expiry (chunk_timeout + write_timeout + a margin)
+        await wait_until(
+            lambda: lang.allocator.num_quarantined == 0, expiry - loop.time() + 2, "the expiry"
+        )
+        assert loop.time() >= expiry - 0.01, "released before the grant expired"
         await wait_pools_clean(enc, lang)
+        assert state_of(session) == "FAILED" and not peer.lingering
+    assert_pools_clean(enc, lang)
 
 
 async def test_sender_without_init_times_out() -> None:
@@ -240,7 +339,7 @@ async def test_sender_aborted_in_the_tick_its_staging_is_granted() -> None:
         send = asyncio.create_task(enc.send("st", make_payload(3 * s.default_tokens)))
         await _sender_in(enc, "st", "WAIT_INIT")
         blocks, cap = list(dest.blocks), dest.capacity_tokens
-        peer.channel.send(m.Init(rid="st", blocks=blocks, capacity_tokens=cap))
+        peer.channel.send(m.Init(**grant(), rid="st", blocks=blocks, capacity_tokens=cap))
         await _sender_in(enc, "st", "WAIT_RESUME")
         original = enc._on_message
         loop = asyncio.get_running_loop()
@@ -252,7 +351,14 @@ async def test_sender_aborted_in_the_tick_its_staging_is_granted() -> None:
 
         enc._on_message = on_message  # type: ignore[method-assign]
         peer.channel.send(
-            m.Resume(rid="st", round=1, blocks=blocks, capacity_tokens=cap, received_tokens=cap)
+            m.Resume(
+                **grant(),
+                rid="st",
+                round=1,
+                blocks=blocks,
+                capacity_tokens=cap,
+                received_tokens=cap,
+            )
         )
         await _expect(send, et.TransferAborted)
         lang.allocator.free(dest)
@@ -378,7 +484,7 @@ async def test_peer_lost_while_sender_waits_for_resume(side: str) -> None:
         if side == "language":
             peer.channel.close()
         else:
-            enc.peers[lang.node_id].channel.close()
+            enc.peers_named(lang.node_id)[0].channel.close()
         await _expect(send, et.PeerLost)
         await _expect(recv, et.PeerLost)
         await hog.release()
@@ -408,7 +514,7 @@ async def test_peer_lost_fails_every_request_of_that_peer() -> None:
         sends = [
             asyncio.create_task(enc.send(f"m{i}", make_payload(100, seed=i))) for i in range(3)
         ]
-        await wait_until(lambda: len(enc._senders) >= 3, 5, "senders")
+        await wait_until(lambda: len(enc.senders) >= 3, 5, "senders")
         peer.channel.close()
         results = await asyncio.wait_for(asyncio.gather(*recvs, *sends, return_exceptions=True), 10)
         for r in results:
@@ -435,7 +541,7 @@ async def _busy_nodes(
         n = 2 * lang.settings.capacity_tokens + i
         tasks.append(asyncio.create_task(enc.send(f"big{i}", make_payload(n, seed=10 + i))))
         tasks.append(asyncio.create_task(lang.receive(f"big{i}", peer)))
-    await wait_until(lambda: len(peer.sessions) >= 7 and len(enc._senders) >= 6, 5, "in flight")
+    await wait_until(lambda: len(peer.sessions) >= 7 and len(enc.senders) >= 6, 5, "in flight")
     await wait_until(lambda: lang.allocator.num_waiters > 0, 5, "a receiver to wait for blocks")
     return tasks
 
@@ -516,7 +622,7 @@ async def test_a_silent_peer_is_lost_by_heartbeat() -> None:
         recv = asyncio.create_task(lang.receive("hb", peer))
         await _receiver_in(peer, "hb", "WAIT_CHUNK")
         await _sender_in(enc, "hb", "WAIT_DATA")
-        enc.peers[lang.node_id].channel.send = lambda msg: None  # type: ignore[method-assign]
+        enc.peers_named(lang.node_id)[0].channel.send = lambda msg: None  # type: ignore[method-assign]
         t0 = asyncio.get_running_loop().time()
         await _expect(recv, et.PeerLost, timeout=5)
         assert asyncio.get_running_loop().time() - t0 < 3

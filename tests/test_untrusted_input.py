@@ -19,7 +19,15 @@ from typing import Any
 import pytest
 import structlog
 import torch
-from helpers_runtime import raises_typed, sender_session, state_of
+from helpers_runtime import (
+    grant,
+    language_node,
+    raises_typed,
+    sender_session,
+    state_of,
+    states_seen,
+    wait_until,
+)
 from test_control import (
     BLOCK,
     RawConn,
@@ -64,7 +72,7 @@ class Arena:
 
     @property
     def raw_peer(self) -> et.Peer:
-        return self.enc.peers[RAW]
+        return self.enc.peers_named(RAW)[0]
 
 
 @asynccontextmanager
@@ -85,7 +93,7 @@ async def arena(**kw: Any) -> AsyncIterator[Arena]:
         )
         conn, reply = await raw_client(enc.address, shadow._hello_fields(), node_id=RAW)
         assert isinstance(reply, m.HelloAck), reply
-        await poll_until(lambda: RAW in enc.peers, 5, "raw peer registered")
+        await poll_until(lambda: bool(enc.peers_named(RAW)), 5, "raw peer registered")
         a = Arena(enc, lang, peer, good, conn, shadow)
         try:
             yield a
@@ -96,10 +104,10 @@ async def arena(**kw: Any) -> AsyncIterator[Arena]:
         await asyncio.wait_for(enc.send("good", data), 5)
         got = await asyncio.wait_for(good, 5)
         assert torch.equal(got.tensors["embeddings"], data["embeddings"])
-        assert peer.alive and lang.node_id in enc.peers
+        assert peer.alive and bool(enc.peers_named(lang.node_id))
         conn.close()
         await wait_pools_full(enc, lang)
-        await poll_until(lambda: not enc._senders, 5, "every sender session to end")
+        await poll_until(lambda: not enc.senders, 5, "every sender session to end")
 
 
 def logged(logs: list[dict[str, Any]], *needles: str) -> bool:
@@ -115,7 +123,9 @@ async def probe(conn: RawConn, name: str) -> list[m.AnyMessage]:
     """Send a message whose answer is known (Abort for a Resume of an unknown rid) and return
     everything the node sent before that answer: the node handles messages in order, so any
     reply to what came before is in that list."""
-    conn.send(m.Resume(rid=name, round=1, blocks=[0], capacity_tokens=BLOCK, received_tokens=1))
+    conn.send(
+        m.Resume(**grant(), rid=name, round=1, blocks=[0], capacity_tokens=BLOCK, received_tokens=1)
+    )
     before: list[m.AnyMessage] = []
     while True:
         msg = await conn.recv()
@@ -127,7 +137,7 @@ async def probe(conn: RawConn, name: str) -> list[m.AnyMessage]:
 async def raw_round0(a: Arena, rid: str, n: int = 3 * BLOCK) -> asyncio.Task[Any]:
     """The raw client receives round 0 of ``rid`` into one block; the sender waits for Resume."""
     send = asyncio.create_task(a.enc.send(rid, payload(n, seed=3)))
-    a.conn.send(m.Init(rid=rid, blocks=[3], capacity_tokens=BLOCK))
+    a.conn.send(m.Init(**grant(), rid=rid, blocks=[3], capacity_tokens=BLOCK))
     chunk = await a.conn.recv_until(lambda x: isinstance(x, m.ChunkDone) and x.rid == rid)
     assert chunk.round == 0 and chunk.count == BLOCK and not chunk.is_last
     await poll_until(lambda: state_of(sender_session(a.enc, rid)) == "WAIT_RESUME", 5, "resume")
@@ -158,13 +168,13 @@ async def test_bad_init_is_refused_with_an_abort(
         if data_first:
             send = asyncio.create_task(a.enc.send(rid, payload(20)))
             await poll_until(lambda: state_of(sender_session(a.enc, rid)) == "WAIT_INIT", 5, rid)
-        a.conn.send(m.Init(rid=rid, **fields))
+        a.conn.send(m.Init(**grant(), rid=rid, **fields))
         abort = await a.conn.recv_until(lambda x: isinstance(x, m.Abort))
         assert abort.rid == rid and why in abort.reason, abort
         if send is not None:
             with raises_typed(et.ProtocolError, match=why):
                 await asyncio.wait_for(send, 5)
-        await poll_until(lambda: rid not in a.enc._senders, 5, "the session to end")
+        await poll_until(lambda: rid not in a.enc.senders, 5, "the session to end")
         assert logged(logs, rid, why)
         # nothing was written into the raw client's pool, and its connection is still up
         assert torch.equal(a.shadow.registry.pools["embeddings"], before)
@@ -175,12 +185,19 @@ async def test_bad_init_is_refused_with_an_abort(
 async def test_resume_for_an_unknown_rid_is_refused(logs: list[dict[str, Any]]) -> None:
     async with arena() as a:
         a.conn.send(
-            m.Resume(rid="ghost", round=1, blocks=[1], capacity_tokens=BLOCK, received_tokens=BLOCK)
+            m.Resume(
+                **grant(),
+                rid="ghost",
+                round=1,
+                blocks=[1],
+                capacity_tokens=BLOCK,
+                received_tokens=BLOCK,
+            )
         )
         abort = await a.conn.recv_until(lambda x: isinstance(x, m.Abort))
         assert abort.rid == "ghost" and "unknown rid" in abort.reason
         assert logged(logs, "ghost", "unknown rid")
-        assert "ghost" not in a.enc._senders and a.raw_peer.alive
+        assert "ghost" not in a.enc.senders and a.raw_peer.alive
 
 
 async def test_a_replayed_resume_fails_only_that_request(logs: list[dict[str, Any]]) -> None:
@@ -188,7 +205,12 @@ async def test_a_replayed_resume_fails_only_that_request(logs: list[dict[str, An
         send = await raw_round0(a, "replay")
         resume = frame(
             m.Resume(
-                rid="replay", round=1, blocks=[4], capacity_tokens=BLOCK, received_tokens=BLOCK
+                **grant(),
+                rid="replay",
+                round=1,
+                blocks=[4],
+                capacity_tokens=BLOCK,
+                received_tokens=BLOCK,
             )
         )
         a.conn.send_raw(resume + resume)  # the same round twice, back to back
@@ -197,24 +219,89 @@ async def test_a_replayed_resume_fails_only_that_request(logs: list[dict[str, An
         with raises_typed(et.ProtocolError):
             await asyncio.wait_for(send, 5)
         assert logged(logs, "replay")
-        await poll_until(lambda: "replay" not in a.enc._senders, 5, "the session to end")
+        await poll_until(lambda: "replay" not in a.enc.senders, 5, "the session to end")
         assert a.raw_peer.alive and await probe(a.conn, "probe") == []
 
 
-async def test_hostile_messages_naming_another_connections_rid_do_not_touch_it() -> None:
+@pytest.mark.parametrize("owner", ["connection", "node-id"])
+async def test_hostile_messages_naming_another_connections_rid_do_not_touch_it(
+    owner: str, logs: list[dict[str, Any]]
+) -> None:
     async with arena() as a:
-        a.conn.send(m.Init(rid="good", blocks=[1], capacity_tokens=BLOCK))
-        abort = await a.conn.recv_until(lambda x: isinstance(x, m.Abort))
-        assert abort.rid == "good" and "another receiver" in abort.reason
-        a.conn.send(
-            m.Resume(rid="good", round=1, blocks=[1], capacity_tokens=BLOCK, received_tokens=BLOCK)
+        mine = a.enc.peers_named(a.lang.node_id)[0]
+        data = payload(40, seed=8)
+        held_for: et.Peer | str = mine if owner == "connection" else a.lang.node_id
+        send = asyncio.create_task(a.enc.send("owned", data, peer=held_for))
+        await poll_until(
+            lambda: state_of(sender_session(a.enc, "owned")) == "WAIT_INIT", 5, "the offer"
         )
-        a.conn.send(m.Abort(rid="good", reason="hijack"))
-        a.conn.send(m.Init(rid="good", blocks=[], capacity_tokens=0))  # schema-invalid
+        offer = sender_session(a.enc, "owned")
+        before = a.shadow.registry.pools["embeddings"].clone()
+        # the hostile connection claims the payload held for the other one: refused at once
+        init = m.Init(**grant(), rid="owned", blocks=[1], capacity_tokens=BLOCK, session="hijack")
+        a.conn.send(init)
+        abort = await a.conn.recv_until(lambda x: isinstance(x, m.Abort))
+        assert abort.rid == "owned" and "held here for another peer" in abort.reason, abort
+        assert abort.session == "hijack"
+        assert logged(logs, "owned", "held here for another peer")
+        # its Resume and Abort for that rid (and for the Init-first rid of the other
+        # connection) and a schema-invalid Init naming it are answered, and touch nothing
+        for rid in ("owned", "good"):
+            a.conn.send(
+                m.Resume(
+                    **grant(),
+                    rid=rid,
+                    round=1,
+                    blocks=[1],
+                    capacity_tokens=BLOCK,
+                    received_tokens=BLOCK,
+                )
+            )
+            a.conn.send(m.Abort(rid=rid, reason="hijack"))
+        a.conn.send(m.Init(**grant(), rid="owned", blocks=[], capacity_tokens=0))  # schema-invalid
         replies = await probe(a.conn, "probe")
         assert {type(r) for r in replies} <= {m.Abort, m.AbortAck, m.Error}
+        assert replies, "the hostile messages went unanswered"
+        # the owner's request is untouched: still waiting for its owner's Init, bound to no one
+        assert sender_session(a.enc, "owned") is offer
+        assert state_of(offer) == "WAIT_INIT" and offer.peer is None and not send.done()
+        assert "owned" not in a.raw_peer.sessions and a.raw_peer.alive
         assert state_of(sender_session(a.enc, "good")) == "WAIT_DATA"
-        assert sender_session(a.enc, "good").peer is a.enc.peers[a.lang.node_id]
+        assert sender_session(a.enc, "good").peer is mine
+        # nothing was written into the hostile connection's pool
+        assert torch.equal(a.shadow.registry.pools["embeddings"], before)
+        # the rightful receiver gets the payload, intact
+        got = await asyncio.wait_for(a.lang.receive("owned", a.peer), 5)
+        await asyncio.wait_for(send, 5)
+        assert torch.equal(got.tensors["embeddings"], data["embeddings"])
+
+
+async def test_a_second_connection_claiming_a_node_id_does_not_replace_the_first() -> None:
+    async with arena() as a:
+        mine = a.enc.peers_named(a.lang.node_id)[0]
+        impostor, reply = await raw_client(
+            a.enc.address, a.shadow._hello_fields(), node_id=a.lang.node_id
+        )
+        assert isinstance(reply, m.HelloAck), reply
+        await poll_until(lambda: len(a.enc.peers_named(a.lang.node_id)) == 2, 5, "both listed")
+        # two connections, two peers: the first one is still there, with its request
+        assert mine.alive and mine in a.enc.peers_named(a.lang.node_id)
+        assert sender_session(a.enc, "good").peer is mine
+        assert len({p.transport_id for p in a.enc.peers_named(a.lang.node_id)}) == 2
+        # a payload held for the first connection is refused to the impostor
+        data = payload(20, seed=9)
+        send = asyncio.create_task(a.enc.send("mine", data, peer=mine))
+        await poll_until(lambda: state_of(sender_session(a.enc, "mine")) == "WAIT_INIT", 5, "offer")
+        impostor.send(m.Init(**grant(), rid="mine", blocks=[2], capacity_tokens=BLOCK))
+        abort = await impostor.recv_until(lambda x: isinstance(x, m.Abort))
+        assert abort.rid == "mine" and "held here for another peer" in abort.reason
+        got = await asyncio.wait_for(a.lang.receive("mine", a.peer), 5)
+        await asyncio.wait_for(send, 5)
+        assert torch.equal(got.tensors["embeddings"], data["embeddings"])
+        # the impostor leaving takes only its own connection
+        impostor.close()
+        await poll_until(lambda: len(a.enc.peers_named(a.lang.node_id)) == 1, 5, "impostor gone")
+        assert a.enc.peers_named(a.lang.node_id) == [mine] and mine.alive
 
 
 @pytest.mark.parametrize("kind", ["chunk_done", "second-hello"])
@@ -250,12 +337,16 @@ def _invalid_bodies() -> dict[str, bytes]:
 
     enc = msgspec.msgpack.encode
     return {
-        "negative-capacity": m.encode(m.Init(rid="inv", blocks=[1], capacity_tokens=-1)),
-        "empty-rid": m.encode(m.Init(rid="", blocks=[1], capacity_tokens=BLOCK)),
-        "no-blocks": m.encode(m.Init(rid="inv", blocks=[], capacity_tokens=BLOCK)),
-        "negative-block": m.encode(m.Init(rid="inv", blocks=[-1], capacity_tokens=BLOCK)),
+        "negative-capacity": m.encode(m.Init(**grant(), rid="inv", blocks=[1], capacity_tokens=-1)),
+        "empty-rid": m.encode(m.Init(**grant(), rid="", blocks=[1], capacity_tokens=BLOCK)),
+        "no-blocks": m.encode(m.Init(**grant(), rid="inv", blocks=[], capacity_tokens=BLOCK)),
+        "negative-block": m.encode(
+            m.Init(**grant(), rid="inv", blocks=[-1], capacity_tokens=BLOCK)
+        ),
         "resume-round-0": m.encode(
-            m.Resume(rid="inv", round=0, blocks=[1], capacity_tokens=BLOCK, received_tokens=1)
+            m.Resume(
+                **grant(), rid="inv", round=0, blocks=[1], capacity_tokens=BLOCK, received_tokens=1
+            )
         ),
         "rid-too-long": m.encode(m.Abort(rid="r" * 257)),
         "unknown-field": enc(
@@ -283,7 +374,7 @@ async def test_a_schema_invalid_message_is_refused_and_the_stream_goes_on(
         assert logged(logs, "invalid message")
         # the connection is still up and the next valid message is processed: a full request
         send = asyncio.create_task(a.enc.send("next", payload(10, seed=5)))
-        a.conn.send(m.Init(rid="next", blocks=[6], capacity_tokens=BLOCK))
+        a.conn.send(m.Init(**grant(), rid="next", blocks=[6], capacity_tokens=BLOCK))
         done = await a.conn.recv_until(lambda x: isinstance(x, m.ChunkDone))
         assert done.rid == "next" and done.is_last and done.count == 10
         await asyncio.wait_for(send, 5)
@@ -295,7 +386,12 @@ async def test_an_invalid_message_naming_an_in_flight_rid_fails_that_request() -
         send = await raw_round0(a, "victim")
         bad = m.encode(
             m.Resume(
-                rid="victim", round=0, blocks=[1], capacity_tokens=BLOCK, received_tokens=BLOCK
+                **grant(),
+                rid="victim",
+                round=0,
+                blocks=[1],
+                capacity_tokens=BLOCK,
+                received_tokens=BLOCK,
             )
         )
         a.conn.send_raw(HEADER.pack(len(bad)) + bad)
@@ -316,14 +412,14 @@ async def test_a_client_lying_about_its_pool_size_cannot_write_outside_it() -> N
         assert isinstance(reply, m.HelloAck)
         before = a.shadow.registry.pools["embeddings"].clone()
         send = asyncio.create_task(a.enc.send("lie", payload(10)))
-        liar.send(m.Init(rid="lie", blocks=[s.num_blocks + 1000], capacity_tokens=BLOCK))
+        liar.send(m.Init(**grant(), rid="lie", blocks=[s.num_blocks + 1000], capacity_tokens=BLOCK))
         with raises_typed(et.TransferError):
             await asyncio.wait_for(send, 5)
         abort = await liar.recv_until(lambda x: isinstance(x, m.Abort))
         assert abort.rid == "lie"
         assert torch.equal(a.shadow.registry.pools["embeddings"], before)
         liar.close()
-        await poll_until(lambda: "liar" not in a.enc.peers, 5, "liar gone")
+        await poll_until(lambda: not a.enc.peers_named("liar"), 5, "liar gone")
 
 
 async def test_a_flood_of_inits_is_bounded_per_peer() -> None:
@@ -338,7 +434,7 @@ async def test_a_flood_of_inits_is_bounded_per_peer() -> None:
     limit = 4
     async with arena(max_inflight_per_peer=limit) as a:
         for i in range(3 * limit):
-            a.conn.send(m.Init(rid=f"flood-{i}", blocks=[i % 16], capacity_tokens=BLOCK))
+            a.conn.send(m.Init(**grant(), rid=f"flood-{i}", blocks=[i % 16], capacity_tokens=BLOCK))
         replies = await probe(a.conn, "probe")
         refused = {r.rid for r in replies if isinstance(r, m.Abort)}
         held = [rid for rid in a.raw_peer.sessions if rid.startswith("flood-")]
@@ -368,10 +464,10 @@ async def test_a_broken_stream_drops_that_connection_only(
         await a.conn.closed_by_peer(5)
         with raises_typed(et.PeerLost):
             await asyncio.wait_for(send, 5)
-        await poll_until(lambda: RAW not in a.enc.peers, 5, "raw peer dropped")
+        await poll_until(lambda: not a.enc.peers_named(RAW), 5, "raw peer dropped")
         assert logged(logs, "frame length")
-        assert "victim" not in a.enc._senders
-        assert a.peer.alive and a.lang.node_id in a.enc.peers
+        assert "victim" not in a.enc.senders
+        assert a.peer.alive and bool(a.enc.peers_named(a.lang.node_id))
 
 
 async def test_a_truncated_frame_then_close_leaks_nothing() -> None:
@@ -379,7 +475,12 @@ async def test_a_truncated_frame_then_close_leaks_nothing() -> None:
         send = await raw_round0(a, "victim")
         whole = frame(
             m.Resume(
-                rid="victim", round=1, blocks=[4], capacity_tokens=BLOCK, received_tokens=BLOCK
+                **grant(),
+                rid="victim",
+                round=1,
+                blocks=[4],
+                capacity_tokens=BLOCK,
+                received_tokens=BLOCK,
             )
         )
         a.conn.send_raw(whole[:-3])
@@ -387,8 +488,8 @@ async def test_a_truncated_frame_then_close_leaks_nothing() -> None:
         a.conn.close()
         with raises_typed(et.PeerLost):
             await asyncio.wait_for(send, 5)
-        await poll_until(lambda: RAW not in a.enc.peers, 5, "raw peer dropped")
-        assert "victim" not in a.enc._senders
+        await poll_until(lambda: not a.enc.peers_named(RAW), 5, "raw peer dropped")
+        assert "victim" not in a.enc.senders
         await wait_pools_full(a.enc)
 
 
@@ -439,7 +540,7 @@ async def test_a_hello_with_bad_transport_metadata_is_refused_before_the_ack(met
         b"GET / HTTP/1.0\r\n\r\n",
         HEADER.pack(3) + b"\xc1\xc1\xc1",
         frame(m.Heartbeat()),
-        frame(m.Init(rid="early", blocks=[0], capacity_tokens=BLOCK)),
+        frame(m.Init(**grant(), rid="early", blocks=[0], capacity_tokens=BLOCK)),
     ],
     ids=["garbage", "undecodable", "heartbeat", "init-before-hello"],
 )
@@ -451,7 +552,7 @@ async def test_anything_but_a_hello_first_is_refused_and_closed(first: bytes) ->
         conn.send_raw(first)
         rest = await conn.closed_by_peer(5)
         assert rest and isinstance(rest[-1], m.Error), rest
-        assert not enc.peers and not enc._senders and pool_full(enc)
+        assert not enc.peers and not enc.senders and pool_full(enc)
 
 
 # ---------------------------------------------------------- the reverse: a hostile encoder
@@ -466,9 +567,12 @@ class Reverse:
 
 
 @asynccontextmanager
-async def hostile_encoder(*rids: str) -> AsyncIterator[Reverse]:
-    s = settings()
-    async with RawServer() as raw, et.EncodeNode(s) as shadow, et.LanguageNode(s) as lang:
+async def hostile_encoder(*, nixl_like: bool = False, **kw: Any) -> AsyncIterator[Reverse]:
+    """A LanguageNode connected to a raw encode-side server. ``nixl_like``: the language node's
+    transport declares NIXL's guarantees (no fence, no stop on removal), not the local ones."""
+    s = settings(**kw)
+    receiver = language_node(s) if nixl_like else et.LanguageNode(s)
+    async with RawServer() as raw, et.EncodeNode(s) as shadow, receiver as lang:
         connecting = asyncio.create_task(lang.connect(raw.address))
         conn = await raw.accept()
         await serve_raw_handshake(conn, shadow._hello_fields())
@@ -494,15 +598,31 @@ async def _complete_good(r: Reverse, good: asyncio.Task[et.Received]) -> None:
     assert got.tensors["embeddings"].shape == (10, 64)
 
 
-@pytest.mark.parametrize("release", ["close", "abort_ack"])
+#: short grants and a short wait for the AbortAck, so every way out of a quarantine comes soon:
+#: the teardown abort_ack_timeout after giving up, the grant's expiry chunk_timeout +
+#: write_timeout + a margin after the grant was sent
+QUICK = {"chunk_timeout": 0.5, "write_timeout": 0.3, "abort_ack_timeout": 0.3}
+
+
+@pytest.mark.parametrize("release", ["fence", "abort_ack", "close", "no-ack"])
 @pytest.mark.parametrize("violation", ["count-past-allocation", "wrong-round", "start-gap"])
 async def test_a_bad_chunk_done_fails_the_request_and_quarantines_its_blocks(
     violation: str, release: str, logs: list[dict[str, Any]]
 ) -> None:
-    async with hostile_encoder() as r:
+    """``fence``: on the local transport (it fences a tag) the blocks come back at once, with
+    neither an AbortAck nor a teardown. The others on NIXL's guarantees: ``abort_ack``, held
+    until the encoder's AbortAck; ``close``, the encoder hangs up, held until the grant's
+    expiry; ``no-ack``, the encoder stays silent, torn down after abort_ack_timeout and held
+    until the grant's expiry."""
+    kw: dict[str, Any] = {**QUICK, "abort_ack_timeout": 3.0} if release == "abort_ack" else QUICK
+    async with hostile_encoder(nixl_like=release != "fence", **kw) as r:
+        loop = asyncio.get_running_loop()
+        alloc = r.lang.allocator
         bad = asyncio.create_task(r.lang.receive("bad", r.peer))
         good = asyncio.create_task(r.lang.receive("good", r.peer))
         await _collect_inits(r, "bad", "good")
+        session = r.peer.sessions["bad"]
+        expiry = session.grant_expiry()
         cap = r.inits["bad"].capacity_tokens
         held = len(r.inits["bad"].blocks)
         chunk: dict[str, Any] = {
@@ -520,21 +640,53 @@ async def test_a_bad_chunk_done_fails_the_request_and_quarantines_its_blocks(
         with raises_typed(et.ProtocolError):
             await asyncio.wait_for(bad, 5)
         abort = await r.conn.recv_until(lambda x: isinstance(x, m.Abort))
-        assert abort.rid == "bad" and "protocol error" in abort.reason
+        # the Abort names the broken rule (and the attempt)
+        why = {
+            "count-past-allocation": "exceeds the allocation",
+            "wrong-round": "ChunkDone for round 1, expected round 0",
+            "start-gap": "starts at token 3",
+        }[violation]
+        assert abort.rid == "bad" and why in abort.reason, abort
+        assert abort.session == r.inits["bad"].session
         assert logged(logs, "bad")
+        assert "QUARANTINED" in states_seen(session)
+        assert "bad" not in r.peer.sessions  # the rid is free for a retry at once
+        if release == "fence":
+            # fenced: released without an ack, and the connection stays up
+            await poll_until(
+                lambda: alloc.num_quarantined == 0 and "bad" not in alloc.leak_report(),
+                0.5 * kw["abort_ack_timeout"],
+                "the fenced blocks back",
+            )
+            assert state_of(session) == "FAILED" and not r.peer.lingering
+            await _complete_good(r, good)
+            assert r.peer.alive and not r.peer.sessions
+            await wait_pools_full(r.lang)
+            return
         # a write may still land in its blocks: they stay out of circulation
-        assert r.lang.allocator.num_quarantined == held
+        assert state_of(session) == "QUARANTINED" and alloc.num_quarantined == held
+        assert r.peer.lingering == {session.session_tag: session}
         await _complete_good(r, good)
-        assert r.lang.allocator.num_quarantined == held  # still: no ack, peer still there
+        assert alloc.num_quarantined == held  # still: no ack, peer still there
         if release == "abort_ack":
-            r.conn.send(m.AbortAck(rid="bad"))
+            r.conn.send(m.AbortAck(rid="bad", session=abort.session))
             await wait_pools_full(r.lang)
-            assert r.peer.alive
+            assert r.peer.alive and state_of(session) == "FAILED"
+            assert "EXPIRING" not in states_seen(session)
         else:
-            r.conn.close()
+            if release == "close":
+                r.conn.close()
+            else:  # no ack: the language node hangs up after abort_ack_timeout
+                await r.conn.closed_by_peer(5)
+            await poll_until(lambda: not r.lang.peers and not r.peer.alive, 5, "peer lost")
+            # no proof that nothing lands: held until the grant's expiry
+            assert loop.time() < expiry
+            assert state_of(session) == "EXPIRING" and alloc.num_quarantined == held
+            await wait_until(lambda: alloc.num_quarantined == 0, expiry - loop.time() + 2)
+            assert loop.time() >= expiry - 0.01, "released before the grant expired"
             await wait_pools_full(r.lang)
-            await poll_until(lambda: not r.lang.peers, 5, "peer lost")
-        assert not r.peer.sessions
+            assert state_of(session) == "FAILED"
+        assert not r.peer.sessions and not r.peer.lingering
 
 
 async def test_a_chunk_done_for_an_unknown_rid_touches_nothing(logs: list[dict[str, Any]]) -> None:

@@ -383,6 +383,14 @@ class EncodeNode(Node):
             self._server.close()
         await super().close()
 
+    @property
+    def senders(self) -> dict[str, SenderSession]:
+        """The sessions in flight by rid (offers not yet claimed, and those of every peer)."""
+        out = {x.rid: x for offers in self._offers.values() for x in offers}
+        for peer in self.peers.values():
+            out.update((r, x) for r, x in peer.sessions.items() if isinstance(x, SenderSession))
+        return out
+
     def _unbound_sessions(self) -> list[Session]:
         return [x for offers in self._offers.values() for x in offers]
 

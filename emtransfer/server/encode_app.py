@@ -89,7 +89,7 @@ class EncodeService(NodeService):
         if req.image is not None:
             await guarded(req.rid, self.offload(check_image, req.image))
         tensors, meta = await guarded(req.rid, self._compute(req.job(req.rid)))
-        stats = await guarded(req.rid, self.node.send(req.rid, tensors, meta))
+        stats = await guarded(req.rid, self.node.send(req.rid, tensors, meta, peer=req.receiver))
         return EncodeResponse(
             rid=req.rid,
             num_tokens=stats.num_tokens,

@@ -37,6 +37,12 @@ class _Job(BaseModel):
 
 class EncodeRequest(_Job):
     rid: Rid = Field(description="request id the language node will pull")
+    receiver: str | None = Field(
+        None,
+        max_length=128,
+        description="node id of the only language node that may pull it (its /health node_id); "
+        "absent: any connected language node",
+    )
 
 
 class EmbeddingsRequest(_Job):
