@@ -229,9 +229,10 @@ class NixlLikeTransport(LocalTransport):
 def language_node(
     settings: et.Settings, transport: type[LocalTransport] = NixlLikeTransport
 ) -> et.LanguageNode:
-    """A language node on ``transport`` (a LocalTransport declaring other guarantees). The
-    transport is built on the node's own pool registry and handed to the node before it
-    starts (``LanguageNode(transport=...)`` takes a transport built on another registry)."""
+    """A language node on ``transport`` (a LocalTransport declaring other guarantees), built on
+    the node's own pool registry and set before the node starts. Not ``LanguageNode(transport=
+    ...)``: the node builds a registry of its own and ignores the transport's, so the bytes the
+    encode node writes would land in a pool the receiver never reads."""
     node = et.LanguageNode(settings)
     node.transport = transport.from_settings(settings, node.registry)
     assert node.transport.guarantees.post_bound == settings.write_timeout

@@ -145,11 +145,8 @@ class Link:
         self.total, self.order, self.partial, self.round_up = total, order, partial, round_up
         self.expected, self.whole = expected, whole
         self.kind, self.g = kind, GUARANTEES[kind]
-        #: KNOWN BUG (see test_protocol_sender.py::test_no_ack_while_an_abandoned_write_may_
-        #: still_land): a sender whose DRAINING deadline abandoned a running write acks a late
-        #: Abort at once. Until that is fixed the driver lets such an Abort in only once the
-        #: write ended, so the fault test checks everything else; test_bug_late_ack_from_an_
-        #: abandoned_write_releases_too_early turns this off and shows the corruption.
+        #: hold_late_abort: deliver an Abort to a sender with an abandoned write only once
+        #: the write ended (the default schedule); False tries the other order too
         self.hold_late_abort = hold_late_abort
         self.sender = SenderMachine(RID, block_size=block_size, remote_num_blocks=recv_blocks)
         self.receiver = ReceiverMachine(
@@ -1114,19 +1111,18 @@ def test_sender_drain_timeout_abandons_the_write_and_says_nothing(kind: str) -> 
     link.assert_released_by_proof()
 
 
-@pytest.mark.xfail(strict=True, raises=Corruption, reason="see the KNOWN BUG in Link")
-def test_bug_late_ack_from_an_abandoned_write_releases_too_early() -> None:
-    """BUG (SenderMachine, FAILED + AbortReceived -> SendAbortAck): the sender gave up on a
-    running write (DRAINING's deadline) without telling the receiver; the receiver's chunk
-    timeout sends Abort; the sender, FAILED, acks at once; a NIXL-like receiver takes the ack
-    as proof and reuses the blocks while the write can still land in them."""
+def test_late_abort_of_an_abandoned_write_gets_no_ack() -> None:
+    """The sender gave up on a running write (DRAINING's deadline) without telling the
+    receiver; the receiver's chunk timeout sends Abort; the sender, FAILED, must not ack it
+    while the write can still land, so a NIXL-like receiver holds the blocks until expiry."""
     link = writing("nixl", hold_late_abort=False)
     link.to("sender", ev.LocalAbort("shutdown"))
     link.to("sender", ev.Timeout())
     link.to("receiver", ev.Timeout())
-    link.step("to_sender")  # the receiver's Abort: acked although the write still runs
-    link.step("to_receiver")  # the ack releases the quarantine: Corruption
+    link.step("to_sender")  # the receiver's Abort: no ack while the write still runs
+    assert not link.to_receiver or not isinstance(link.to_receiver[-1], ev.AbortAckReceived)
     link.settle()
+    link.assert_no_leak()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1175,18 +1175,11 @@ def test_drain_timeout_sends_neither_abort_nor_ack(cause: str) -> None:
     assert feed(m, WriteDone()) == [] and feed(m, WriteFailed("x")) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: FAILED answers a late Abort with AbortAck although DRAINING's deadline "
-    "abandoned a write that is still running (FreeStagingAfterWrite pending); with "
-    "remote_completion the receiver takes that ack as proof and reuses the blocks",
-)
 @pytest.mark.parametrize("cause", ["local", "timeout"])
 def test_no_ack_while_an_abandoned_write_may_still_land(cause: str) -> None:
     # the sender gave up on its write without telling the receiver (DRAINING timed out);
     # the receiver's chunk timeout comes next, and its Abort reaches the sender while the
-    # engine still runs the write. Expected: no AbortAck (nothing proves the write ended);
-    # today the FAILED state acks every late Abort.
+    # engine still runs the write: no AbortAck (nothing proves the write ended).
     m = abandoned(cause)
     assert SendAbortAck() not in m.handle(AbortReceived("no ChunkDone for round 0 in time"))
 

@@ -32,6 +32,8 @@ DEFAULTS = {
     "resume_timeout": 30.0,
     "alloc_timeout": 30.0,
     "abort_ack_timeout": 5.0,
+    "write_timeout": 10.0,
+    "max_tokens": 262_144,
     "heartbeat_interval": 1.0,
     "heartbeat_timeout": 5.0,
     "max_inflight_per_peer": 64,

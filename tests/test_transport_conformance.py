@@ -131,6 +131,7 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
             await transport.write("peer", fresh, tag="fresh")
             conn.send(("check-discard", 77, _raw(dropped), _raw(fresh)))
             assert (await _recv(conn))[0] == "checked"
+        errors: list[str] = []
         # a grant past its deadline: never posted, on every transport
         try:
             await transport.write("peer", cases[0], tag="late", deadline=time.monotonic() - 1)
@@ -146,7 +147,6 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
             assert (await _recv(conn))[0] == "checked"
         # refusals: past the end of the peer's pool, an unknown peer, a removed peer
         pool_bytes = registry.byte_view("embeddings").numel()
-        errors = []
         bad = [WriteOp("embeddings", 0, pool_bytes - 8, 16)]
         for peer, ops in (("peer", bad), ("nobody", cases[0])):
             try:

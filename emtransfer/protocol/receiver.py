@@ -118,20 +118,21 @@ class ReceiverMachine(Machine[ReceiverState]):
             return f"ChunkDone count {e.count} leaves the allocation part-filled mid-transfer"
         return None
 
-    def _abandon(self, error: TransferError, *, tell: bool) -> Result:
+    def _abandon(self, error: TransferError, *, tell: str | None) -> Result:
         """Give up while a write may still land in the current allocation: quarantine it, fence
-        it where the engine can, tell the sender unless it told us."""
+        it where the engine can, tell the sender (``tell``: the reason) unless it told us."""
         acts: list[Action] = [ev.Quarantine()]
         if self.g.fences_tag:
             acts.append(ev.Fence())
-        if tell:
-            acts.append(ev.SendAbort(str(error)))
+        if tell is not None:
+            acts.append(ev.SendAbort(tell))
         return R.QUARANTINED, [*acts, ev.Fail(error)]
 
     def _chunk(self, e: ev.ChunkReceived) -> Result:
         why = self.chunk_error(e)
         if why:
-            return self._abandon(ProtocolError(f"rid={self.rid!r}: {why}"), tell=True)
+            err = ProtocolError(f"rid={self.rid!r}: {why}")
+            return self._abandon(err, tell=f"protocol error: {why}")
         self.total = e.total_tokens
         self.received += e.count
         if e.is_last and self.round == 0 and self.whole:
@@ -156,10 +157,10 @@ class ReceiverMachine(Machine[ReceiverState]):
 
     def _chunk_timeout(self, e: ev.Timeout) -> Result:
         err = TransferTimeout(f"rid={self.rid!r}: no ChunkDone for round {self.round} in time")
-        return self._abandon(err, tell=True)
+        return self._abandon(err, tell="receiver timeout")
 
     def _chunk_local_abort(self, e: ev.LocalAbort) -> Result:
-        return self._abandon(TransferAborted(f"rid={self.rid!r}: {e.reason}"), tell=True)
+        return self._abandon(TransferAborted(f"rid={self.rid!r}: {e.reason}"), tell=e.reason)
 
     def _aborted_allocating(self, e: ev.AbortReceived) -> Result:
         err = TransferAborted(f"rid={self.rid!r}: aborted by sender: {e.reason}")
@@ -171,7 +172,7 @@ class ReceiverMachine(Machine[ReceiverState]):
         err = TransferAborted(f"rid={self.rid!r}: aborted by sender: {e.reason}")
         if self.g.remote_completion:
             return R.FAILED, [ev.Free(), ev.Fail(err)]
-        return self._abandon(err, tell=False)
+        return self._abandon(err, tell=None)
 
     def _lost_allocating(self, e: ev.PeerLost) -> Result:
         return R.FAILED, [ev.Fail(PeerLostError(f"rid={self.rid!r}: {e.reason}"))]

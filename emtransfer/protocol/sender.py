@@ -76,6 +76,9 @@ class SenderMachine(Machine[SenderState]):
         self._drain_reply: Action | None = None
         self._drain_error: TransferError | None = None
         self._peer_gone = False
+        #: a write outlived DRAINING's deadline: until it ends, no Abort or AbortAck may claim
+        #: that nothing of ours is in flight
+        self.write_abandoned = False
 
     # -- helpers -----------------------------------------------------------------------------
     def _check_allocation(self, blocks: tuple[int, ...], capacity: int) -> str | None:
@@ -209,6 +212,7 @@ class SenderMachine(Machine[SenderState]):
         # the write still runs: its staging blocks go back when it ends, and no Abort or
         # AbortAck is sent, since we cannot prove that nothing more lands
         assert self._drain_error is not None
+        self.write_abandoned = True
         return S.FAILED, [ev.FreeStagingAfterWrite(), ev.Fail(self._drain_error)]
 
     def _drained(self, e: ev.Event) -> Result:
@@ -231,8 +235,15 @@ class SenderMachine(Machine[SenderState]):
         return self.state, [ev.SendAbort("request already ended on the sender")]
 
     def _ack_late(self, e: ev.AbortReceived) -> Result:
-        # the receiver gave up while we finished or failed: nothing is in flight, say so
+        # the receiver gave up while we finished or failed: nothing is in flight, say so --
+        # unless a write we gave up on may still land (the receiver then waits for expiry)
+        if self.write_abandoned:
+            return self.state, []
         return self.state, [ev.SendAbortAck()]
+
+    def _late_write_end(self, e: ev.Event) -> Result:
+        self.write_abandoned = False
+        return self.state, []
 
     def _ignore(self, e: ev.Event) -> Result:
         return self.state, []
@@ -285,8 +296,8 @@ SenderMachine.TRANSITIONS = {
     (S.FAILED, ev.PeerLost): (_M._ignore, _F({S.FAILED})),
     (S.FAILED, ev.Timeout): (_M._ignore, _F({S.FAILED})),
     # a write that outlived DRAINING's deadline ends after the request did
-    (S.FAILED, ev.WriteDone): (_M._ignore, _F({S.FAILED})),
-    (S.FAILED, ev.WriteFailed): (_M._ignore, _F({S.FAILED})),
+    (S.FAILED, ev.WriteDone): (_M._late_write_end, _F({S.FAILED})),
+    (S.FAILED, ev.WriteFailed): (_M._late_write_end, _F({S.FAILED})),
     **{(st, ev.Timeout): (_M._timeout, _F({S.FAILED})) for st in _WAITING if st is not S.NEW},
     **{(st, ev.AbortReceived): (_M._aborted, _F({S.FAILED})) for st in _WAITING},
     **{(st, ev.LocalAbort): (_M._local_abort, _F({S.FAILED})) for st in _WAITING},

@@ -78,9 +78,12 @@ class ReceiverSession(Session):
         return self._grant_sent_at + ttl * 1.001 + bound + GRANT_MARGIN_S
 
     def _grant_fields(self) -> dict[str, int]:
+        """``ttl_ms`` adds the stamp's age as we measure it (an upper bound of its real age):
+        the sender's deadline still falls at most ``chunk_timeout`` after this moment."""
         assert self.peer is not None
-        self._grant_sent_at = asyncio.get_running_loop().time()
-        return {"stamp": self.peer.stamp, "ttl_ms": int(self.settings.chunk_timeout * 1000)}
+        now = self._grant_sent_at = asyncio.get_running_loop().time()
+        age = min(max(0.0, now - self.peer.stamp_at), 3600.0)
+        return {"stamp": self.peer.stamp, "ttl_ms": int((self.settings.chunk_timeout + age) * 1000)}
 
     def _granted(self, allocation: Allocation) -> ev.Event:
         self.current = allocation

@@ -62,8 +62,10 @@ class Peer:
     address: str = ""
     last_seen: float = 0.0
     heartbeat: asyncio.Task[None] | None = None
-    #: the latest stamp (the peer's clock) seen from it, echoed in the grants we send it
+    #: the latest stamp (the peer's clock) seen from it, echoed in the grants we send it, and
+    #: when (our loop time) it arrived
     stamp: int = 0
+    stamp_at: float = 0.0
     #: ended requests whose blocks are still quarantined, by attempt (session tag)
     lingering: dict[str, Session] = field(default_factory=dict)
     #: set once the peer is lost
@@ -102,7 +104,10 @@ class Node:
         self.settings = settings
         self.node_id = f"{self.role}-{uuid.uuid4().hex[:12]}"
         self.allocator = BlockAllocator(settings.num_blocks, settings.block_size)
-        self.registry = BufferRegistry.from_settings(settings)
+        # a transport handed in brings its registered pools: the node must use the same ones
+        self.registry = (
+            transport.registry if transport is not None else BufferRegistry.from_settings(settings)
+        )
         self.transport = transport or create_transport(settings, self.registry)
         self.metrics = Metrics(self.role, self.allocator)
         #: connected peers by connection (their transport id), never by the id they claim
@@ -329,6 +334,7 @@ class Node:
             last_seen=asyncio.get_running_loop().time(),
             stamp=hello.stamp,
         )
+        peer.stamp_at = peer.last_seen
         self.peers[tid] = peer
         self.metrics.peers.set(len(self.peers))
         peer.reader = asyncio.create_task(self._read(peer), name=f"emtransfer:read:{peer.node_id}")
@@ -366,7 +372,7 @@ class Node:
                 peer.last_seen = loop.time()
                 stamp = getattr(msg, "stamp", 0)
                 if stamp > peer.stamp:
-                    peer.stamp = stamp
+                    peer.stamp, peer.stamp_at = stamp, peer.last_seen
                 try:
                     self._on_message(peer, msg)
                 except TransferError as exc:

@@ -34,6 +34,8 @@ _HELP = {
     "alloc_timeout": "seconds an allocation may wait for free blocks",
     "abort_ack_timeout": "seconds to wait for an AbortAck before tearing the connection down",
     "heartbeat_interval": "seconds between heartbeats",
+    "write_timeout": "the engine's bound on one posted data-plane write (seconds)",
+    "max_tokens": "largest payload in tokens a node sends or accepts, and a request may ask for",
     "max_inflight_per_peer": "requests in flight per peer pair",
     "auth_token": "shared secret for the handshake (prefer EMTRANSFER_AUTH_TOKEN: a flag shows in ps)",
     "verify_digest": "check a digest of every payload on arrival (slower)",
@@ -130,12 +132,6 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         "several (round-robin). Default: --host:--bootstrap-port when bootstrap_port is set",
     )
     serve.add_argument(
-        "--max-tokens",
-        type=int,
-        default=DEFAULT_MAX_TOKENS,
-        help=f"largest num_tokens (or image token count) a request may ask for (default {DEFAULT_MAX_TOKENS})",
-    )
-    serve.add_argument(
         "--patch-size",
         type=int,
         default=DEFAULT_PATCH_SIZE,
@@ -185,8 +181,6 @@ def resolve_serve(args: argparse.Namespace) -> ServeOptions:
     """Turn parsed arguments into options; ConfigError names the bad option or setting."""
     overrides = {n: getattr(args, n) for n in Settings.model_fields if hasattr(args, n)}
     settings = Settings.load(args.config, **overrides)
-    if args.max_tokens <= 0:
-        raise ConfigError(f"invalid --max-tokens={args.max_tokens}: must be > 0")
     if args.patch_size <= 0:
         raise ConfigError(f"invalid --patch-size={args.patch_size}: must be > 0")
     if args.retry_interval <= 0:
@@ -223,7 +217,7 @@ def resolve_serve(args: argparse.Namespace) -> ServeOptions:
         port=port,
         encoder=args.encoder,
         encoder_addrs=tuple(addrs),
-        max_tokens=args.max_tokens,
+        max_tokens=settings.max_tokens,
         patch_size=args.patch_size,
         retry_interval=args.retry_interval,
         access_log=args.access_log,
