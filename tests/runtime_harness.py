@@ -35,6 +35,7 @@ BASE_SETTINGS: dict[str, Any] = {
     "resume_timeout": 20.0,
     "alloc_timeout": 20.0,
     "abort_ack_timeout": 2.0,
+    "write_timeout": 5.0,
 }
 
 
@@ -131,7 +132,9 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
         if cmd == "lease_open":  # a zero-copy lease kept open until lease_close
             rid, address, expected, seed, n = args
             stack = contextlib.AsyncExitStack()
-            got = await stack.enter_async_context(node.lease(rid, address, expected_tokens=expected))
+            got = await stack.enter_async_context(
+                node.lease(rid, address, expected_tokens=expected)
+            )
             leases[rid] = (stack, got, seed, n)
             return {"ok": verify(got, seed, n), "zero_copy": got.zero_copy}
         if cmd == "lease_check":

@@ -83,9 +83,9 @@ def test_chaos(transport: str) -> None:
     wrong: list[str] = []
     try:
         for b in range(REQUESTS // BATCH):
-            fault = rng.choices(
-                ["none", "cut", "blackhole", "stall", "kill"], [60, 12, 10, 10, 8]
-            )[0]
+            fault = rng.choices(["none", "cut", "blackhole", "stall", "kill"], [60, 12, 10, 10, 8])[
+                0
+            ]
             faults[fault] = faults.get(fault, 0) + 1
             recvs, sends = [], []
             for i in range(BATCH):
@@ -93,7 +93,9 @@ def test_chaos(transport: str) -> None:
                 n = rng.choice([rng.randint(1, 1500), rng.randint(1, 4000), POOL_TOKENS + 300])
                 expected = n if rng.random() < 0.5 else None
                 seed = rng.randrange(1 << 16)
-                recvs.append((rid, lang.start("receive", rid, enc.proxy.address, expected, seed, n)))
+                recvs.append(
+                    (rid, lang.start("receive", rid, enc.proxy.address, expected, seed, n))
+                )
                 sends.append(enc.proc.start("send", rid, n, seed, None))
             time.sleep(rng.uniform(0, 0.05))  # the fault's random moment, not a sync point
             proc = enc.proc

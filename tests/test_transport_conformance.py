@@ -200,7 +200,9 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
                 remote = "ok"
                 for o in [WriteOp(*r) for r in msg[2]]:
                     got = registry.byte_view(o.field)[o.dst_offset : o.dst_offset + o.nbytes]
-                    if not bool((got == want[o.field][o.src_offset : o.src_offset + o.nbytes]).all()):
+                    if not bool(
+                        (got == want[o.field][o.src_offset : o.src_offset + o.nbytes]).all()
+                    ):
                         remote = f"a completed write is not in the pool yet: {o}"
                 conn.send(("checked",))
                 continue

@@ -453,11 +453,7 @@ class EncodeNode(Node):
         """An Init-first session for ``rid`` from a peer ``owner`` admits, waiting for data."""
         for peer in self.peers.values():
             session = peer.sessions.get(rid)
-            if (
-                isinstance(session, SenderSession)
-                and session.waits_for_data
-                and _owns(owner, peer)
-            ):
+            if isinstance(session, SenderSession) and session.waits_for_data and _owns(owner, peer):
                 return session
         return None
 

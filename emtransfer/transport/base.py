@@ -51,7 +51,9 @@ class Transport(ABC):
     @property
     def guarantees(self) -> Guarantees:
         g = self.GUARANTEES
-        return Guarantees(g.remote_completion, g.fences_tag, g.remove_stops_inbound, self.post_bound)
+        return Guarantees(
+            g.remote_completion, g.fences_tag, g.remove_stops_inbound, self.post_bound
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings, registry: BufferRegistry) -> Transport:
