@@ -48,6 +48,20 @@ def payload(seed: int, n: int, hidden: int) -> dict[str, Any]:
     return {"embeddings": emb, "mrope_positions": pos}
 
 
+def transport_params(*names: str) -> list[Any]:
+    """pytest params for the named transports; one that cannot run here is skipped, saying
+    why (on a machine with the engine installed it runs)."""
+    import pytest
+
+    from emtransfer.transport import transport_unavailable
+
+    out = []
+    for name in names:
+        why = transport_unavailable(name)
+        out.append(pytest.param(name, marks=[pytest.mark.skip(reason=why)] if why else [], id=name))
+    return out
+
+
 class RemoteError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(f"{kind}: {message}")

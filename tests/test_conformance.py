@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from runtime_harness import BASE_SETTINGS, NodeProc, RemoteError
+from runtime_harness import BASE_SETTINGS, NodeProc, RemoteError, transport_params
 from transport_harness import free_port
 
 POOL_TOKENS = BASE_SETTINGS["num_blocks"] * BASE_SETTINGS["block_size"]
@@ -19,17 +19,7 @@ POOL_TOKENS = BASE_SETTINGS["num_blocks"] * BASE_SETTINGS["block_size"]
 LOSS_S = BASE_SETTINGS["heartbeat_timeout"] + 5
 
 
-def _transports() -> list[Any]:
-    from emtransfer.transport import transport_unavailable
-
-    out = []
-    for name in ("tcp", "nixl", "torch"):
-        why = transport_unavailable(name)
-        out.append(pytest.param(name, marks=[pytest.mark.skip(reason=why)] if why else [], id=name))
-    return out
-
-
-TRANSPORTS = _transports()
+TRANSPORTS = transport_params("tcp", "nixl", "torch")
 
 
 def _env(transport: str) -> tuple[dict[str, str], dict[str, str]]:

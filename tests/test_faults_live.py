@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from fault_proxy import FaultProxy
-from runtime_harness import NodeProc, RemoteError
+from runtime_harness import NodeProc, RemoteError, transport_params
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,17 +28,7 @@ FAST = {
 }
 
 
-def _transports() -> list[Any]:
-    from emtransfer.transport import transport_unavailable
-
-    out = []
-    for name in ("tcp", "nixl"):
-        why = transport_unavailable(name)
-        out.append(pytest.param(name, marks=[pytest.mark.skip(reason=why)] if why else [], id=name))
-    return out
-
-
-@pytest.fixture(params=_transports())
+@pytest.fixture(params=transport_params("tcp", "nixl"))
 def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -48,7 +38,8 @@ def procs() -> Iterator[list[NodeProc]]:
     made: list[NodeProc] = []
     yield made
     for p in made:
-        p.resume() if p.proc.is_alive() else None
+        if p.proc.is_alive():
+            p.resume()  # a stopped process would otherwise outlive the test
         p.kill()
 
 

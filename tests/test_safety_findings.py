@@ -28,6 +28,21 @@ from emtransfer.transport import tcp as tcp_mod
 pytestmark = pytest.mark.timeout(60)
 
 
+def _engines() -> list[Any]:
+    """The in-process transport and the real engines: its writes are synchronous, so a race
+    that only an asynchronous engine has is run on tcp and nixl too."""
+    from emtransfer.transport import transport_unavailable
+
+    out = [pytest.param("local", id="local")]
+    for name in ("tcp", "nixl"):
+        why = transport_unavailable(name)
+        out.append(pytest.param(name, marks=[pytest.mark.skip(reason=why)] if why else [], id=name))
+    return out
+
+
+ENGINES = _engines()
+
+
 async def test_concurrent_receives_share_one_connection() -> None:
     """Finding 3, benign trigger: four receive() calls naming the address at once used to open
     four connections, three of them kicked off as 'replaced by a new connection'."""
@@ -86,10 +101,11 @@ async def test_payload_named_for_one_peer_is_refused_to_another() -> None:
         await wait_pools_clean(enc, owner, thief)
 
 
-async def test_cancel_racing_the_in_place_completion_frees_the_lease() -> None:
+@pytest.mark.parametrize("transport", ENGINES)
+async def test_cancel_racing_the_in_place_completion_frees_the_lease(transport: str) -> None:
     """Finding 4: cancelled after the in-place completion but before resuming, the lease's
     blocks were never freed."""
-    s = make_settings()
+    s = make_settings(transport=transport)
     async with connected(s) as (enc, lang, peer):
         pay = make_payload(40, seed=5)
         task = asyncio.create_task(lang.lease("L", peer, expected_tokens=40).__aenter__())
@@ -148,7 +164,8 @@ async def test_encode_jobs_count_against_the_in_flight_limit() -> None:
         await wait_pools_clean(enc, lang)
 
 
-async def test_a_failed_attempt_never_poisons_a_retry_nor_binds_its_orphan() -> None:
+@pytest.mark.parametrize("transport", ENGINES)
+async def test_a_failed_attempt_never_poisons_a_retry_nor_binds_its_orphan(transport: str) -> None:
     """Finding 6: a failed job was remembered by rid (a retry got the old reason), and an
     orphaned result of an old attempt could bind to the retry."""
     calls: list[dict[str, Any]] = []
@@ -162,7 +179,7 @@ async def test_a_failed_attempt_never_poisons_a_retry_nor_binds_its_orphan() -> 
             await release_old.wait()
         return make_payload(30, seed=job["seed"])
 
-    s = make_settings()
+    s = make_settings(transport=transport)
     async with et.EncodeNode(s, encoder=encoder) as enc, et.LanguageNode(s) as lang:
         peer = await lang.connect(enc.address)
         with pytest.raises(et.TransferAborted, match="undecodable"):
@@ -183,14 +200,15 @@ async def test_a_failed_attempt_never_poisons_a_retry_nor_binds_its_orphan() -> 
         await wait_pools_clean(enc, lang)
 
 
+@pytest.mark.parametrize("transport", ENGINES)
 @pytest.mark.parametrize("offload", [False, True], ids=["inline", "executor"])
 async def test_a_failing_prestage_copy_gives_its_blocks_back(
-    offload: bool, monkeypatch: pytest.MonkeyPatch
+    offload: bool, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Finding 8: a pre-staged allocation leaked if its copy raised."""
     if offload:
         monkeypatch.setattr(encode_mod, "OFFLOAD_BYTES", 0)
-    s = make_settings()
+    s = make_settings(transport=transport)
     async with connected(s) as (enc, lang, peer):
         real = enc.registry.write
         calls = {"n": 0}

@@ -58,9 +58,10 @@ def _overlap(a: Owner, b: Owner) -> bool:
 def grant_deadline(stamp: int, ttl_ms: int) -> float:
     """The local ``time.monotonic()`` after which no write may be posted for a grant: its
     lifetime counts from ``stamp``, our own clock as the receiver last saw it (a moment that
-    surely came before the grant was made)."""
+    surely came before the grant was made). A stamp we cannot have issued (in our future)
+    voids the grant: its write is refused at posting and the request aborts as usual."""
     if stamp > now_stamp():
-        raise ProtocolError(f"grant stamped {stamp}, in this node's future")
+        return float("-inf")
     return stamp / 1e6 + ttl_ms / 1e3
 
 
@@ -411,13 +412,7 @@ class EncodeNode(Node):
         connected peer: the first Init for ``rid`` wins, so use it only among trusted peers).
         An Init from anyone else is refused."""
         check_rid(rid)
-        num_tokens = self.registry.check_payload(tensors)
-        if num_tokens > self.settings.max_tokens:
-            raise PayloadError(
-                f"payload of {num_tokens} tokens exceeds max_tokens={self.settings.max_tokens}"
-            )
-        if meta is not None:
-            _check_meta(meta)
+        num_tokens = self._check_outgoing(tensors, meta)
         if self._closing:
             raise TransferError("node is closing")
         session = self._claimed_by_init(rid, peer)
@@ -428,6 +423,19 @@ class EncodeNode(Node):
             self._offers.setdefault(rid, []).append(session)
             session.start()
         return await self._push(session, tensors, meta, num_tokens)
+
+    def _check_outgoing(
+        self, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any] | None
+    ) -> int:
+        """The payload's token count, once it fits the fields, ``max_tokens`` and the wire."""
+        num_tokens = self.registry.check_payload(tensors)
+        if num_tokens > self.settings.max_tokens:
+            raise PayloadError(
+                f"payload of {num_tokens} tokens exceeds max_tokens={self.settings.max_tokens}"
+            )
+        if meta is not None:
+            _check_meta(meta)
+        return num_tokens
 
     async def _push(
         self,
@@ -525,13 +533,7 @@ class EncodeNode(Node):
             if asyncio.iscoroutine(out):
                 out = await out
             tensors, meta = out if isinstance(out, tuple) else (out, None)
-            num_tokens = self.registry.check_payload(tensors)
-            if num_tokens > self.settings.max_tokens:
-                raise PayloadError(
-                    f"{num_tokens} tokens exceed max_tokens={self.settings.max_tokens}"
-                )
-            if meta is not None:
-                _check_meta(meta)
+            num_tokens = self._check_outgoing(tensors, meta)
         except Exception as exc:
             self.log.warning("encode job failed", rid=msg.rid, error=repr(exc))
             reason = m.reason(f"encode failed: {exc}")
@@ -592,6 +594,10 @@ class EncodeNode(Node):
             session = None  # a message for an attempt that already ended
         if session is not None and session.running:
             session.feed(event)
+            if isinstance(event, ev.AbortReceived):
+                # the receiver gave this attempt up: a retry of the rid right behind the Abort
+                # must not find it in the way (it still answers through its own peer)
+                del peer.sessions[rid]
         elif isinstance(event, ev.AbortReceived):
             peer.send(m.AbortAck(rid=rid, session=tag))  # nothing of that attempt is in flight
         else:

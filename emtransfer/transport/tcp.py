@@ -383,10 +383,11 @@ class TcpTransport(Transport):
             if peer.stream is None or peer.stream[1].is_closing() or peer.stream[0].at_eof():
                 peer.stream = await self._connect(peer)
             writer = peer.stream[1]
+            if self._peers.get(peer_id) is not peer:  # removed while connecting
+                writer.transport.abort()
+                raise TransportError(f"tcp transport: peer {peer_id!r} was removed")
+            check_deadline(deadline, f"tcp transport: write {tag!r}")  # nothing sent: keep it
             try:
-                if self._peers.get(peer_id) is not peer:  # removed while connecting
-                    raise ConnectionAbortedError("peer removed")
-                check_deadline(deadline, f"tcp transport: write {tag!r}")
                 for piece in pieces:
                     writer.write(piece)
                 try:
