@@ -10,11 +10,13 @@ the receiver verifies every byte without the test shipping tensors around.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
 import random
 import signal
+import threading
 import time
 import traceback
 from typing import Any
@@ -104,19 +106,55 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
         await real_write(*a, **kw)
 
     node.transport.write = gated_write  # type: ignore[method-assign]
+    # a second pause point: the protocol's allocations wait here (the test's own holds do not),
+    # as behind a pool that other requests hold
+    agate = asyncio.Event()
+    agate.set()
+    real_try, real_alloc = node.allocator.try_alloc, node.allocator.alloc
+
+    def gated_try(n: int, owner: str, **kw: Any) -> Any:
+        if not agate.is_set() and owner != "held-by-test":
+            return None
+        return real_try(n, owner, **kw)
+
+    async def gated_alloc(*a: Any, **kw: Any) -> Any:
+        await agate.wait()
+        return await real_alloc(*a, **kw)
+
+    node.allocator.try_alloc = gated_try  # type: ignore[method-assign]
+    node.allocator.alloc = gated_alloc  # type: ignore[method-assign]
     leases: dict[str, tuple[Any, Any, int, int]] = {}
-    import contextlib
+    posts = {"open": threading.Event()}
+    posts["open"].set()
+    post_held = asyncio.Event()
 
     def verify(got: Any, seed: int, n: int) -> bool:
         want = payload(seed, n, hidden)
         return got.num_tokens == n and all(torch.equal(got.tensors[k], v) for k, v in want.items())
 
+    def sessions_by_rid() -> dict[str, str]:
+        """rid -> protocol state of every session of the node: live, lingering, offered."""
+        states: dict[str, str] = {}
+        for p in node.peers.values():
+            for sess in [*p.lingering.values(), *p.sessions.values()]:
+                if sess.running:
+                    states[sess.rid] = sess.machine.state.name
+        if role == "encode":
+            states.update({r: x.machine.state.name for r, x in node.senders.items() if x.running})
+        return states
+
+    by_cid: dict[int, asyncio.Task[None]] = {}
+
     async def run(cid: int, cmd: str, args: tuple[Any, ...]) -> None:
         try:
             value = await handle(cmd, *args)
             conn.send(("result", cid, value))
+        except asyncio.CancelledError:  # the test's "cancel": the caller gave up
+            conn.send(("error", cid, "CancelledError", "cancelled by the test"))
         except Exception as exc:
             conn.send(("error", cid, type(exc).__name__, f"{exc}\n{traceback.format_exc()}"))
+        finally:
+            by_cid.pop(cid, None)
 
     async def handle(cmd: str, *args: Any) -> Any:
         if cmd == "send":
@@ -142,6 +180,46 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
             return gated["waiting"]
         if cmd == "release_writes":
             gate.set()
+            return True
+        if cmd == "hold_posts":  # nixl: hold writes inside the engine, past its last checks
+            tr = node.transport
+            tr.inline_max_bytes = 0  # type: ignore[attr-defined]
+            agent = tr._agent  # type: ignore[attr-defined]
+            real_transfer = agent.transfer
+            posts["open"].clear()
+
+            def held_transfer(handle: Any) -> Any:
+                loop.call_soon_threadsafe(post_held.set)
+                posts["open"].wait()  # a posted write still in flight, as long as the test says
+                return real_transfer(handle)
+
+            agent.transfer = held_transfer
+            return True
+        if cmd == "posts_held":
+            async with asyncio.timeout(args[0]):
+                await post_held.wait()
+            return True
+        if cmd == "release_posts":
+            posts["open"].set()
+            return True
+        if cmd == "cancel":  # the caller of command ``cid`` gives up (client gone, wait_for)
+            task = by_cid.get(args[0])
+            if task is not None:
+                task.cancel()
+            return task is not None
+        if cmd == "hold_allocs":
+            agate.clear()
+            return True
+        if cmd == "release_allocs":
+            agate.set()
+            return True
+        if cmd == "ended":  # wait until rid has no session left (live or lingering)
+            rid, timeout = args
+            deadline = loop.time() + timeout
+            while rid in sessions_by_rid():
+                if loop.time() > deadline:
+                    raise TimeoutError(f"{rid} still in {sessions_by_rid()[rid]}")
+                await asyncio.sleep(0.005)  # bounded poll of another process's view
             return True
         if cmd == "lease_open":  # a zero-copy lease kept open until lease_close
             rid, address, expected, seed, n = args
@@ -183,13 +261,7 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
             rid, wanted, timeout = args
             deadline = loop.time() + timeout
             while True:
-                states = {
-                    r: sess.machine.state.name
-                    for p in node.peers.values()
-                    for r, sess in p.sessions.items()
-                }
-                if role == "encode":
-                    states.update({r: x.machine.state.name for r, x in node.senders.items()})
+                states = sessions_by_rid()
                 if states.get(rid) in wanted:
                     return states[rid]
                 if loop.time() > deadline:
@@ -217,6 +289,7 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
             break
         _, cid, cmd, args = msg
         t = asyncio.create_task(run(cid, cmd, args))
+        by_cid[cid] = t
         tasks.add(t)
         t.add_done_callback(tasks.discard)
     conn.send(("bye",))

@@ -139,3 +139,58 @@ def test_sender_stopped_mid_write_then_resumed(transport: str, procs: list) -> N
     _settled(lang)
     _settled(enc)
     _settled(enc2)
+
+
+@pytest.mark.parametrize("fault", ["stall", "blackhole"])
+@pytest.mark.parametrize("engine", transport_params("nixl"))
+def test_a_posted_write_in_flight_lands_only_in_quarantined_blocks(
+    engine: str, fault: str, procs: list
+) -> None:
+    """Finding 1 at its root, on the engine that cannot fence (nixl): the write passed every
+    check of the sender and is posted, still in flight, when the receiver loses the sender.
+    Only the quarantine stands between it and the next lease: the canary asks for the same
+    blocks at once and waits for the grant's expiry, the write lands meanwhile (within the
+    engine's bound on a posted write) in quarantined blocks, and the canary stays correct."""
+    slow = {**FAST, "chunk_timeout": 6.0, "alloc_timeout": 30.0}
+    enc = NodeProc("encode", engine, **{**slow, "heartbeat_timeout": 60})
+    procs.append(enc)
+    enc2 = NodeProc("encode", engine, **slow)
+    procs.append(enc2)
+    lang = NodeProc("language", engine, **slow)
+    procs.append(lang)
+    proxy = FaultProxy(enc.address)
+    try:
+        lang.call("hold", 64 - FREE)
+        enc.call("hold_posts")
+        r = lang.start("receive", "victim", proxy.address, None, 1, N)
+        s = enc.start("send", "victim", N, 1, None)
+        assert enc.call("posts_held", 10)
+        if fault == "stall":
+            enc.pause()
+        else:
+            proxy.blackhole()
+        with pytest.raises(RemoteError) as err:
+            lang.wait(r, timeout=20)
+        assert err.value.kind == "PeerLost", err.value
+        h = lang.call("health")
+        assert h["pool"]["blocks_quarantined"] == FREE, h
+        c = lang.start("lease_open", "canary", enc2.address, N, 2, N)
+        cs = enc2.start("send", "canary", N, 2, None)
+        lang.call("state", "canary", ["ALLOCATING"], 10.0)  # the blocks are not to be had
+        if fault == "stall":
+            enc.resume()
+        enc.call("release_posts")  # the posted write completes: into the quarantined blocks
+        with pytest.raises(RemoteError):  # the sender gave the request up meanwhile
+            enc.wait(s, timeout=30)
+        enc.call("ended", "victim", 10.0)  # ... and the abandoned write has ended
+        got = lang.wait(c, timeout=30)  # the quarantine ended at the grant's expiry
+        enc2.wait(cs, timeout=30)
+        assert got["ok"] and got["zero_copy"], got
+        assert lang.call("lease_check", "canary"), "the late write landed in the canary's blocks"
+        lang.call("lease_close", "canary")
+        lang.call("release")
+        _settled(lang)
+        _settled(enc)
+        _settled(enc2)
+    finally:
+        proxy.close()

@@ -1294,3 +1294,27 @@ def test_machine_keeps_its_guarantees() -> None:
     for kind, g in GUARANTEES.items():
         m = new(g, max_tokens=99)
         assert m.g is g and m.max_tokens == 99, kind
+
+
+# ------------------------------------------- messages for a request with no session here
+
+
+@pytest.mark.parametrize("event_type", [AbortReceived, AbortAckReceived], ids=lambda t: t.__name__)
+def test_unknown_rid_abort_or_ack_needs_no_answer(event_type: type[Event]) -> None:
+    assert ReceiverMachine.answer_unknown(RID, SAMPLE_EVENTS[event_type]) == []
+
+
+def test_unknown_rid_chunk_is_a_protocol_error() -> None:
+    (act,) = ReceiverMachine.answer_unknown(RID, SAMPLE_EVENTS[ChunkReceived])
+    assert isinstance(act, ev.Fail) and isinstance(act.error, ProtocolError)
+    assert RID in str(act.error)
+
+
+@pytest.mark.parametrize(
+    "event_type",
+    sorted(set(all_event_types()) - set(ReceiverMachine.UNKNOWN), key=lambda t: t.__name__),
+    ids=lambda t: t.__name__,
+)
+def test_other_events_for_an_unknown_rid_are_refused(event_type: type[Event]) -> None:
+    with pytest.raises(ProtocolError, match=f"receiver: event {event_type.__name__} for unknown"):
+        ReceiverMachine.answer_unknown(RID, SAMPLE_EVENTS[event_type])

@@ -1236,3 +1236,28 @@ def test_terminal_states() -> None:
 def test_machine_does_not_share_state_between_requests() -> None:
     a, b = wait_resume(20, 12), new()
     assert b.state is S.NEW and b.round == -1 and b.sent == 0 and a.sent == 12
+
+
+# ------------------------------------------- messages for a request with no session here
+
+
+def test_unknown_rid_abort_is_acked() -> None:
+    # no session: nothing of that attempt can be in flight (an abandoned write keeps its session)
+    assert SenderMachine.answer_unknown(RID, SAMPLE_EVENTS[AbortReceived]) == [ev.SendAbortAck()]
+
+
+def test_unknown_rid_resume_is_answered_with_abort_and_fails() -> None:
+    acts = SenderMachine.answer_unknown(RID, SAMPLE_EVENTS[ResumeReceived])
+    assert isinstance(acts[0], ev.SendAbort) and RID in acts[0].reason
+    assert isinstance(acts[1], ev.Fail) and isinstance(acts[1].error, ProtocolError)
+    assert len(acts) == 2
+
+
+@pytest.mark.parametrize(
+    "event_type",
+    sorted(set(all_event_types()) - set(SenderMachine.UNKNOWN), key=lambda t: t.__name__),
+    ids=lambda t: t.__name__,
+)
+def test_other_events_for_an_unknown_rid_are_refused(event_type: type[Event]) -> None:
+    with pytest.raises(ProtocolError, match=f"sender: event {event_type.__name__} for unknown"):
+        SenderMachine.answer_unknown(RID, SAMPLE_EVENTS[event_type])

@@ -58,3 +58,35 @@ async def test_crashing_session_holds_blocks_until_the_grant_expires(
         assert loop.time() >= expiry - 0.01, "released before the grant expired"
         assert peer.alive
         await wait_pools_clean(enc, lang)
+
+
+@pytest.mark.timeout(30)
+async def test_close_releases_a_crashed_sessions_quarantine_before_its_expiry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The expiry timer of a crashed session belongs to the node: closing it deregisters the
+    pools (nothing can land any more), so the blocks go back then rather than at an expiry the
+    node no longer waits for, and the leak report stays empty."""
+    s = make_settings(chunk_timeout=30.0, write_timeout=10.0, heartbeat_interval=0.05)
+    enc = et.EncodeNode(s)
+    lang = et.LanguageNode(s)
+    await enc.start()
+    await lang.start()
+    try:
+        peer = await lang.connect(enc.address)
+
+        async def broken(self: ReceiverSession, action: object) -> None:
+            raise RuntimeError("copy exploded")
+
+        monkeypatch.setattr(ReceiverSession, "_deliver", broken)
+        send = asyncio.create_task(enc.send("x", make_payload(50, seed=1)))
+        with pytest.raises(et.TransferError, match="copy exploded"):
+            await lang.receive("x", peer)
+        await asyncio.wait_for(send, 10)
+        assert lang.allocator.num_quarantined == s.default_blocks  # the expiry is ~40 s away
+    finally:
+        await lang.close()
+        await enc.close()
+    assert lang.allocator.num_quarantined == 0
+    assert lang.allocator.num_free == lang.allocator.num_blocks
+    assert not lang.leak_report()

@@ -264,3 +264,59 @@ async def test_tcp_write_to_a_receiver_that_stopped_reading_is_bounded(
         assert loop.time() - t0 < s.chunk_timeout + s.write_timeout + 2
         assert peer.alive  # the control connection was never the problem
         await wait_pools_clean(enc, lang, timeout=10)
+
+
+@pytest.mark.parametrize("transport", ENGINES)
+async def test_an_abandoned_write_keeps_its_session_and_gets_no_ack(transport: str) -> None:
+    """A sender that gave up on a write (DRAINING's deadline) must not tell anybody that
+    nothing of that attempt is in flight until the write ended. It used to drop its session
+    at once, and the runtime answered a later Abort for the attempt with an AbortAck -- the
+    receiver's proof to reuse the blocks the write is still going to."""
+    s = make_settings(
+        transport=transport, chunk_timeout=30.0, write_timeout=0.2, abort_ack_timeout=0.2
+    )
+    async with connected(s) as (enc, lang, peer):
+        gate = asyncio.Event()
+        real_write = enc.transport.write
+
+        async def held_write(*a: Any, **kw: Any) -> None:
+            await gate.wait()  # the engine holds the write past every deadline
+            await real_write(*a, **kw)
+
+        enc.transport.write = held_write  # type: ignore[method-assign]
+        acks: list[Any] = []
+        enc_peer = next(iter(enc.peers.values()))
+        real_send = enc_peer.send
+
+        def spy(msg: Any) -> None:
+            if isinstance(msg, encode_mod.m.AbortAck):
+                acks.append(msg)
+            real_send(msg)
+
+        enc_peer.send = spy  # type: ignore[method-assign]
+        recv = asyncio.create_task(lang.receive("w", peer))
+        with pytest.raises(et.TransferTimeout, match="write_timeout"):
+            await enc.send("w", make_payload(30, seed=1))
+        session = receiver_session(peer, "w")
+        tag = session.session_tag
+        sender = enc_peer.lingering.get(tag)
+        assert sender is not None and sender.running, "the abandoned attempt must linger"
+        assert "w" not in enc_peer.sessions  # ... without blocking a retry of the rid
+        peer.send(encode_mod.m.Abort(rid="w", reason="receiver gives up", session=tag))
+        await wait_until(
+            lambda: (
+                ("FAILED", "AbortReceived", "FAILED")
+                in [(a.name, e, b.name) for a, e, b in sender.machine.history]
+            ),
+            what="the late Abort to reach the lingering attempt",
+        )
+        assert acks == [], "an AbortAck while the abandoned write may still land"
+        gate.set()  # the write goes: refused at posting (its grant expired) or it lands
+        await wait_until(lambda: not sender.running, what="the lingering attempt to end")
+        assert tag not in enc_peer.lingering
+        recv.cancel()
+        with pytest.raises((asyncio.CancelledError, et.TransferError)):
+            await recv
+        peer.send(encode_mod.m.Abort(rid="w", reason="again", session=tag))
+        await wait_until(lambda: len(acks) >= 1, what="an ack once the attempt ended")
+        await wait_pools_clean(enc, lang, timeout=10)

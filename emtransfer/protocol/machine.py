@@ -5,6 +5,11 @@ Following h11's rule, everything that decides a transition lives in one table pe
 event and raises :class:`ProtocolError` naming the role, the state and the event. Each handler
 returns the new state and the actions; the new state must be one the table allows for that
 pair (``ALLOWED``), so the table stays the single place to read the machine from.
+
+A message can also name a request this node holds no session for: one that ended, or one it
+never had. What to answer then is the role's ``UNKNOWN`` table, ``event type -> handler(rid,
+event) -> actions``, read through :meth:`Machine.answer_unknown`; the runtime only executes the
+actions (a ``Fail`` among them is raised: the peer broke the protocol).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ S = TypeVar("S", bound=Enum)
 #: grant's write deadline plus that bound)
 GRANT_EXPIRY = "grant_expiry"
 Handler = Callable[[Any, Any], tuple[Any, list[Action]]]
+UnknownHandler = Callable[[str, Any], list[Action]]
 
 
 class Machine(Generic[S]):
@@ -34,6 +40,8 @@ class Machine(Generic[S]):
     #: NEW and the terminal ones has one
     TIMEOUTS: ClassVar[dict[Any, str]]
     TERMINAL: ClassVar[frozenset[Any]]
+    #: event type -> what this role answers to it for a request it holds no session for
+    UNKNOWN: ClassVar[dict[type[Event], UnknownHandler]]
 
     def __init__(self, rid: str, state: S) -> None:
         self.rid = rid
@@ -66,6 +74,16 @@ class Machine(Generic[S]):
         self.history.append((self.state, type(event).__name__, new_state))
         self.state = new_state
         return actions
+
+    @classmethod
+    def answer_unknown(cls, rid: str, event: Event) -> list[Action]:
+        """The actions answering ``event`` for ``rid``, a request with no session here."""
+        handler = cls.UNKNOWN.get(type(event))
+        if handler is None:
+            raise ProtocolError(
+                f"{cls.ROLE}: event {type(event).__name__} for unknown rid {rid!r} is not valid"
+            )
+        return handler(rid, event)
 
     @classmethod
     def valid_events(cls, state: S) -> set[type[Event]]:

@@ -259,3 +259,19 @@ ReceiverMachine.TRANSITIONS = {
     (R.FAILED, ev.Fenced): (_M._ignore, _F({R.FAILED})),
     (R.FAILED, ev.FenceFailed): (_M._ignore, _F({R.FAILED})),
 }
+
+
+def _unknown_ignore(rid: str, e: ev.Event) -> list[Action]:
+    # an abort, or its ack, for a request that already ended here: nothing left to do
+    return []
+
+
+def _unknown_chunk(rid: str, e: ev.ChunkReceived) -> list[Action]:
+    return [ev.Fail(ProtocolError(f"ChunkDone for unknown rid {rid!r}"))]
+
+
+ReceiverMachine.UNKNOWN = {
+    ev.AbortReceived: _unknown_ignore,
+    ev.AbortAckReceived: _unknown_ignore,
+    ev.ChunkReceived: _unknown_chunk,
+}

@@ -303,3 +303,20 @@ SenderMachine.TRANSITIONS = {
     **{(st, ev.LocalAbort): (_M._local_abort, _F({S.FAILED})) for st in _WAITING},
     **{(st, ev.PeerLost): (_M._lost, _F({S.FAILED})) for st in _WAITING},
 }
+
+
+def _unknown_abort(rid: str, e: ev.AbortReceived) -> list[Action]:
+    # no session: nothing of that attempt is in flight (a sender whose abandoned write may
+    # still land keeps its session until the write ends, and answers from its own table)
+    return [ev.SendAbortAck()]
+
+
+def _unknown_resume(rid: str, e: ev.ResumeReceived) -> list[Action]:
+    why = f"Resume for unknown rid {rid!r}"
+    return [ev.SendAbort(f"unknown rid {rid!r}"), ev.Fail(ProtocolError(why))]
+
+
+SenderMachine.UNKNOWN = {
+    ev.AbortReceived: _unknown_abort,
+    ev.ResumeReceived: _unknown_resume,
+}

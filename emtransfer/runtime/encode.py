@@ -125,6 +125,21 @@ class SenderSession(Session):
         self.machine.remote_num_blocks = peer.num_blocks
         peer.sessions[self.rid] = self
 
+    def _loop_done(self) -> bool:
+        # a write given up on keeps the session (and its answers) until the write ends
+        return self.machine.finished and not self.machine.write_abandoned
+
+    def _linger(self) -> None:
+        """The request failed while a write it gave up on still runs: free the rid for a
+        retry, and keep answering for this attempt (by its tag) until the write ends."""
+        peer = self.peer
+        if peer is None:
+            return
+        if peer.sessions.get(self.rid) is self:
+            del peer.sessions[self.rid]
+        if self.session_tag:
+            peer.lingering[self.session_tag] = self
+
     @property
     def waits_for_data(self) -> bool:
         """An Init-first session that a ``send()`` may still fill."""
@@ -171,12 +186,14 @@ class SenderSession(Session):
             case ev.FreeStagingAfterWrite():
                 staging, self.staging = self.staging, None
                 task = self._write_task
-                if staging is not None:
-                    alloc = self.node.allocator
-                    if task is None or task.done():
+                alloc = self.node.allocator
+                if task is None or task.done():
+                    if staging is not None:
                         alloc.free(staging)
-                    else:
-                        task.add_done_callback(lambda _: alloc.free(staging))
+                    return
+                if staging is not None:
+                    task.add_done_callback(lambda _: alloc.free(staging))
+                self._linger()
             case ev.SendChunkDone():
                 last = action.is_last
                 self._send(
@@ -589,20 +606,19 @@ class EncodeNode(Node):
         session.feed(event)
 
     def _to_session(self, peer: Peer, rid: str, event: ev.Event, tag: str = "") -> None:
-        session = peer.sessions.get(rid)
+        session = peer.lingering.get(tag) if tag else None  # its abandoned write still runs
+        if session is None or session.rid != rid:
+            session = peer.sessions.get(rid)
         if isinstance(session, SenderSession) and tag and session.session_tag != tag:
             session = None  # a message for an attempt that already ended
-        if session is not None and session.running:
-            session.feed(event)
-            if isinstance(event, ev.AbortReceived):
-                # the receiver gave this attempt up: a retry of the rid right behind the Abort
-                # must not find it in the way (it still answers through its own peer)
-                del peer.sessions[rid]
-        elif isinstance(event, ev.AbortReceived):
-            peer.send(m.AbortAck(rid=rid, session=tag))  # nothing of that attempt is in flight
-        else:
-            peer.send(m.Abort(rid=rid, reason=f"unknown rid {rid!r}", session=tag))
-            raise ProtocolError(f"{type(event).__name__} for unknown rid {rid!r}")
+        if session is None or not session.running:
+            self.answer_unknown(peer, SenderMachine, rid, tag, event)
+            return
+        session.feed(event)
+        if isinstance(event, ev.AbortReceived) and peer.sessions.get(rid) is session:
+            # the receiver gave this attempt up: a retry of the rid right behind the Abort
+            # must not find it in the way (it still answers through its own peer)
+            del peer.sessions[rid]
 
     def session_ended(self, session: Session) -> None:
         offers = self._offers.get(session.rid)
@@ -610,8 +626,12 @@ class EncodeNode(Node):
             offers.remove(session)
             if not offers:
                 del self._offers[session.rid]
-        if session.peer is not None and session.peer.sessions.get(session.rid) is session:
-            del session.peer.sessions[session.rid]
+        peer = session.peer
+        if peer is not None and peer.sessions.get(session.rid) is session:
+            del peer.sessions[session.rid]
+        tag = session.session_tag if isinstance(session, SenderSession) else ""
+        if peer is not None and tag and peer.lingering.get(tag) is session:
+            del peer.lingering[tag]
 
 
 def _check_meta(meta: object) -> None:

@@ -318,13 +318,13 @@ class ReceiverSession(Session):
     async def _crash_cleanup(self) -> None:
         """A bug ended the session: a write may still land in what it holds, so keep that out
         of circulation until the grant has surely expired."""
-        allocator, loop = self.node.allocator, asyncio.get_running_loop()
+        allocator = self.node.allocator
         for held in (self.current, self.quarantined):
             if held is None:
                 continue
             if allocator.owns(held):
                 allocator.quarantine(held)
-            loop.call_at(self.grant_expiry(), allocator.release_quarantine, held)
+            self.node.release_at(self.grant_expiry(), held)
         self.current = self.quarantined = None
         self._send(m.Abort(rid=self.rid, reason="receiver failed", session=self.session_tag))
 
@@ -493,9 +493,7 @@ class LanguageNode(Node):
             case m.Abort():
                 self._to_session(peer, msg.rid, ev.AbortReceived(msg.reason), msg.session)
             case m.AbortAck():
-                session = self._find(peer, msg.rid, msg.session)
-                if session is not None and session.running:
-                    session.feed(ev.AbortAckReceived())
+                self._to_session(peer, msg.rid, ev.AbortAckReceived(), msg.session)
             case m.Heartbeat():
                 pass
             case _:
@@ -516,12 +514,12 @@ class LanguageNode(Node):
 
     def _to_session(self, peer: Peer, rid: str, item: object, tag: str = "") -> None:
         session = self._find(peer, rid, tag)
-        if session is None:
-            if isinstance(item, ev.AbortReceived):
-                return  # an abort of something that already ended: nothing to do
-            raise ProtocolError(f"{type(item).__name__} for unknown rid {rid!r}")
-        if session.running:
-            session.feed(item)
+        if session is None or not session.running:
+            event = _chunk_event(item) if isinstance(item, m.ChunkDone) else item
+            assert isinstance(event, ev.Event)
+            self.answer_unknown(peer, ReceiverMachine, rid, tag, event)
+            return
+        session.feed(item)
 
     def session_ended(self, session: Session) -> None:
         assert isinstance(session, ReceiverSession)

@@ -17,12 +17,13 @@ from typing import Any, ClassVar
 
 import structlog
 
-from ..allocator import BlockAllocator
+from ..allocator import Allocation, BlockAllocator
 from ..buffers import BufferRegistry
 from ..errors import ConfigError, InvalidRequest, PeerLost, ProtocolError, TransferError
 from ..protocol import PROTOCOL_VERSION
 from ..protocol import events as ev
 from ..protocol import messages as m
+from ..protocol.machine import Machine
 from ..settings import Settings
 from ..transport import Transport, create_transport
 from .channel import Channel
@@ -116,6 +117,8 @@ class Node:
         self.log = structlog.get_logger("emtransfer").bind(node=self.node_id, role=self.role)
         self._started = False
         self._closing = False
+        #: quarantined allocations released by a timer (grant expiry), not by a session
+        self._expiries: dict[int, tuple[Allocation, asyncio.TimerHandle]] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -164,11 +167,30 @@ class Node:
             s.feed(ev.PeerLost("node closed", inbound_stopped=True))
         if lingering:
             await asyncio.wait([s.task for s in lingering if s.task is not None], timeout=5)
+        self._release_expiries()
         self.executor.shutdown(wait=True)
         leaks = self.allocator.leak_report()
         if leaks:
             self.log.error("blocks still held at close", leaks=leaks)
         self.log.info("node closed")
+
+    def release_at(self, when: float, allocation: Allocation) -> None:
+        """Release the quarantined ``allocation`` at loop time ``when`` (a grant's expiry), or
+        when the node closes, whichever comes first: closing deregisters the pools, so nothing
+        can land in it any more."""
+
+        def release() -> None:
+            if self._expiries.pop(allocation.serial, None) is not None:
+                self.allocator.release_quarantine(allocation)
+
+        handle = asyncio.get_running_loop().call_at(when, release)
+        self._expiries[allocation.serial] = (allocation, handle)
+
+    def _release_expiries(self) -> None:
+        for allocation, handle in list(self._expiries.values()):
+            handle.cancel()
+            self.allocator.release_quarantine(allocation)
+        self._expiries.clear()
 
     def spawn(self, coro: Any) -> None:
         """Run a short piece of bookkeeping in the background, keeping a reference to it."""
@@ -406,6 +428,22 @@ class Node:
         if session is not None and session.running:
             session._error_override = exc
             session.feed(ev.LocalAbort(m.reason(f"peer sent an invalid message: {exc}")))
+
+    def answer_unknown(
+        self, peer: Peer, machine: type[Machine[Any]], rid: str, tag: str, event: ev.Event
+    ) -> None:
+        """Answer a message for ``rid``, a request with no session here, as the role's
+        ``UNKNOWN`` table says; a ``Fail`` there means the peer broke the protocol."""
+        for action in machine.answer_unknown(rid, event):
+            match action:
+                case ev.SendAbortAck():
+                    peer.send(m.AbortAck(rid=rid, session=tag))
+                case ev.SendAbort():
+                    peer.send(m.Abort(rid=rid, reason=m.reason(action.reason), session=tag))
+                case ev.Fail():
+                    raise action.error
+                case _:  # pragma: no cover - a table entry the runtime cannot execute
+                    raise ProtocolError(f"cannot answer for an unknown rid with {action!r}")
 
     async def tear_down(self, peer: Peer, reason: str) -> None:
         """Drop ``peer``'s connection and fail its requests."""

@@ -46,6 +46,9 @@ class SessionHost(Protocol):
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` in the background, keeping a reference to it."""
 
+    def release_at(self, when: float, allocation: Allocation) -> None:
+        """Release the quarantined ``allocation`` at loop time ``when`` (or at close)."""
+
 
 class _Granted:
     """An allocation task finished; ``token`` tells a current grant from a stale one."""
