@@ -7,9 +7,16 @@ PIP := $(VENV)/bin/pip
 # pulling gigabytes of CUDA wheels (unpinned torch, or nixl's dependencies).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test demo lint clean sysdeps
 
 venv: $(VENV)/.stamp
+
+# system tools the tests use: openssl (certificates for the TLS tests), iproute2 (network
+# namespaces for the two-host tests); installed once on a fresh Debian machine (as root)
+SYSTOOLS := openssl ip
+sysdeps:
+	@for t in $(SYSTOOLS); do command -v $$t >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then apt-get update && apt-get install -y --no-install-recommends openssl iproute2; fi
 
 $(VENV)/.stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +24,7 @@ $(VENV)/.stamp: pyproject.toml
 	$(PIP) install -e '.[dev,nixl]'
 	touch $@
 
-test: venv
+test: sysdeps venv
 	$(PY) -m pytest -q
 
 demo: venv

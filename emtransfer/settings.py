@@ -162,7 +162,20 @@ class Settings(BaseSettings):
     """Seconds without a heartbeat before the peer is lost; must be > heartbeat_interval."""
     max_inflight_per_peer: PosInt = 64
     auth_token: SecretStr | None = None
+    """Shared secret both sides prove in the handshake (HMAC over the whole transcript); unset
+    means no authentication. An empty or blank token is refused, not taken as a key."""
     verify_digest: bool = False
+    tls_cert: Path | None = None
+    """PEM certificate (chain) this node presents on the control connection: the encode node's
+    server certificate, or the language node's client certificate for mutual TLS."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+    tls_ca: Path | None = None
+    """PEM CA bundle. On the language node it turns TLS on and verifies the encode node's
+    certificate (host name included); on the encode node it requires client certificates
+    signed by it (mutual TLS)."""
+    tls_server_name: str | None = None
+    """Host name the encode node's certificate must carry, when it is not the connect address."""
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -201,6 +214,13 @@ class Settings(BaseSettings):
         except Exception as e:
             raise ConfigError(f"cannot read config file {str(path)!r}: {e}") from e
 
+    @field_validator("auth_token")
+    @classmethod
+    def _check_token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError("an empty token authenticates nobody: set a secret or leave it unset")
+        return v
+
     @field_validator("fields")
     @classmethod
     def _check_fields(cls, v: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
@@ -214,6 +234,12 @@ class Settings(BaseSettings):
             raise ValueError(f"default_blocks={d} must be <= num_blocks={n}")
         if (t := self.heartbeat_timeout) <= (i := self.heartbeat_interval):
             raise ValueError(f"heartbeat_timeout={t} must be > heartbeat_interval={i}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}={str(path)!r} is not a readable file")
         return self
 
     @property

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 import pytest
 import structlog
 import torch
@@ -179,7 +180,17 @@ class RawConn:
 
 
 def proof(token: str, label: bytes, *parts: bytes) -> bytes:
-    return hmac.new(token.encode(), label + b"".join(parts), hashlib.sha256).digest()
+    """The handshake proof, written down independently of the node's code: HMAC-SHA256 under
+    the token over the label and the length-prefixed parts."""
+    mac = hmac.new(token.encode(), label, hashlib.sha256)
+    for part in parts:
+        mac.update(len(part).to_bytes(8, "big") + part)
+    return mac.digest()
+
+
+def transcript(hello: m.Hello | m.HelloAck) -> bytes:
+    """What a proof covers of a Hello or HelloAck: all of it but the proof."""
+    return hashlib.sha256(m.encode(msgspec.structs.replace(hello, auth=b""))).digest()
 
 
 async def raw_client(
@@ -195,10 +206,10 @@ async def raw_client(
     conn = await RawConn.open(address)
     challenge = await conn.recv()
     assert isinstance(challenge, m.Challenge), challenge
-    nonce = os.urandom(16)
-    auth = proof(token, b"emtransfer-client", challenge.nonce, nonce) if token else b""
     fields = {**hello_fields, "node_id": node_id, **override}
-    conn.send(m.Hello(**fields, nonce=nonce, auth=auth))
+    hello = m.Hello(**fields, nonce=os.urandom(16))
+    auth = proof(token, b"emtransfer-client", challenge.nonce, transcript(hello)) if token else b""
+    conn.send(msgspec.structs.replace(hello, auth=auth))
     return conn, await conn.recv()
 
 
@@ -446,11 +457,13 @@ async def test_a_replayed_hello_is_refused() -> None:
     async with et.EncodeNode(s, control="tcp") as enc, et.LanguageNode(s) as shadow:
         first, reply = await raw_client(enc.address, shadow._hello_fields(), token=SECRET_A)
         assert isinstance(reply, m.HelloAck), reply
-        # the server proved it knows the token too, over both nonces
+        # the server proved it knows the token too, over the whole transcript
         hello = m.decode(FrameDecoder().feed(bytes(first.tx))[0])
         challenge = m.decode(FrameDecoder().feed(bytes(first.rx))[0])
         assert isinstance(hello, m.Hello) and isinstance(challenge, m.Challenge)
-        assert reply.auth == proof(SECRET_A, b"emtransfer-server", hello.nonce, challenge.nonce)
+        assert reply.auth == proof(
+            SECRET_A, b"emtransfer-server", challenge.nonce, transcript(hello), transcript(reply)
+        )
         # an eavesdropper replays the first Hello on a new connection: a new nonce, refused
         second = await RawConn.open(enc.address)
         challenge2 = await second.recv()
@@ -466,7 +479,59 @@ async def test_a_replayed_hello_is_refused() -> None:
         await poll_until(lambda: not enc.peers, 5, "the first raw client to be gone")
 
 
-@pytest.mark.parametrize("ack_auth", ["none", "wrong-key", "wrong-nonces"])
+class Rewriter(Recorder):
+    """A man in the middle that relays the proofs untouched but rewrites the transport metadata
+    of the Hello (``up``) or the HelloAck (``down``) -- to point a node's writes elsewhere."""
+
+    def __init__(self, target: str, direction: str, meta: bytes) -> None:
+        super().__init__(target)
+        self.direction, self.meta = direction, meta
+
+    async def _on(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = self.target.rsplit(":", 1)
+        r2, w2 = await asyncio.open_connection(host, int(port))
+        self.tasks += [
+            asyncio.create_task(self._rewrite(reader, w2, self.direction == "up")),
+            asyncio.create_task(self._rewrite(r2, writer, self.direction == "down")),
+        ]
+
+    async def _rewrite(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, on: bool) -> None:
+        dec = FrameDecoder()
+        try:
+            while data := await r.read(1 << 16):
+                for body in dec.feed(data):
+                    msg = m.decode(body)
+                    if on and isinstance(msg, m.Hello | m.HelloAck):
+                        msg = msgspec.structs.replace(msg, transport_meta=self.meta)
+                    w.write(frame(msg))
+                await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+async def test_a_relay_cannot_swap_the_transport_metadata(direction: str) -> None:
+    """The proofs used to cover only the two nonces: a relay passed them on untouched and
+    swapped the Hello's transport metadata (where the other side's writes go, and with tcp
+    the data key) without anybody noticing. They cover the whole transcript now."""
+    s = settings(auth_token=SECRET_A)
+    async with (
+        tcp_pair(s) as (enc, lang),
+        et.LanguageNode(s) as attacker,
+    ):
+        async with Rewriter(enc.address, direction, attacker.transport.metadata()) as mitm:
+            with raises_typed(et.ConfigError, match="authentication failed"):
+                await asyncio.wait_for(lang.connect(mitm.address), 5)
+            await poll_until(lambda: not enc.peers, 5, "no peer on the encode side")
+            assert not lang.peers
+        # without the relay, the same nodes connect
+        peer = await asyncio.wait_for(lang.connect(enc.address), 5)
+        assert peer.alive
+
+
+@pytest.mark.parametrize("ack_auth", ["none", "wrong-key", "wrong-nonce", "other-ack"])
 async def test_language_refuses_an_encode_server_that_cannot_prove_the_token(ack_auth: str) -> None:
     s = settings(auth_token=SECRET_A)
     async with RawServer() as raw, et.EncodeNode(settings()) as shadow, et.LanguageNode(s) as lang:
@@ -477,13 +542,20 @@ async def test_language_refuses_an_encode_server_that_cannot_prove_the_token(ack
         hello = await conn.recv()
         assert isinstance(hello, m.Hello)
         # the client's proof is right (a real encode node would accept it) ...
-        assert hello.auth == proof(SECRET_A, b"emtransfer-client", nonce, hello.nonce)
+        theirs = transcript(hello)
+        assert hello.auth == proof(SECRET_A, b"emtransfer-client", nonce, theirs)
+        ack = m.HelloAck(**{**shadow._hello_fields(), "node_id": "raw-encode"})
+        # "other-ack": a relay's proof, right for the HelloAck it saw, sent with another one
+        seen = msgspec.structs.replace(ack, transport_meta=b"the real server's metadata")
         auth = {
             "none": b"",
-            "wrong-key": proof(SECRET_B, b"emtransfer-server", hello.nonce, nonce),
-            "wrong-nonces": proof(SECRET_A, b"emtransfer-server", nonce, hello.nonce),
+            "wrong-key": proof(SECRET_B, b"emtransfer-server", nonce, theirs, transcript(ack)),
+            "wrong-nonce": proof(
+                SECRET_A, b"emtransfer-server", os.urandom(16), theirs, transcript(ack)
+            ),
+            "other-ack": proof(SECRET_A, b"emtransfer-server", nonce, theirs, transcript(seen)),
         }[ack_auth]
-        conn.send(m.HelloAck(**{**shadow._hello_fields(), "node_id": "raw-encode"}, auth=auth))
+        conn.send(msgspec.structs.replace(ack, auth=auth))
         with raises_typed(et.ConfigError, match="authentication failed"):
             await asyncio.wait_for(connecting, 5)
         await conn.closed_by_peer(5)

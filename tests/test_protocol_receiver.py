@@ -379,7 +379,8 @@ CASES: list[Case] = [
         R.ALLOCATING,
         Timeout(),
         R.FAILED,
-        [FailWith(AllocationTimeout, "no allocation for round 0")],
+        # the sender may hold an Encode job's result for our Init: a retry must not find it
+        [AbortWith("no allocation for round 0"), FailWith(AllocationTimeout, "round 0")],
     ),
     Case(
         "alloc-timeout-round1",
@@ -395,7 +396,7 @@ CASES: list[Case] = [
         R.ALLOCATING,
         LocalAbort("c"),
         R.FAILED,
-        [FailWith(TA, "c")],
+        [AbortWith("c"), FailWith(TA, "c")],
     ),
     Case(
         "alloc-local-abort-round1",

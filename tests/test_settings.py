@@ -39,6 +39,10 @@ DEFAULTS = {
     "max_inflight_per_peer": 64,
     "auth_token": None,
     "verify_digest": False,
+    "tls_cert": None,
+    "tls_key": None,
+    "tls_ca": None,
+    "tls_server_name": None,
 }
 
 

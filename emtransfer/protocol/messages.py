@@ -13,7 +13,7 @@ import msgspec
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_RID_LEN = 256
 MAX_BLOCKS = 1 << 16
 

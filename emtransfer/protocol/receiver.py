@@ -144,9 +144,10 @@ class ReceiverMachine(Machine[ReceiverState]):
         return state, [*acts, *more]
 
     def _give_up_allocating(self, error: Exception) -> Result:
-        # nothing is allocated; after round 0 the sender waits for a Resume: tell it
-        acts: list[Action] = [ev.SendAbort(str(error))] if self.round > 0 else []
-        return R.FAILED, [*acts, ev.Fail(error)]  # type: ignore[arg-type]
+        # nothing is allocated, but the sender may hold the request: waiting for a Resume
+        # after round 0, or, before it, an Encode job's result waiting for our Init (which a
+        # retry of the rid must not find in its way): tell it either way
+        return R.FAILED, [ev.SendAbort(str(error)), ev.Fail(error)]  # type: ignore[arg-type]
 
     def _alloc_timeout(self, e: ev.Timeout) -> Result:
         err = AllocationTimeout(f"rid={self.rid!r}: no allocation for round {self.round} in time")

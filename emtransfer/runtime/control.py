@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from ..errors import InvalidRequest, PeerLost
+from ..errors import ConfigError, InvalidRequest, PeerLost
 from ..protocol import messages as m
 from ..protocol.framing import FrameDecoder, frame
 from .channel import Channel
@@ -80,27 +81,51 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 async def listen(
-    host: str, port: int, on_channel: Callable[[TcpChannel], Awaitable[object]]
+    host: str,
+    port: int,
+    on_channel: Callable[[TcpChannel], Awaitable[object]],
+    *,
+    tls: ssl.SSLContext | None = None,
+    tls_timeout: float = 10.0,
 ) -> asyncio.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await on_channel(TcpChannel(reader, writer))
 
-    return await asyncio.start_server(handle, host, port, limit=_READ_CHUNK)
+    return await asyncio.start_server(
+        handle,
+        host,
+        port,
+        limit=_READ_CHUNK,
+        ssl=tls,
+        ssl_handshake_timeout=tls_timeout if tls else None,
+    )
 
 
-async def connect(address: str, timeout: float) -> TcpChannel:
-    """Connect, retrying with backoff while the peer is not up yet, for at most ``timeout``."""
+async def connect(
+    address: str,
+    timeout: float,
+    *,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+) -> TcpChannel:
+    """Connect, retrying with backoff while the peer is not up yet, for at most ``timeout``.
+    With ``tls``, the server's certificate must name ``server_name`` (default: the host)."""
     host, port = parse_address(address)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     delay = 0.02
+    name = (server_name or host) if tls else None
     while True:
         try:
             async with asyncio.timeout_at(deadline):
-                reader, writer = await asyncio.open_connection(host, port, limit=_READ_CHUNK)
+                reader, writer = await asyncio.open_connection(
+                    host, port, limit=_READ_CHUNK, ssl=tls, server_hostname=name
+                )
             return TcpChannel(reader, writer)
         except TimeoutError:
             raise PeerLost(f"could not connect to {address} within {timeout}s") from None
+        except ssl.SSLError as exc:  # a certificate problem does not go away by retrying
+            raise ConfigError(f"TLS handshake with {address} failed: {exc}") from None
         except OSError as exc:
             if loop.time() + delay >= deadline:
                 raise PeerLost(f"could not connect to {address}: {exc}") from None

@@ -25,7 +25,7 @@ from ..errors import (
 from ..protocol import SenderMachine, SenderState
 from ..protocol import events as ev
 from ..protocol import messages as m
-from . import control
+from . import control, tls
 from .channel import Channel
 from .directory import register_local, unregister_local
 from .node import OFFLOAD_BYTES, Node, Peer, check_rid, data_tag, now_stamp
@@ -389,7 +389,11 @@ class EncodeNode(Node):
             self.address = register_local(self)
             return
         self._server = await control.listen(
-            self.settings.host, self.settings.bootstrap_port, self.accept
+            self.settings.host,
+            self.settings.bootstrap_port,
+            self.accept,
+            tls=tls.server_context(self.settings),
+            tls_timeout=self.settings.bootstrap_timeout,
         )
         host, port = self._server.sockets[0].getsockname()[:2]
         self.address = f"{host}:{port}"

@@ -18,7 +18,7 @@ from ..errors import InvalidRequest, PeerLost, ProtocolError, TransferError
 from ..protocol import ReceiverMachine, ReceiverState
 from ..protocol import events as ev
 from ..protocol import messages as m
-from . import control
+from . import control, tls
 from .channel import LocalChannel
 from .directory import lookup_local
 from .node import OFFLOAD_BYTES, Node, Peer, check_rid, data_tag
@@ -356,6 +356,7 @@ class LanguageNode(Node):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._connecting: dict[str, asyncio.Future[Peer]] = {}
+        self._tls = tls.client_context(self.settings)  # bad files fail here, not at connect
 
     async def connect(self, address: str) -> Peer:
         """The live connection to the encode node at ``address`` (``host:port`` or
@@ -386,7 +387,12 @@ class LanguageNode(Node):
                 return await self._client_handshake(ours, "encode", address)
             finally:
                 await accepting
-        channel = await control.connect(address, self.settings.bootstrap_timeout)
+        channel = await control.connect(
+            address,
+            self.settings.bootstrap_timeout,
+            tls=self._tls,
+            server_name=self.settings.tls_server_name,
+        )
         return await self._client_handshake(channel, "encode", address)
 
     async def _resolve(self, peer: Peer | str) -> Peer:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import os
 import time
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import msgspec
 import structlog
 
 from ..allocator import Allocation, BlockAllocator
@@ -134,6 +136,12 @@ class Node:
             return
         await self.transport.start()
         self._started = True
+        if self.settings.auth_token is None and not _loopback(self.settings.host):
+            self.log.warning(
+                "serving on a non-loopback address without auth_token: any host that reaches "
+                "it can connect, claim payloads and be written to; set auth_token",
+                host=self.settings.host,
+            )
         self.log.info(
             "node started",
             transport=self.transport.name,
@@ -244,7 +252,10 @@ class Node:
         if token is None:
             return b""
         key = token.get_secret_value().encode()
-        return hmac.new(key, label + b"".join(parts), hashlib.sha256).digest()
+        mac = hmac.new(key, label, hashlib.sha256)
+        for part in parts:  # length-prefixed: no two transcripts run together the same way
+            mac.update(len(part).to_bytes(8, "big") + part)
+        return mac.digest()
 
     def _check_proof(self, got: bytes, label: bytes, *parts: bytes) -> None:
         want = self._proof(label, *parts)
@@ -293,13 +304,13 @@ class Node:
             nonce = os.urandom(16)
             channel.send(m.Challenge(version=PROTOCOL_VERSION, nonce=nonce))
             hello = await self._recv_within_bootstrap(channel, m.Hello)
-            self._check_proof(hello.auth, b"emtransfer-client", nonce, hello.nonce)
+            theirs = _transcript(hello)
+            self._check_proof(hello.auth, b"emtransfer-client", nonce, theirs)
             self._check_hello(hello, expected_role=client_role)
             tid = await self._reach_transport(hello)  # refuse before acknowledging
-            ack = m.HelloAck(
-                **self._hello_fields(), auth=self._proof(b"emtransfer-server", hello.nonce, nonce)
-            )
-            channel.send(ack)
+            ack = m.HelloAck(**self._hello_fields())
+            proof = self._proof(b"emtransfer-server", nonce, theirs, _transcript(ack))
+            channel.send(msgspec.structs.replace(ack, auth=proof))
             return await self._add_peer(channel, hello, tid)
         except TransferError as exc:
             if tid:
@@ -320,11 +331,14 @@ class Node:
                 raise ProtocolError(
                     f"protocol version mismatch: peer {challenge.version}, ours {PROTOCOL_VERSION}"
                 )
-            nonce = os.urandom(16)
-            proof = self._proof(b"emtransfer-client", challenge.nonce, nonce)
-            channel.send(m.Hello(**self._hello_fields(), nonce=nonce, auth=proof))
+            hello = m.Hello(**self._hello_fields(), nonce=os.urandom(16))
+            ours = _transcript(hello)
+            proof = self._proof(b"emtransfer-client", challenge.nonce, ours)
+            channel.send(msgspec.structs.replace(hello, auth=proof))
             ack = await self._recv_within_bootstrap(channel, m.HelloAck)
-            self._check_proof(ack.auth, b"emtransfer-server", nonce, challenge.nonce)
+            self._check_proof(
+                ack.auth, b"emtransfer-server", challenge.nonce, ours, _transcript(ack)
+            )
             self._check_hello(ack, expected_role=server_role)
             tid = await self._reach_transport(ack)
         except BaseException:
@@ -498,6 +512,22 @@ def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | 
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
         a, b = list(a), list(b)
     return None if a == b else (path or "fingerprint", a, b)
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address to bind) reaches this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name, or "" (every interface)
+
+
+def _transcript(hello: m.Hello | m.HelloAck) -> bytes:
+    """What a handshake proof covers of a Hello or HelloAck: every field but the proof itself
+    (a relay cannot swap the transport metadata, the role, the id, the settings...)."""
+    return hashlib.sha256(m.encode(msgspec.structs.replace(hello, auth=b""))).digest()
 
 
 def data_tag(rid: str, session: str, round_: int) -> str:

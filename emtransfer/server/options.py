@@ -39,6 +39,13 @@ _HELP = {
     "max_inflight_per_peer": "requests in flight per peer pair",
     "auth_token": "shared secret for the handshake (prefer EMTRANSFER_AUTH_TOKEN: a flag shows in ps)",
     "verify_digest": "check a digest of every payload on arrival (slower)",
+    "tls_cert": "PEM certificate of this node on the control connection (encode: the server's; "
+    "language: the client's, for mutual TLS)",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_ca": "PEM CA bundle: language: turns TLS on and verifies the encode node; encode: "
+    "requires client certificates it signed (mutual TLS)",
+    "tls_server_name": "host name the encode node's certificate must carry, when it is not the "
+    "host of --encoder-addr",
 }
 #: appended to a field's own description
 _EXAMPLE = {
@@ -70,7 +77,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in Settings.model_fields.items():
         text = (_HELP.get(name) or info.description or name.replace("_", " ")).rstrip(".")
         text = re.sub(r"\s*\(?[Aa]lias SGLANG_\w+\)?\.?", "", text)  # the env part says it
-        text = text[0].lower() + text[1:]
+        text = text if text[:3].isupper() else text[0].lower() + text[1:]  # keep "PEM"
         if name in _EXAMPLE:
             text += ", " + _EXAMPLE[name]
         default = "unset" if info.default is None else info.default

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from ..settings import Settings
 
 
+#: every engine carries data tags of up to this many bytes (UTF-8). The runtime's longest tag
+#: (a rid of 256 four-byte characters, a session tag of 64, a round number) fits
+MAX_TAG_BYTES = 2048
+
+
 class TransportError(TransferError):
     """The engine failed to move bytes (the request fails; the node keeps working)."""
 

@@ -22,7 +22,7 @@ import structlog
 from ..buffers import BufferRegistry, WriteOp
 from ..errors import ConfigError
 from ..guarantees import Guarantees
-from .base import Transport, TransportError, check_deadline
+from .base import MAX_TAG_BYTES, Transport, TransportError, check_deadline
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 HEADER = struct.Struct("!4sHHQQ")  # magic, tag length, field index, dst_offset, nbytes
 HELLO = struct.Struct("!4sB16s16s")  # magic, version, sender key, receiver key
 FRAME_MAGIC, HELLO_MAGIC, ACK, VERSION = b"EMTF", b"EMTH", b"\x06", 1
-MAX_TAG = 1024  # bytes of one tag
+MAX_TAG = MAX_TAG_BYTES  # bytes of one tag
 MAX_FRAME = 1 << 30  # payload bytes of one frame; longer descriptors are split
 SMALL = 64 << 10  # shorter payloads are copied next to their header: fewer syscalls
 SOCK_BUF = 4 << 20  # SO_SNDBUF / SO_RCVBUF; 0 keeps the kernel's autotuning

@@ -25,14 +25,14 @@ import torch.distributed as dist
 
 from ..buffers import BufferRegistry, WriteOp
 from ..guarantees import Guarantees
-from .base import Transport, TransportError, check_deadline
+from .base import MAX_TAG_BYTES, Transport, TransportError, check_deadline
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
 _log = structlog.get_logger("emtransfer")
 _MAGIC, _WRITE, _STOP = 0x454D54, 1, 2
-_MAX_OPS, _MAX_TAG = 1 << 16, 1024  # per write, both sides
+_MAX_OPS, _MAX_TAG = 1 << 16, MAX_TAG_BYTES  # per write, both sides
 _MAX_DISCARDED = 4096  # per link: beyond this, the oldest discarded tag is forgotten
 _FOREVER = timedelta(days=3650)  # a gloo wait that expires closes every pair of the group
 #: (messages, future, grant deadline); (None, None, 0): our STOP

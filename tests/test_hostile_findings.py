@@ -1,0 +1,118 @@
+"""One test per finding of the hostile-network review (issue: data-plane authorization,
+authenticated handshake, bounded resources) that the in-loop setting shows exactly; the
+two-process suites run the same attacks against a live server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+from helpers_runtime import assert_same_payload, hold_all, make_payload, make_settings, wait_pools_clean
+
+import emtransfer as et
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _engines() -> list[Any]:
+    from emtransfer.transport import transport_unavailable
+
+    out = [pytest.param("local", id="local")]
+    for name in ("tcp", "nixl"):
+        why = transport_unavailable(name)
+        out.append(pytest.param(name, marks=[pytest.mark.skip(reason=why)] if why else [], id=name))
+    return out
+
+
+ENGINES = _engines()
+
+
+@pytest.mark.parametrize("transport", ENGINES)
+async def test_a_retry_after_round_0_gave_up_gets_its_own_job(transport: str) -> None:
+    """Finding 2: a request that failed while allocating its first round (its Encode already
+    sent) left the job's session on the encode node; the retry of the rid bound to it and got
+    the old job's payload (its digests agree, so nothing noticed)."""
+    jobs: list[dict[str, Any]] = []
+
+    def encoder(job: dict[str, Any]) -> dict[str, torch.Tensor]:
+        jobs.append(job)
+        return make_payload(job["n"], seed=job["n"])
+
+    s = make_settings(transport=transport, alloc_timeout=0.3, init_timeout=30.0)
+    async with et.EncodeNode(s, encoder=encoder) as enc, et.LanguageNode(s) as lang:
+        peer = await lang.connect(enc.address)
+        hog = hold_all(lang.allocator)
+        with pytest.raises(et.AllocationTimeout):
+            await lang.encode("r", peer, {"n": 100})
+        lang.allocator.free(hog)
+        got = await lang.encode("r", peer, {"n": 300})
+        assert got.num_tokens == 300, "the retry got the old job's payload"
+        assert_same_payload(got.tensors, make_payload(300, seed=300))
+        await wait_pools_clean(enc, lang)
+        assert not enc.senders, "the old job's session outlived its request"
+
+
+@pytest.mark.parametrize("transport", ENGINES)
+async def test_the_longest_rid_travels_on_every_engine(transport: str) -> None:
+    """Finding 5: a rid of 256 four-byte characters passed validation but its data tag (1024
+    bytes of rid, then the attempt and the round) exceeded the tcp transport's 1024-byte tags:
+    the encoder did the work and the request failed with 502 instead of going through."""
+    from emtransfer.protocol.messages import MAX_RID_LEN
+    from emtransfer.runtime.node import data_tag
+    from emtransfer.transport.base import MAX_TAG_BYTES
+
+    rid = "\U0001f600" * MAX_RID_LEN
+    assert len(data_tag(rid, "x" * 64, 1 << 62).encode()) <= MAX_TAG_BYTES
+    s = make_settings(transport=transport)
+    async with et.EncodeNode(s) as enc, et.LanguageNode(s) as lang:
+        peer = await lang.connect(enc.address)
+        pay = make_payload(150, seed=5)  # more than the default allocation: two rounds
+        send = asyncio.create_task(enc.send(rid, pay))
+        got = await lang.receive(rid, peer)
+        await send
+        assert got.rounds >= 2
+        assert_same_payload(got.tensors, pay)
+        await wait_pools_clean(enc, lang)
+
+
+def test_an_empty_token_is_refused_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 6: an empty EMTRANSFER_AUTH_TOKEN became an empty HMAC key that anyone passes."""
+    for blank in ("", "   "):
+        with pytest.raises(et.ConfigError, match="auth_token.*empty token") as err:
+            et.Settings(auth_token=blank)
+        assert "'**********'" in str(err.value)  # the value itself is never echoed
+        monkeypatch.setenv("EMTRANSFER_AUTH_TOKEN", blank)
+        with pytest.raises(et.ConfigError, match="auth_token"):
+            et.Settings()
+        monkeypatch.delenv("EMTRANSFER_AUTH_TOKEN")
+
+
+@pytest.mark.parametrize(
+    ("host", "token", "warned"),
+    [
+        ("0.0.0.0", None, True),
+        ("", None, True),
+        ("10.1.2.3", None, True),
+        ("0.0.0.0", "s3cret", False),
+        ("127.0.0.1", None, False),
+        ("::1", None, False),
+        ("localhost", None, False),
+    ],
+)
+async def test_serving_beyond_loopback_without_a_token_warns(
+    host: str, token: str | None, warned: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 6: nothing warned when a node bound a non-loopback address without a token."""
+    import structlog
+
+    s = make_settings(host=host, auth_token=token)
+    lang = et.LanguageNode(s)  # the in-process engine binds nothing: only the check is run
+    with structlog.testing.capture_logs() as logs:
+        await lang.start()
+    await lang.close()
+    hits = [e for e in logs if "without auth_token" in e["event"]]
+    assert bool(hits) == warned, logs
+    if warned:
+        assert hits[0]["log_level"] == "warning" and hits[0]["host"] == host
