@@ -23,6 +23,10 @@ class Guarantees:
     ``post_bound``
         the engine's bound on a posted write: a write posted before its grant's deadline lands,
         fails or is cancelled within this many seconds (the ``write_timeout`` setting).
+    ``authorizes_writes``
+        the receiving engine lands bytes only inside the blocks it granted to that peer under
+        that tag (``Transport.grant``), until the grant ends; anything else lands nothing.
+        Without it, a peer that holds the pool's metadata can write anywhere in it.
 
     When none of the three proofs applies, a receiver keeps the blocks quarantined until the
     grant's write deadline plus ``post_bound`` has passed: the sender never posts a write for
@@ -33,6 +37,7 @@ class Guarantees:
     fences_tag: bool
     remove_stops_inbound: bool
     post_bound: float = 10.0
+    authorizes_writes: bool = False
 
 
 #: a receiver that trusts nothing but the grant's expiry (used by tests of the machines)

@@ -37,8 +37,12 @@ from emtransfer.settings import Settings
 #: all: the receiver machine is tested under each
 GUARANTEES: dict[str, Guarantees] = {
     "nixl": Guarantees(remote_completion=True, fences_tag=False, remove_stops_inbound=False),
-    "tcp": Guarantees(remote_completion=False, fences_tag=True, remove_stops_inbound=True),
-    "local": Guarantees(remote_completion=True, fences_tag=True, remove_stops_inbound=True),
+    "tcp": Guarantees(
+        remote_completion=False, fences_tag=True, remove_stops_inbound=True, authorizes_writes=True
+    ),
+    "local": Guarantees(
+        remote_completion=True, fences_tag=True, remove_stops_inbound=True, authorizes_writes=True
+    ),
     "none": NONE,
 }
 KINDS = tuple(GUARANTEES)

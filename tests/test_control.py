@@ -23,6 +23,7 @@ import pytest
 import structlog
 import torch
 from helpers_runtime import grant, raises_typed, sender_session, state_of
+from transport_harness import trust_all
 
 import emtransfer as et
 from emtransfer.logs import configure_logging
@@ -601,6 +602,7 @@ async def _raw_round0(enc: et.EncodeNode, conn: RawConn, rid: str, n: int) -> as
 async def test_a_silent_client_is_lost_within_the_heartbeat_timeout() -> None:
     s = settings(**FAST_HB)
     async with et.EncodeNode(s, control="tcp") as enc, et.LanguageNode(s) as shadow:
+        trust_all(shadow.transport)  # the raw client grants nothing: its writes land as asked
         conn, reply = await raw_client(enc.address, shadow._hello_fields())
         assert isinstance(reply, m.HelloAck)
         send = await _raw_round0(enc, conn, "silent", 3 * BLOCK)
@@ -644,6 +646,7 @@ async def test_language_side_closing_mid_transfer_fails_the_send_with_peer_lost(
     async with tcp_pair(s) as (enc, lang), et.LanguageNode(s) as shadow:
         good_peer = await lang.connect(enc.address)
         good = asyncio.create_task(lang.receive("bystander", good_peer))
+        trust_all(shadow.transport)  # the raw client grants nothing: its writes land as asked
         conn, reply = await raw_client(enc.address, shadow._hello_fields())
         assert isinstance(reply, m.HelloAck)
         send = await _raw_round0(enc, conn, "cut", 3 * BLOCK)

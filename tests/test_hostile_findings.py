@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 import torch
-from helpers_runtime import assert_same_payload, hold_all, make_payload, make_settings, wait_pools_clean
+from helpers_runtime import (
+    assert_same_payload,
+    hold_all,
+    make_payload,
+    make_settings,
+    wait_pools_clean,
+)
 
 import emtransfer as et
 
@@ -80,7 +86,7 @@ async def test_the_longest_rid_travels_on_every_engine(transport: str) -> None:
 def test_an_empty_token_is_refused_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
     """Finding 6: an empty EMTRANSFER_AUTH_TOKEN became an empty HMAC key that anyone passes."""
     for blank in ("", "   "):
-        with pytest.raises(et.ConfigError, match="auth_token.*empty token") as err:
+        with pytest.raises(et.ConfigError, match=r"auth_token.*empty token") as err:
             et.Settings(auth_token=blank)
         assert "'**********'" in str(err.value)  # the value itself is never echoed
         monkeypatch.setenv("EMTRANSFER_AUTH_TOKEN", blank)

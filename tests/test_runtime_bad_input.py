@@ -27,6 +27,7 @@ from helpers_runtime import (
 
 import emtransfer as et
 from emtransfer.protocol import messages as m
+from emtransfer.runtime.node import data_tag
 
 
 def _settings(**kw: Any) -> et.Settings:
@@ -381,6 +382,7 @@ async def _raw_round0(
     assert dest is not None
     send = asyncio.create_task(enc.send(rid, make_payload(n, seed=7)))
     await wait_until(lambda: state_of(sender_session(enc, rid)) == "WAIT_INIT")
+    lang.transport.grant(peer.transport_id, data_tag(rid, "", 0), dest.blocks)  # as a receiver
     peer.channel.send(
         m.Init(**grant(), rid=rid, blocks=list(dest.blocks), capacity_tokens=dest.capacity_tokens)
     )

@@ -30,6 +30,7 @@ from helpers_runtime import (
 
 import emtransfer as et
 from emtransfer.protocol import messages as m
+from emtransfer.runtime.node import data_tag
 from emtransfer.transport import TransportError
 
 SHORT = 0.3  # a state deadline meant to pass
@@ -339,6 +340,8 @@ async def test_sender_aborted_in_the_tick_its_staging_is_granted() -> None:
         send = asyncio.create_task(enc.send("st", make_payload(3 * s.default_tokens)))
         await _sender_in(enc, "st", "WAIT_INIT")
         blocks, cap = list(dest.blocks), dest.capacity_tokens
+        for r in (0, 1):  # what a receiver grants before its Init and its Resume
+            lang.transport.grant(peer.transport_id, data_tag("st", "", r), blocks)
         peer.channel.send(m.Init(**grant(), rid="st", blocks=blocks, capacity_tokens=cap))
         await _sender_in(enc, "st", "WAIT_RESUME")
         original = enc._on_message

@@ -160,7 +160,7 @@ async def _until(cond: Any) -> None:
     [
         ({"tls_cert": "server.pem"}, "tls_cert and tls_key go together"),
         ({"tls_key": "server.key"}, "tls_cert and tls_key go together"),
-        ({"tls_ca": "missing.pem"}, "tls_ca=.*not a readable file"),
+        ({"tls_ca": "missing.pem"}, r"tls_ca=.*not a readable file"),
     ],
 )
 def test_tls_settings_are_checked(pki: Path, kw: dict[str, Any], match: str) -> None:

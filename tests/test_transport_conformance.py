@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import pytest
-from transport_harness import BLOCK_SIZE, run_pair
+from transport_harness import BLOCK_SIZE, enforce, run_pair
 
 from emtransfer.allocator import Allocation
 from emtransfer.buffers import WriteOp
@@ -266,3 +266,60 @@ def test_transport_conformance(name: str) -> None:
     assert fence == ("ok" if g.fences_tag else NOT_DECLARED), fence
     assert remote == ("ok" if g.remote_completion else NOT_DECLARED), remote
     assert removal == ("ok" if g.remove_stops_inbound else NOT_DECLARED), removal
+
+
+async def scenario_authorization(role: str, transport: Any, registry: Any, conn: Any) -> None:
+    """The receiver grants block 40 under "ok"; the sender writes one write of two ops under
+    "ok", the first into block 40, the second into block 41. Where ``authorizes_writes`` is
+    declared, nothing lands in block 41 (the engine refuses the op, or the whole write, and the
+    tag's waiter fails, which is the barrier); a write under a tag never granted lands nowhere."""
+    from emtransfer.transport import TransportError
+
+    enforce(transport)
+    await _connect(transport, conn)
+    inside = registry.write_ops(_alloc([40]).runs_to(_alloc([40]), BLOCK_SIZE))
+    ops = inside + registry.write_ops(_alloc([41]).runs_to(_alloc([41]), BLOCK_SIZE))
+    if role == "sender":
+        assert (await _recv(conn))[0] == "granted"
+        for seed, tag in ((5, "ok"), (6, "never")):
+            _fill(registry, seed=seed)
+            try:
+                await asyncio.wait_for(transport.write("peer", ops, tag=tag), 30)
+            except (TransportError, TimeoutError):
+                pass  # refused at the source, or the connection was dropped
+            conn.send(("written",))
+            assert (await _recv(conn))[0] == "checked"
+        await transport.close()
+        conn.send(("ok", None))
+        return
+    transport.grant("peer", "ok", [40])
+    conn.send(("granted",))
+    outside: list[str] = []
+    for tag in ("ok", "never"):
+        before = {n: registry.byte_view(n).clone() for n in registry.layouts}
+        assert (await _recv(conn))[0] == "written"
+        try:  # lands whole where nothing is enforced; the waiter fails where it is
+            await asyncio.wait_for(transport.wait_landed("peer", tag, _nbytes(ops)), 10)
+        except (TransportError, TimeoutError):
+            pass
+        for o in ops:
+            if tag == "ok" and o in inside:
+                continue  # granted: it may land
+            got = registry.byte_view(o.field)[o.dst_offset : o.dst_offset + o.nbytes]
+            if not bool((got == before[o.field][o.dst_offset : o.dst_offset + o.nbytes]).all()):
+                outside.append(f"{tag}: {o}")
+        conn.send(("checked",))
+    await transport.close()
+    conn.send(("ok", outside))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", available_transports())
+def test_writes_outside_grants_land_nowhere_where_declared(name: str) -> None:
+    from emtransfer.transport import transport_class
+
+    _, outside = run_pair(name, scenario_authorization, timeout=100)
+    if transport_class(name).GUARANTEES.authorizes_writes:
+        assert outside == [], f"bytes outside the receiver's grants landed: {outside}"
+    else:  # the engine declares it cannot stop them (nixl: one-sided): and indeed they land
+        assert outside, "an engine that declares no authorization refused the writes"

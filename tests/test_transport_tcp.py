@@ -17,7 +17,7 @@ import torch
 import uvloop
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from transport_harness import make_registry
+from transport_harness import make_registry, trust_all
 
 from emtransfer.buffers import BufferRegistry, WriteOp
 from emtransfer.transport import TransportError
@@ -53,7 +53,7 @@ class Node:
 
 async def node(num_blocks: int = 64, **kw: Any) -> Node:
     reg = make_registry(num_blocks)
-    t = TcpTransport(reg, **kw)
+    t = trust_all(TcpTransport(reg, **kw))
     await t.start()
     return Node(t, reg)
 

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import pytest
-from transport_harness import run_pair
+from transport_harness import run_pair, trust_all
 
 from emtransfer.allocator import Run
 from emtransfer.buffers import WriteOp
@@ -30,7 +30,7 @@ GRACE = 2.0
 def _transport(registry: Any) -> Any:
     from emtransfer.transport.torch import TorchTransport
 
-    return TorchTransport(registry, grace=GRACE, write_timeout=20.0, init_timeout=30.0)
+    return trust_all(TorchTransport(registry, grace=GRACE, write_timeout=20.0, init_timeout=30.0))
 
 
 async def _recv(conn: Any) -> Any:

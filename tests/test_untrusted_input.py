@@ -40,6 +40,7 @@ from test_control import (
     settings,
     wait_pools_full,
 )
+from transport_harness import trust_all
 
 import emtransfer as et
 from emtransfer.logs import configure_logging
@@ -86,6 +87,9 @@ async def arena(**kw: Any) -> AsyncIterator[Arena]:
         et.LanguageNode(s) as lang,
         et.LanguageNode(s) as shadow,  # lends the raw client a real transport endpoint
     ):
+        trust_all(
+            shadow.transport
+        )  # the raw client grants nothing: let the writes it asks for land
         peer = await asyncio.wait_for(lang.connect(enc.address), 5)
         good = asyncio.create_task(lang.receive("good", peer))
         await poll_until(

@@ -36,7 +36,23 @@ def make_registry(num_blocks: int = NUM_BLOCKS) -> Any:
     return BufferRegistry(fields, num_blocks=num_blocks, block_size=BLOCK_SIZE)
 
 
-def make_transport(name: str, registry: Any, rank: int, env: dict[str, str]) -> Any:
+def trust_all(transport: Any) -> Any:
+    """Turn the receiver's grant check off on ``transport``, for a test about something else:
+    every byte of a known peer lands wherever it points (the check itself has its own tests:
+    test_grants.py, and the authorization case of the conformance suite)."""
+    transport.grants.refusal = lambda *a, **k: None
+    return transport
+
+
+def enforce(transport: Any) -> Any:
+    """Undo :func:`trust_all`: the transport checks its grants again."""
+    transport.grants.__dict__.pop("refusal", None)
+    return transport
+
+
+def make_transport(
+    name: str, registry: Any, rank: int, env: dict[str, str], *, authorize: bool = False
+) -> Any:
     os.environ.update(env)
     from emtransfer.settings import Settings
     from emtransfer.transport import create_transport
@@ -49,7 +65,8 @@ def make_transport(name: str, registry: Any, rank: int, env: dict[str, str]) -> 
         block_size=BLOCK_SIZE,
         fields={"mrope_positions": {"shape": [3], "dtype": "int64"}},
     )
-    return create_transport(settings, registry)
+    transport = create_transport(settings, registry)
+    return transport if authorize else trust_all(transport)
 
 
 def _child(

@@ -68,6 +68,7 @@ class ReceiverSession(Session):
         self._copying: tuple[Allocation, asyncio.Future[None]] | None = None
         self._pending_copies: list[asyncio.Future[None]] = []
         self._grant_sent_at = 0.0  # loop time the current grant left
+        self._granted_tags: set[str] = set()  # data-plane grants still open on the transport
 
     def grant_expiry(self) -> float:
         """After this (loop time) no write for the current grant can land: the sender posts
@@ -76,6 +77,25 @@ class ReceiverSession(Session):
         ttl = self.settings.chunk_timeout
         bound = self.node.transport.guarantees.post_bound
         return self._grant_sent_at + ttl * 1.001 + bound + GRANT_MARGIN_S
+
+    def _open_grant(self, round_: int, blocks: tuple[int, ...]) -> None:
+        """Tell the transport what the sender may write, before the grant leaves."""
+        assert self.peer is not None
+        tag = self._tag(round_)
+        self.node.transport.grant(self.peer.transport_id, tag, blocks)
+        self._granted_tags.add(tag)
+
+    def _close_grant(self, round_: int | None = None) -> None:
+        """The grant of ``round_`` (default: every one still open) ended."""
+        if self.peer is None:
+            return
+        tags = [self._tag(round_)] if round_ is not None else list(self._granted_tags)
+        for tag in tags:
+            self.node.transport.revoke(self.peer.transport_id, tag)
+            self._granted_tags.discard(tag)
+
+    def _cleanup(self) -> None:
+        self._close_grant()
 
     def _grant_fields(self) -> dict[str, int]:
         """``ttl_ms`` adds the stamp's age as we measure it (an upper bound of its real age):
@@ -98,6 +118,7 @@ class ReceiverSession(Session):
                     failure = await self._wait_landed(item.round, nbytes)
                     if failure is not None:
                         return failure
+                    self._close_grant(item.round)  # every byte is in: nothing more may land
             self.t_last_chunk = time.perf_counter()
             self.last_chunk_at = time.time()
             return _chunk_event(item)
@@ -137,6 +158,7 @@ class ReceiverSession(Session):
                 self._start_alloc(action)
             case ev.SendInit():
                 self.t_init = time.perf_counter()
+                self._open_grant(0, action.blocks)
                 self._send(
                     m.Init(
                         rid=self.rid,
@@ -148,6 +170,7 @@ class ReceiverSession(Session):
                     )
                 )
             case ev.SendResume():
+                self._open_grant(action.round, action.blocks)
                 self.log.debug(
                     "resume",
                     round=action.round,
@@ -169,6 +192,7 @@ class ReceiverSession(Session):
                 await self._deliver(action)
             case ev.Free():
                 assert self.current is not None
+                self._close_grant()  # already closed when its round landed; not on an abort
                 self._free_after_copy(self.current)
                 self.current = None
             case ev.Quarantine():
@@ -182,6 +206,7 @@ class ReceiverSession(Session):
                 await self._fence()
             case ev.ReleaseQuarantine():
                 assert self.quarantined is not None
+                self._close_grant()
                 alloc.release_quarantine(self.quarantined)
                 self.quarantined = None
             case ev.TearDownPeer():

@@ -112,6 +112,7 @@ class Node:
             transport.registry if transport is not None else BufferRegistry.from_settings(settings)
         )
         self.transport = transport or create_transport(settings, self.registry)
+        self.transport.inbound = self.role == "language"  # only receivers are written to
         self.metrics = Metrics(self.role, self.allocator)
         #: connected peers by connection (their transport id), never by the id they claim
         self.peers: dict[str, Peer] = {}

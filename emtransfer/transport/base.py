@@ -7,6 +7,7 @@ It knows nothing of requests or rounds: the runtime hands it byte descriptors
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -39,6 +40,59 @@ def check_deadline(deadline: float, what: str) -> None:
         raise GrantExpired(f"{what}: the receiver's grant expired before the write was posted")
 
 
+class Grants:
+    """The receiver's grants: ``(peer, tag) -> blocks`` a peer may write into, per the
+    runtime's Init and Resume. Checking a byte range is arithmetic on the field's block size."""
+
+    #: a runtime that forgot to revoke cannot grow this without bound: oldest grants go first
+    MAX = 1 << 16
+
+    def __init__(self, registry: BufferRegistry) -> None:
+        self._num_blocks = registry.num_blocks
+        self._block_bytes = {
+            name: registry.byte_view(name).numel() // registry.num_blocks
+            for name in registry.layouts
+        }
+        self._by_key: dict[tuple[str, str], frozenset[int]] = {}
+
+    def add(self, peer_id: str, tag: str, blocks: Sequence[int]) -> None:
+        self._by_key[(peer_id, tag)] = frozenset(blocks)
+        while len(self._by_key) > self.MAX:
+            del self._by_key[next(iter(self._by_key))]
+
+    def revoke(self, peer_id: str, tag: str) -> None:
+        self._by_key.pop((peer_id, tag), None)
+
+    def drop_peer(self, peer_id: str) -> None:
+        for key in [k for k in self._by_key if k[0] == peer_id]:
+            del self._by_key[key]
+
+    def clear(self) -> None:
+        self._by_key.clear()
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def refusal(self, peer_id: str, tag: str, field: str, offset: int, nbytes: int) -> str | None:
+        """Why ``peer_id`` may not write ``[offset, offset + nbytes)`` of ``field`` under
+        ``tag``, or None when a grant covers every byte of it."""
+        blocks = self._by_key.get((peer_id, tag))
+        if blocks is None:
+            return f"no grant for tag {tag!r}"
+        size = self._block_bytes.get(field)
+        if size is None:
+            return f"unknown field {field!r}"
+        if nbytes <= 0:
+            return None
+        first, last = offset // size, (offset + nbytes - 1) // size
+        for b in range(first, last + 1):
+            if b not in blocks:
+                return (
+                    f"bytes [{offset}, {offset + nbytes}) of {field} reach block {b}, not granted"
+                )
+        return None
+
+
 class Transport(ABC):
     """Data plane of one node. Lifecycle: ``start`` -> ``add_peer``* -> ``write``* ->
     ``remove_peer``* -> ``close``."""
@@ -52,13 +106,27 @@ class Transport(ABC):
         self.registry = registry
         #: a posted write lands, fails or is cancelled within this many seconds
         self.post_bound = post_bound
+        #: what peers may write into this node's pools (enforced where the engine can)
+        self.grants = Grants(registry)
+        #: whether peers may write into this node's pools at all. An encode node sets it to
+        #: False before ``start``: its metadata then holds no keys to its pools (a peer learns
+        #: who it is, not how to reach its memory) and inbound writes are refused outright
+        self.inbound = True
 
     @property
     def guarantees(self) -> Guarantees:
-        g = self.GUARANTEES
-        return Guarantees(
-            g.remote_completion, g.fences_tag, g.remove_stops_inbound, self.post_bound
-        )
+        return dataclasses.replace(self.GUARANTEES, post_bound=self.post_bound)
+
+    def grant(self, peer_id: str, tag: str, blocks: Sequence[int]) -> None:
+        """Receiver side, before the grant is sent: ``peer_id`` may write under ``tag`` into
+        ``blocks`` (of every field) until :meth:`revoke`, :meth:`discard` or
+        :meth:`remove_peer`. With ``GUARANTEES.authorizes_writes``, bytes outside every grant
+        land nothing; without it, this only documents intent."""
+        self.grants.add(peer_id, tag, blocks)
+
+    def revoke(self, peer_id: str, tag: str) -> None:
+        """Receiver side: the grant under ``tag`` ended (its round landed, or was given up)."""
+        self.grants.revoke(peer_id, tag)
 
     @classmethod
     def from_settings(cls, settings: Settings, registry: BufferRegistry) -> Transport:
@@ -73,7 +141,8 @@ class Transport(ABC):
         """Register the pools with the engine (once per node, never per request)."""
 
     def metadata(self) -> bytes:
-        """What a peer needs to reach this node's pools; travels in the Hello handshake."""
+        """What a peer needs to reach this node's pools (with ``inbound``), or only to know
+        the writes that come from us (without); travels in the Hello handshake."""
         return b""
 
     async def add_peer(self, peer_id: str, metadata: bytes) -> None:

@@ -20,7 +20,9 @@ class LocalTransport(Transport):
     name = "local"
     #: a write is one synchronous copy: once it returned, it is in the pool, and nothing of a
     #: peer is in flight while the receiver's loop runs its discard or remove_peer
-    GUARANTEES = Guarantees(remote_completion=True, fences_tag=True, remove_stops_inbound=True)
+    GUARANTEES = Guarantees(
+        remote_completion=True, fences_tag=True, remove_stops_inbound=True, authorizes_writes=True
+    )
 
     def __init__(self, registry: BufferRegistry, *, post_bound: float = 10.0) -> None:
         super().__init__(registry, post_bound=post_bound)
@@ -53,11 +55,19 @@ class LocalTransport(Transport):
         check_deadline(deadline, f"local transport: write {tag!r}")
         if self.node_key in peer._refused:
             raise TransportError(f"local transport: {peer_id!r} removed us")
+        if not peer.inbound:
+            raise TransportError(f"local transport: {peer_id!r} accepts no writes")
         if (self.node_key, tag) in peer._discarded:
             return  # fenced by the receiver: the bytes go nowhere
+        # the receiver's name for us ("" if it never added us: no grant can name that)
+        me = next((pid for pid, t in peer._peers.items() if t is self), "")
+        for op in ops:  # the receiver lands nothing it did not grant
+            if why := peer.grants.refusal(me, tag, op.field, op.dst_offset, op.nbytes):
+                raise TransportError(f"local transport: write outside the receiver's grants: {why}")
         copy_ops(self.registry, peer.registry, ops)
 
     async def discard(self, peer_id: str, tag: str) -> None:
+        self.grants.revoke(peer_id, tag)
         peer = self._peers.get(peer_id)
         if peer is not None:
             self._discarded[(peer.node_key, tag)] = None
@@ -65,6 +75,7 @@ class LocalTransport(Transport):
                 del self._discarded[next(iter(self._discarded))]
 
     async def remove_peer(self, peer_id: str) -> None:
+        self.grants.drop_peer(peer_id)
         peer = self._peers.pop(peer_id, None)
         if peer is not None and peer not in self._peers.values():
             self._refused.add(peer.node_key)

@@ -150,7 +150,10 @@ class NixlTransport(Transport):
             agent = new_agent(name, self.backend_params, delay_us=self.progress_delay_us)
             rows = np.array(list(self._local.values()), dtype=np.uint64)
             self._reg = agent.register_memory(rows, self._mem)
-            meta = _Meta(_VERSION, name, agent.get_agent_metadata(), self._mem, self._local)
+            if self.inbound:
+                meta = _Meta(_VERSION, name, agent.get_agent_metadata(), self._mem, self._local)
+            else:  # our name (to match the notifications of our writes), no keys to our memory
+                meta = _Meta(_VERSION, name, b"", self._mem, {})
         except Exception as exc:
             raise TransportError(f"nixl: cannot start the agent: {exc}") from exc
         self._meta, self._agent = msgspec.msgpack.encode(meta), agent
@@ -180,6 +183,11 @@ class NixlTransport(Transport):
             meta = msgspec.msgpack.decode(metadata, type=_Meta)
         except msgspec.DecodeError as exc:
             raise TransportError(f"nixl: bad metadata from peer {peer_id!r}: {exc}") from exc
+        if meta.v == _VERSION and not meta.agent:  # a node that is never written to
+            await self.remove_peer(peer_id)
+            self._peers[peer_id] = _Peer(meta.name, meta.mem, {})
+            self._landed.setdefault(meta.name, {})
+            return
         if meta.v != _VERSION or meta.pools.keys() != self._local.keys():
             raise TransportError(
                 f"nixl: peer {peer_id!r} has metadata v{meta.v} and fields {sorted(meta.pools)}, "
@@ -198,6 +206,7 @@ class NixlTransport(Transport):
     async def remove_peer(self, peer_id: str) -> None:
         """Refuse new writes to the peer, wait for those in flight, drop its agent. One-sided: the
         peer's writes *to us* stop with the peer's own ``remove_peer`` (or exit), not with this."""
+        self.grants.drop_peer(peer_id)
         peer = self._peers.pop(peer_id, None)
         if peer is None:
             return
@@ -206,13 +215,18 @@ class NixlTransport(Transport):
             await asyncio.gather(*futures, return_exceptions=True)
         if self._agent is not None and all(p.agent != peer.agent for p in self._peers.values()):
             self._landed.pop(peer.agent, None)
-            _try("remove_remote_agent", self._agent.remove_remote_agent, peer.agent)
+            if peer.pools:  # a peer that publishes no pools was never loaded
+                _try("remove_remote_agent", self._agent.remove_remote_agent, peer.agent)
 
     async def write(
         self, peer_id: str, ops: Sequence[WriteOp], *, tag: str, deadline: float = float("inf")
     ) -> None:
         agent = self._require()
         peer = self._peer(peer_id)
+        if not peer.pools:
+            raise TransportError(
+                f"nixl: peer {peer_id!r} accepts no writes (it published no pools)"
+            )
         local, remote, total = self._descs(peer, ops)
         if total == 0:
             return
@@ -253,6 +267,7 @@ class NixlTransport(Transport):
     async def discard(self, peer_id: str, tag: str) -> None:
         """Drop ``tag``'s notifications now rather than after ``notif_ttl`` (nothing to fence:
         a write that completed is in the pools, and the sender's AbortAck covers the rest)."""
+        self.grants.revoke(peer_id, tag)
         self._drain()
         if (peer := self._peers.get(peer_id)) is not None:
             self._landed.get(peer.agent, {}).pop(tag.encode(), None)

@@ -9,6 +9,7 @@ any violation drops the connection. Details and guarantees: docs/transports-tcp.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import secrets
 import socket
 import struct
@@ -187,6 +188,12 @@ class _RecvConn(asyncio.BufferedProtocol):
         if key in self.peer.discarded:  # its blocks may belong to someone else by now
             self.skip, self.state = h.nbytes, "skip"
             return None
+        why = self.owner.grants.refusal(
+            self.peer.peer_id, key.decode("utf-8", "replace"), self.owner.fields[h.field],
+            h.dst_offset, h.nbytes,
+        )  # fmt: skip
+        if why is not None:  # not a single byte of it reaches the pool
+            raise TransportError(f"write outside this node's grants: {why}")
         self.cur, self.cur_key = self.peer.tag(self, key), key
         self.state = "payload"
         self.target = self.owner.views[h.field][h.dst_offset : h.dst_offset + h.nbytes]
@@ -238,7 +245,9 @@ class TcpTransport(Transport):
     name = "tcp"
     #: write() returns once the bytes are in the kernel, not in the peer's pool; but the
     #: receiver reads every frame itself, so discard and remove_peer really stop them
-    GUARANTEES = Guarantees(remote_completion=False, fences_tag=True, remove_stops_inbound=True)
+    GUARANTEES = Guarantees(
+        remote_completion=False, fences_tag=True, remove_stops_inbound=True, authorizes_writes=True
+    )
 
     def __init__(self, registry: BufferRegistry, *, host: str = "127.0.0.1", port: int = 0,
                  timeout: float = 10.0, sock_buf: int = SOCK_BUF,
@@ -279,7 +288,7 @@ class TcpTransport(Transport):
     def metadata(self) -> bytes:
         if self._server is None:
             raise TransportError("tcp transport: metadata() before start()")
-        pools = list(zip(self.fields, self.pool_sizes, strict=True))
+        pools = list(zip(self.fields, self.pool_sizes, strict=True)) if self.inbound else []
         return msgspec.msgpack.encode(_Meta(VERSION, *self._address, self.key, pools))
 
     async def add_peer(self, peer_id: str, metadata: bytes) -> None:
@@ -290,7 +299,7 @@ class TcpTransport(Transport):
         if meta.version != VERSION or len(meta.key) != 16:
             raise TransportError(f"tcp transport: {peer_id!r} speaks version {meta.version}")
         pools = {name: (i, n) for i, (name, n) in enumerate(meta.pools)}
-        if pools.keys() != set(self.fields):
+        if pools and pools.keys() != set(self.fields):  # none: a node never written to
             raise TransportError(f"tcp transport: {peer_id!r} has fields {list(pools)}")
         await self.remove_peer(peer_id)
         peer = self._peers[peer_id] = self._by_key[meta.key] = _Peer(peer_id, meta, pools)
@@ -299,14 +308,29 @@ class TcpTransport(Transport):
 
     def _hello(self, conn: _RecvConn, data: bytes) -> None:
         magic, version, sender, receiver = HELLO.unpack(data)
-        if magic != HELLO_MAGIC or version != VERSION or receiver != self.key:
+        if not self.inbound:
+            raise TransportError("this node accepts no writes")
+        if (
+            magic != HELLO_MAGIC
+            or version != VERSION
+            or not hmac.compare_digest(receiver, self.key)
+        ):
             raise TransportError("bad hello (magic, version or receiver key)")
         conn.key, conn.state, conn.target = sender, "header", conn.hdr
-        if (peer := self._by_key.get(sender)) is not None:
+        if (peer := self._peer_by_key(sender)) is not None:
             conn.accept(peer)
         else:  # our add_peer for it may still come: wait, unread, until the timer drops it
             conn.paused = True
             conn.tr.pause_reading()
+
+    def _peer_by_key(self, key: bytes) -> _Peer | None:
+        """The peer whose key this is, compared in constant time against every peer's (a key
+        is a credential: a hash lookup would tell a prober how close a guess came)."""
+        found = None
+        for candidate_key, peer in self._by_key.items():
+            if hmac.compare_digest(candidate_key, key):
+                found = peer
+        return found
 
     def _peer(self, peer_id: str) -> _Peer:
         if (peer := self._peers.get(peer_id)) is None:
@@ -317,6 +341,8 @@ class TcpTransport(Transport):
         """Check and coalesce ``ops``; the pieces to send, large payloads as pool views."""
         if len(tag) > MAX_TAG:
             raise TransportError(f"tcp transport: tag longer than {MAX_TAG} bytes")
+        if not peer.pools:
+            raise TransportError(f"tcp transport: {peer.peer_id!r} accepts no writes")
         runs: list[list] = []  # [field, src, dst, nbytes], adjacent descriptors merged
         for op in ops:
             if min(op.src_offset, op.dst_offset, op.nbytes) < 0 or op.field not in peer.pools:
@@ -424,6 +450,7 @@ class TcpTransport(Transport):
     async def discard(self, peer_id: str, tag: str) -> None:
         """From now on no byte written under ``tag`` lands in the pool (they go to scratch)."""
         peer, key = self._peers.get(peer_id), tag.encode()
+        self.grants.revoke(peer_id, tag)
         if peer is None:
             return  # removed: nothing of it reaches the pool any more
         peer.discarded[key] = None
@@ -440,6 +467,7 @@ class TcpTransport(Transport):
             st.waiter.set_exception(TransportError(f"tcp transport: tag {tag!r} discarded"))
 
     async def remove_peer(self, peer_id: str) -> None:
+        self.grants.drop_peer(peer_id)
         if (peer := self._peers.pop(peer_id, None)) is None:
             return
         if self._by_key.get(peer.meta.key) is peer:

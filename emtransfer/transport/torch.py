@@ -75,7 +75,9 @@ class TorchTransport(Transport):
     #: a completed isend is not yet in the peer's pool; but the receiver's thread reads every
     #: write itself: discard drains a tag into scratch (or raises), remove_peer stops the
     #: link (or raises when a receive into the pool does not end within ``grace``)
-    GUARANTEES = Guarantees(remote_completion=False, fences_tag=True, remove_stops_inbound=True)
+    GUARANTEES = Guarantees(
+        remote_completion=False, fences_tag=True, remove_stops_inbound=True, authorizes_writes=True
+    )
 
     def __init__(
         self,
@@ -247,6 +249,7 @@ class TorchTransport(Transport):
         that tag already posted into the pool cannot be cancelled: wait (up to ``grace``) until it
         completed. If it does not, break the link and raise: bytes of ``tag`` may still land, so
         the caller must keep the destination blocks out of use."""
+        self.grants.revoke(peer_id, tag)
         loop = asyncio.get_running_loop()
         for link in [lk for lk in self._links.values() if lk.name == peer_id]:  # removed too
             fut: asyncio.Future[None] | None = None
@@ -275,6 +278,7 @@ class TorchTransport(Transport):
                 raise _err(f"{peer_id!r}: {why}; its bytes may still land") from None
 
     async def remove_peer(self, peer_id: str) -> None:
+        self.grants.drop_peer(peer_id)
         link = self._peers.pop(peer_id, None)
         if link is not None:
             self._retire(link, "peer removed")
@@ -392,6 +396,19 @@ class TorchTransport(Transport):
             if not all(0 < nb <= max(self._sizes) for _, _, nb in ops):
                 raise _err(f"write {tag!r}: op {bad} cannot even be drained")
             self._break(link, f"refused write {tag!r}: (field, dst, nbytes)={bad} is off the pool")
+        elif tag not in link.discarded and link.peer_id is not None:
+            grants = self.grants  # read-only here; the loop thread adds and revokes
+            why = next(
+                (
+                    w
+                    for f, d, nb in ops
+                    if (w := grants.refusal(link.peer_id, tag, self._fields[f], d, nb))
+                ),
+                None,
+            )
+            if why is not None:
+                bad = ops[0]
+                self._break(link, f"refused write outside this node's grants: {why}")
         with self._mu:
             live = link.busy = (
                 bad is None
