@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ log = structlog.get_logger("emtransfer.server")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "bad input; the detail names the problem"},
+    401: {"model": ErrorBody, "description": "missing or wrong API key (when --api-key is set)"},
     409: {"model": ErrorBody, "description": "the rid is already in flight"},
     413: {"model": ErrorBody, "description": "the request body is too large"},
     502: {"model": ErrorBody, "description": "the encoder or the transfer failed"},
@@ -229,28 +231,76 @@ def make_app(service: NodeService, title: str, description: str) -> FastAPI:
         return Response(service.node.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(BodyLimit)
+    if service.options.api_key is not None:
+        app.add_middleware(
+            ApiKey, key=service.options.api_key, exempt=service.options.api_key_exempt
+        )
     app.add_middleware(AccessLog, service=service, routes=app.router)
     return app
 
 
+class ApiKey:
+    """Answer 401 to a request without ``Authorization: Bearer <key>`` (compared in constant
+    time), except on the exempt paths (health checks and scrapers, by default)."""
+
+    def __init__(self, app: Any, key: str, exempt: frozenset[str]) -> None:
+        self.app = app
+        self.want = f"Bearer {key}".encode()
+        self.exempt = exempt
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.exempt:
+            got = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.want):
+                detail = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+                response = error_response(HTTPFailure(401, "unauthorized", detail))
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
-    """Refuse (413) a request whose Content-Length is above ``MAX_BODY`` before reading it."""
+    """Refuse (413) a request whose body is above ``MAX_BODY``, however it is framed: at once
+    when its Content-Length says so; a body without one (chunked) is read here up to the limit
+    before the app sees any of it, and refused as soon as it passes."""
 
     MAX_BODY = 2 << 20  # an image is at most ~0.9 MB of base64 (one control message)
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
+    def _too_large(self, n: int | str) -> JSONResponse:
+        detail = f"request body of {n} bytes is above the limit of {self.MAX_BODY}"
+        return error_response(HTTPFailure(413, "too_large", detail))
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            length = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None:
             if length.isdigit() and int(length) > self.MAX_BODY:
-                detail = (
-                    f"request body of {int(length)} bytes is above the limit of {self.MAX_BODY}"
-                )
-                await error_response(HTTPFailure(413, "too_large", detail))(scope, receive, send)
+                await self._too_large(int(length))(scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+            await self.app(scope, receive, send)  # the server stops at Content-Length
+            return
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.MAX_BODY:
+                await self._too_large(f"more than {self.MAX_BODY}")(scope, receive, send)
+                return
+        replay: list[Any] = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+
+        async def buffered() -> Any:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, buffered, send)
 
 
 class AccessLog:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import typing
 from dataclasses import dataclass
@@ -160,6 +161,19 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         "--log-json", action="store_true", default=argparse.SUPPRESS, help="JSON log lines"
     )
     serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer <key>' on every HTTP request but the exempt paths "
+        "(the vLLM convention; env EMTRANSFER_API_KEY, preferred: a flag shows in ps)",
+    )
+    serve.add_argument(
+        "--api-key-exempt",
+        default="/health,/metrics",
+        metavar="PATHS",
+        help="comma-separated paths served without the API key (default /health,/metrics; '' "
+        "for none)",
+    )
+    serve.add_argument(
         "--access-log",
         action="store_true",
         help="one concise line per HTTP request (at info; /health and /metrics at debug)",
@@ -182,6 +196,9 @@ class ServeOptions:
     patch_size: int = DEFAULT_PATCH_SIZE
     retry_interval: float = 1.0
     access_log: bool = False
+    #: required as a bearer token on every HTTP request but ``api_key_exempt``; None: open
+    api_key: str | None = None
+    api_key_exempt: frozenset[str] = frozenset({"/health", "/metrics"})
 
 
 def resolve_serve(args: argparse.Namespace) -> ServeOptions:
@@ -217,6 +234,14 @@ def resolve_serve(args: argparse.Namespace) -> ServeOptions:
             raise ConfigError(f"invalid --encoder-addr: duplicates in {addrs}")
     elif addrs:
         raise ConfigError("--encoder-addr is for the language role")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("EMTRANSFER_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise ConfigError(
+            "invalid --api-key: an empty key admits everybody; set one or leave it out"
+        )
+    exempt = frozenset(p.strip() for p in args.api_key_exempt.split(",") if p.strip())
+    if bad := sorted(p for p in exempt if not p.startswith("/")):
+        raise ConfigError(f"invalid --api-key-exempt: paths must start with '/': {bad}")
     return ServeOptions(
         role=args.role,
         settings=settings,
@@ -228,4 +253,6 @@ def resolve_serve(args: argparse.Namespace) -> ServeOptions:
         patch_size=args.patch_size,
         retry_interval=args.retry_interval,
         access_log=args.access_log,
+        api_key=api_key,
+        api_key_exempt=exempt,
     )
