@@ -122,3 +122,56 @@ async def test_serving_beyond_loopback_without_a_token_warns(
     assert bool(hits) == warned, logs
     if warned:
         assert hits[0]["log_level"] == "warning" and hits[0]["host"] == host
+
+
+@pytest.mark.parametrize("how", ["timeout", "peer-lost", "cancelled"])
+async def test_a_failed_send_lets_go_of_its_payload_at_once(how: str) -> None:
+    """Finding 3: the payload of a timed-out send() stayed alive until gc.collect(): the error
+    the caller got was the very object the session's future kept, and raised through the
+    runtime its traceback held the frames that held the session and the payload (a cycle).
+    With the collector off, the tensors must die once the caller has handled the error."""
+    import gc
+    import weakref
+
+    from helpers_runtime import wait_until
+
+    s = make_settings(init_timeout=0.3)
+    async with et.EncodeNode(s) as enc, et.LanguageNode(s) as lang:
+        peer = await lang.connect(enc.address)
+
+        async def caller() -> weakref.ref[torch.Tensor]:
+            """A caller that sends, handles the failure and returns (its frames end)."""
+            pay = make_payload(2000, seed=3)  # more than one round: a Resume is awaited
+            ref = weakref.ref(pay["embeddings"])
+            send = asyncio.create_task(enc.send("x", pay, peer=lang.node_id))
+            del pay
+            if how == "timeout":
+                with pytest.raises(et.TransferTimeout):
+                    await send
+                return ref
+            recv = asyncio.create_task(lang.receive("x", peer))
+            await wait_until(
+                lambda: "x" in enc.senders and enc.senders["x"].machine.state.name == "WAIT_RESUME"
+            )
+            if how == "peer-lost":
+                next(iter(enc.peers.values())).channel.close()
+                with pytest.raises(et.TransferError):
+                    await send
+            else:
+                send.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await send
+            with pytest.raises((asyncio.CancelledError, et.TransferError)):
+                recv.cancel()
+                await recv
+            return ref
+
+        gc.collect()
+        gc.disable()
+        try:
+            ref = await caller()
+            await wait_until(lambda: not enc.senders, what="the session to end")
+            assert ref() is None, "the payload outlived its failed send (a reference cycle)"
+        finally:
+            gc.enable()
+        await wait_pools_clean(enc, lang)

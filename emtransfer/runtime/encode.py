@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -443,7 +444,12 @@ class EncodeNode(Node):
             session = SenderSession(self, rid, owner=peer)
             self._offers.setdefault(rid, []).append(session)
             session.start()
-        return await self._push(session, tensors, meta, num_tokens)
+        try:
+            return await self._push(session, tensors, meta, num_tokens)
+        finally:
+            # the caller's error may outlive this call in a traceback (and a task that keeps
+            # it: a cycle only the collector breaks): none of its frames holds the payload
+            del tensors, session
 
     def _check_outgoing(
         self, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any] | None
@@ -470,6 +476,7 @@ class EncodeNode(Node):
             digest = payload_digest(tensors, list(self.registry.layouts))
         session.payload = tensors
         session.feed(ev.DataReady(num_tokens, meta, digest))
+        del tensors  # the session holds the payload until it ends; no frame of ours does
         try:
             result: SendStats = await asyncio.shield(session.result)
             return result
@@ -477,6 +484,12 @@ class EncodeNode(Node):
             if session.running:
                 session.feed(ev.LocalAbort("send cancelled by caller"))
             raise
+        except TransferError as exc:
+            # the session's future keeps ``exc``: raised through here, its traceback would
+            # hold this frame and the session, in a cycle only the garbage collector breaks.
+            # The future keeps it without frames; the caller gets a copy nothing else holds.
+            exc.with_traceback(None)
+            raise copy.copy(exc) from None
 
     def _claimed_by_init(self, rid: str, owner: Owner) -> SenderSession | None:
         """An Init-first session for ``rid`` from a peer ``owner`` admits, waiting for data."""
@@ -625,6 +638,8 @@ class EncodeNode(Node):
             del peer.sessions[rid]
 
     def session_ended(self, session: Session) -> None:
+        if isinstance(session, SenderSession):
+            session.payload = None  # the caller's tensors are not ours to keep
         offers = self._offers.get(session.rid)
         if offers is not None and session in offers:
             offers.remove(session)
