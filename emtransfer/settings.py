@@ -161,6 +161,16 @@ class Settings(BaseSettings):
     heartbeat_timeout: PosFloat = 5.0
     """Seconds without a heartbeat before the peer is lost; must be > heartbeat_interval."""
     max_inflight_per_peer: PosInt = 64
+    max_connections: PosInt = 1024
+    """Encode node: control connections at most, handshakes included; more are refused."""
+    max_pending_handshakes: PosInt = 64
+    """Encode node: connections still in their handshake at most; more are refused at once."""
+    max_waiting_inits_per_peer: PosInt = 16
+    """Encode node: Inits from one peer for rids it holds no payload for yet (pulls waiting for
+    their data, each holding the receiver's blocks) at most; more are refused at once."""
+    max_held_mib: PosFloat = 4096.0
+    """Encode node: MiB of payloads held (sent, or Encode results, not yet fully written) at
+    most; a send() or job beyond it is refused (CapacityError) instead of growing the heap."""
     auth_token: SecretStr | None = None
     """Shared secret both sides prove in the handshake (HMAC over the whole transcript); unset
     means no authentication. An empty or blank token is refused, not taken as a key."""

@@ -11,10 +11,12 @@ import pytest
 import torch
 from helpers_runtime import (
     assert_same_payload,
+    connected,
     hold_all,
     make_payload,
     make_settings,
     wait_pools_clean,
+    wait_until,
 )
 
 import emtransfer as et
@@ -133,8 +135,6 @@ async def test_a_failed_send_lets_go_of_its_payload_at_once(how: str) -> None:
     import gc
     import weakref
 
-    from helpers_runtime import wait_until
-
     s = make_settings(init_timeout=0.3)
     async with et.EncodeNode(s) as enc, et.LanguageNode(s) as lang:
         peer = await lang.connect(enc.address)
@@ -175,3 +175,84 @@ async def test_a_failed_send_lets_go_of_its_payload_at_once(how: str) -> None:
         finally:
             gc.enable()
         await wait_pools_clean(enc, lang)
+
+
+async def test_handshakes_and_connections_are_bounded() -> None:
+    """Finding 3: connections that had not finished the handshake were not limited in number
+    (each may hold a frame buffer for bootstrap_timeout), nor connections in total."""
+    from emtransfer.runtime.control import parse_address
+
+    s = make_settings(
+        transport="tcp", max_pending_handshakes=2, max_connections=3, bootstrap_timeout=5.0
+    )
+    async with et.EncodeNode(s, control="tcp") as enc:
+        host, port = parse_address(enc.address)
+        silent = [await asyncio.open_connection(host, port) for _ in range(2)]
+        await wait_until(lambda: enc._handshaking == 2, what="two handshakes pending")
+        async with et.LanguageNode(s) as lang:
+            with pytest.raises(et.ProtocolError, match="max_pending_handshakes=2"):
+                await lang.connect(enc.address)
+        for _, w in silent:
+            w.close()
+        await wait_until(lambda: enc._handshaking == 0, what="the silent ones to go")
+        langs = [et.LanguageNode(s) for _ in range(4)]
+        for n in langs:
+            await n.start()
+        try:
+            for n in langs[:3]:
+                await n.connect(enc.address)
+            with pytest.raises(et.ProtocolError, match="max_connections=3"):
+                await langs[3].connect(enc.address)
+            await langs[0].close()
+            await wait_until(lambda: len(enc.peers) == 2, what="a connection to free up")
+            peer = await langs[3].connect(enc.address)  # room again
+            pay = make_payload(50, seed=2)
+            send = asyncio.create_task(enc.send("r", pay))
+            got = await langs[3].receive("r", peer)
+            await send
+            assert_same_payload(got.tensors, pay)
+        finally:
+            for n in langs:
+                await n.close()
+
+
+async def test_payload_memory_held_for_receivers_is_bounded() -> None:
+    """Finding 3: payloads waiting for their receiver were not bounded (40 jobs of 32,768
+    tokens took an encode server from 292 to 935 MiB)."""
+    s = make_settings()
+    nbytes = 100 * et.EncodeNode(s).registry.token_nbytes
+    s = make_settings(max_held_mib=1.5 * nbytes / 2**20, init_timeout=30.0)
+    async with connected(s) as (enc, lang, peer):
+        first = asyncio.create_task(enc.send("a", make_payload(100, seed=1)))
+        await wait_until(lambda: enc.held_bytes == nbytes, what="the first payload held")
+        with pytest.raises(et.CapacityError, match="max_held_mib"):
+            await enc.send("b", make_payload(100, seed=2))
+        assert enc.held_bytes == nbytes  # the refused one took nothing
+        got = await lang.receive("a", peer)
+        await first
+        assert got.num_tokens == 100 and enc.held_bytes == 0
+        second = asyncio.create_task(enc.send("b", make_payload(100, seed=2)))  # room again
+        await lang.receive("b", peer)
+        await second
+
+
+async def test_pulls_for_rids_nobody_holds_are_bounded_per_peer() -> None:
+    """Finding 4: ten pulls for rids nobody holds emptied the language pool for the whole
+    timeout (each Init holds the receiver's blocks). Beyond the bound the encode node refuses
+    at once, saying why, and the receiver frees its blocks."""
+    s = make_settings(max_waiting_inits_per_peer=2, data_timeout=30.0, chunk_timeout=30.0)
+    async with connected(s) as (enc, lang, peer):
+        waiting = [asyncio.create_task(lang.receive(f"w{i}", peer)) for i in range(2)]
+        await wait_until(lambda: len(enc.senders) == 2, what="two pulls waiting for data")
+        with pytest.raises(et.TransferAborted, match="max_waiting_inits_per_peer=2"):
+            await lang.receive("w2", peer)
+        # the refused pull freed its blocks: only the two waiting ones hold any
+        await wait_until(
+            lambda: lang.allocator.num_free == s.num_blocks - 2 * s.default_blocks,
+            what="the refused pull's blocks back",
+        )
+        pays = {f"w{i}": make_payload(30, seed=i) for i in range(2)}
+        sends = [asyncio.create_task(enc.send(r, p)) for r, p in pays.items()]
+        for g in await asyncio.gather(*waiting):
+            assert_same_payload(g.tensors, pays[g.rid])
+        await asyncio.gather(*sends)

@@ -16,6 +16,7 @@ import torch
 from ..allocator import Allocation
 from ..buffers import payload_digest
 from ..errors import (
+    CapacityError,
     ConfigError,
     InvalidRequest,
     PayloadError,
@@ -119,6 +120,7 @@ class SenderSession(Session):
         self._prestaged: _Prestaged | None = None  # staged, not yet handed to the machine
         self._staged: _Prestaged | None = None  # handed to the machine as its staging grant
         self.first_write_at = 0.0
+        self.held = 0  # bytes of the payload counted in the node's held_bytes
 
     def bind(self, peer: Peer, session_tag: str) -> None:
         self.peer = peer
@@ -376,6 +378,8 @@ class EncodeNode(Node):
         self._server: asyncio.Server | None = None
         #: where language nodes connect: ``host:port``, or ``local://...`` in-process
         self.address: str = ""
+        self._handshaking = 0  # connections in their handshake now
+        self.held_bytes = 0  # bytes of the payloads sessions hold (bounded by max_held_mib)
 
     async def start(self) -> None:
         """Start the pool and transport, and listen for language nodes (on
@@ -437,6 +441,8 @@ class EncodeNode(Node):
         num_tokens = self._check_outgoing(tensors, meta)
         if self._closing:
             raise TransferError("node is closing")
+        if why := self._over_memory(num_tokens):
+            raise CapacityError(f"rid={rid!r}: {why}")
         session = self._claimed_by_init(rid, peer)
         if session is None:
             if any(_overlap(x.owner, peer) for x in self._offers.get(rid, ())):
@@ -475,6 +481,8 @@ class EncodeNode(Node):
         if self.settings.verify_digest:
             digest = payload_digest(tensors, list(self.registry.layouts))
         session.payload = tensors
+        session.held = num_tokens * self.registry.token_nbytes
+        self.held_bytes += session.held
         session.feed(ev.DataReady(num_tokens, meta, digest))
         del tensors  # the session holds the payload until it ends; no frame of ours does
         try:
@@ -501,8 +509,25 @@ class EncodeNode(Node):
 
     # -- peers ---------------------------------------------------------------------------------
     async def accept(self, channel: Channel) -> Peer | None:
-        """Serve the handshake of a language node that connected on ``channel``."""
-        return await self._serve_handshake(channel, client_role="language")
+        """Serve the handshake of a language node that connected on ``channel``, unless the
+        node is at its connection or handshake bound (then refuse at once, saying which)."""
+        s = self.settings
+        why = None
+        if self._handshaking >= s.max_pending_handshakes:
+            why = f"too many handshakes in progress (max_pending_handshakes={s.max_pending_handshakes})"
+        elif self._handshaking + len(self.peers) >= s.max_connections:
+            why = f"too many connections (max_connections={s.max_connections})"
+        if why is not None:
+            self.log.warning("connection refused", reason=why, via=channel.description)
+            with contextlib.suppress(PeerLost):
+                channel.send(m.Error(reason=why))
+            channel.close()
+            return None
+        self._handshaking += 1
+        try:
+            return await self._serve_handshake(channel, client_role="language")
+        finally:
+            self._handshaking -= 1
 
     def _on_message(self, peer: Peer, msg: m.AnyMessage) -> None:
         match msg:
@@ -568,6 +593,8 @@ class EncodeNode(Node):
                 out = await out
             tensors, meta = out if isinstance(out, tuple) else (out, None)
             num_tokens = self._check_outgoing(tensors, meta)
+            if why := self._over_memory(num_tokens):
+                raise CapacityError(why)
         except Exception as exc:
             self.log.warning("encode job failed", rid=msg.rid, error=repr(exc))
             reason = m.reason(f"encode failed: {exc}")
@@ -614,6 +641,17 @@ class EncodeNode(Node):
         why = failed or self._over_limit(peer)
         if why is None and offers:
             why = f"rid {rid!r} is held here for another peer"
+        if why is None:
+            waiting = sum(
+                1
+                for x in peer.sessions.values()
+                if isinstance(x, SenderSession) and x.waits_for_data
+            )
+            if waiting >= (cap := self.settings.max_waiting_inits_per_peer):
+                why = (
+                    f"no payload for rid {rid!r} here yet, and {waiting} requests of this peer "
+                    f"already wait for theirs (max_waiting_inits_per_peer={cap})"
+                )
         if why is not None:
             self._refuse_rid(peer, rid, tag, why)
             return
@@ -637,9 +675,21 @@ class EncodeNode(Node):
             # must not find it in the way (it still answers through its own peer)
             del peer.sessions[rid]
 
+    def _over_memory(self, num_tokens: int) -> str | None:
+        limit = int(self.settings.max_held_mib * 2**20)
+        nbytes = num_tokens * self.registry.token_nbytes
+        if self.held_bytes + nbytes > limit:
+            return (
+                f"payload of {nbytes} bytes would pass max_held_mib={self.settings.max_held_mib} "
+                f"({self.held_bytes} bytes held for receivers now)"
+            )
+        return None
+
     def session_ended(self, session: Session) -> None:
         if isinstance(session, SenderSession):
             session.payload = None  # the caller's tensors are not ours to keep
+            self.held_bytes -= session.held
+            session.held = 0
         offers = self._offers.get(session.rid)
         if offers is not None and session in offers:
             offers.remove(session)
