@@ -15,24 +15,50 @@ from typing import Any
 
 
 class FaultProxy:
-    def __init__(self, target: str) -> None:
+    """``listen``: the address to bind (default loopback); ``netns``: the network namespace the
+    proxy's thread works in (a "host" of :mod:`netns`). ``delay_s`` and ``rate_bps`` shape the
+    traffic (added latency per chunk, a bandwidth cap), changeable at any time."""
+
+    def __init__(self, target: str, listen: str = "127.0.0.1", netns: str | None = None) -> None:
         host, _, port = target.rpartition(":")
         self.target = (host, int(port))
+        self.listen = listen
+        self.delay_s = 0.0
+        self.rate_bps = 0.0  # 0: no cap
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        entered = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                if netns is not None:
+                    from netns import enter
+
+                    enter(netns, process=False)  # this thread only
+            except BaseException as exc:
+                failure.append(exc)
+                return
+            finally:
+                entered.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
+        entered.wait(10)
+        if failure:
+            raise failure[0]
         self._flowing = asyncio.Event()  # used on the proxy's loop only
         self._loop.call_soon_threadsafe(self._flowing.set)
         self._conns: set[Any] = set()
         self._server = self._call(self._start())
         port = self._server.sockets[0].getsockname()[1]
-        self.address = f"127.0.0.1:{port}"
+        self.address = f"{listen}:{port}"
 
     def _call(self, coro: Any, timeout: float = 10) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     async def _start(self) -> asyncio.Server:
-        return await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return await asyncio.start_server(self._handle, self.listen, 0)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -52,6 +78,10 @@ class FaultProxy:
                 if not data:
                     break
                 await self._flowing.wait()  # blackholed: hold the bytes, send nothing
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)  # the added latency of this chunk
+                if self.rate_bps:
+                    await asyncio.sleep(len(data) / self.rate_bps)  # the bandwidth cap
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

@@ -295,8 +295,14 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
     conn.send(("bye",))
 
 
-def _child(role: str, settings: dict[str, Any], conn: Any, env: dict[str, str]) -> None:
+def _child(
+    role: str, settings: dict[str, Any], conn: Any, env: dict[str, str], netns: str | None = None
+) -> None:
     try:
+        if netns is not None:  # another "host": before any socket is opened
+            from netns import enter
+
+            enter(netns)
         asyncio.run(_serve(role, settings, conn, env))
     except BaseException:
         try:
@@ -315,14 +321,19 @@ class NodeProc:
     _cids = itertools.count(1)
 
     def __init__(
-        self, role: str, transport: str, env: dict[str, str] | None = None, **overrides: Any
+        self,
+        role: str,
+        transport: str,
+        env: dict[str, str] | None = None,
+        netns: str | None = None,
+        **overrides: Any,
     ) -> None:
         self.role = role
         settings = {**BASE_SETTINGS, "transport": transport, **overrides}
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(
-            target=_child, args=(role, settings, child_conn, env or {}), daemon=True
+            target=_child, args=(role, settings, child_conn, env or {}, netns), daemon=True
         )
         self.proc.start()
         self._results: dict[int, Any] = {}
