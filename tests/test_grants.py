@@ -15,6 +15,7 @@ import torch
 from helpers_runtime import assert_same_payload, make_payload, make_settings, wait_pools_clean
 from hypothesis import given
 from hypothesis import strategies as st
+from runtime_harness import transport_params
 from test_transport_tcp import EMB, Node, frame, node, raw, zero_except
 from transport_harness import make_registry
 
@@ -191,17 +192,7 @@ async def test_a_language_peer_cannot_write_into_the_encode_pool(transport: str)
         await wait_pools_clean(enc, lang)
 
 
-def _engines() -> list[Any]:
-    from emtransfer.transport import transport_unavailable
-
-    out = [pytest.param("local", id="local")]
-    for name in ("tcp", "nixl"):
-        why = transport_unavailable(name)
-        out.append(pytest.param(name, marks=[pytest.mark.skip(reason=why)] if why else [], id=name))
-    return out
-
-
-@pytest.mark.parametrize("transport", _engines())
+@pytest.mark.parametrize("transport", transport_params("local", "tcp", "nixl"))
 async def test_the_encode_pool_takes_no_inbound_writes(transport: str) -> None:
     """An encode node is never written to: its metadata holds no keys to its pools (with NIXL
     the language node loads none of the encode node's agent metadata, so it can neither read

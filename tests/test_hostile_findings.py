@@ -18,23 +18,14 @@ from helpers_runtime import (
     wait_pools_clean,
     wait_until,
 )
+from runtime_harness import transport_params
 
 import emtransfer as et
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _engines() -> list[Any]:
-    from emtransfer.transport import transport_unavailable
-
-    out = [pytest.param("local", id="local")]
-    for name in ("tcp", "nixl"):
-        why = transport_unavailable(name)
-        out.append(pytest.param(name, marks=[pytest.mark.skip(reason=why)] if why else [], id=name))
-    return out
-
-
-ENGINES = _engines()
+ENGINES = transport_params("local", "tcp", "nixl")
 
 
 @pytest.mark.parametrize("transport", ENGINES)

@@ -20,6 +20,7 @@ from helpers_runtime import (
     wait_pools_clean,
     wait_until,
 )
+from runtime_harness import transport_params
 
 import emtransfer as et
 from emtransfer.runtime import encode as encode_mod
@@ -28,19 +29,7 @@ from emtransfer.transport import tcp as tcp_mod
 pytestmark = pytest.mark.timeout(60)
 
 
-def _engines() -> list[Any]:
-    """The in-process transport and the real engines: its writes are synchronous, so a race
-    that only an asynchronous engine has is run on tcp and nixl too."""
-    from emtransfer.transport import transport_unavailable
-
-    out = [pytest.param("local", id="local")]
-    for name in ("tcp", "nixl"):
-        why = transport_unavailable(name)
-        out.append(pytest.param(name, marks=[pytest.mark.skip(reason=why)] if why else [], id=name))
-    return out
-
-
-ENGINES = _engines()
+ENGINES = transport_params("local", "tcp", "nixl")
 
 
 async def test_concurrent_receives_share_one_connection() -> None:
