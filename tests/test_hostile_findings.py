@@ -247,3 +247,52 @@ async def test_pulls_for_rids_nobody_holds_are_bounded_per_peer() -> None:
         for g in await asyncio.gather(*waiting):
             assert_same_payload(g.tensors, pays[g.rid])
         await asyncio.gather(*sends)
+
+
+async def test_tcp_data_connections_prove_the_handshake_secret() -> None:
+    """Finding 1: TCP data keys travel in clear (the data hello carries both) and were the
+    whole credential: with them, anybody could open a data connection as the encode node.
+    With a token, a data connection must answer a challenge with a proof under a secret both
+    nodes derived from their authenticated handshake, which never travels."""
+    from test_transport_tcp import HELLO, HELLO_MAGIC, VERSION
+
+    from emtransfer.transport.tcp import ACK, CHALLENGE
+
+    s = make_settings(transport="tcp", auth_token="data-secret-test-7b2e", bootstrap_timeout=1.5)
+    async with et.EncodeNode(s, control="tcp") as enc, et.LanguageNode(s) as lang:
+        peer = await lang.connect(enc.address)
+        pay = make_payload(150, seed=4)  # the legitimate path proves it and goes through
+        send = asyncio.create_task(enc.send("r", pay))
+        assert_same_payload((await lang.receive("r", peer)).tensors, pay)
+        await send
+        for proof in (b"\x00" * 32, None):  # a wrong proof, and none at all
+            r, w = await asyncio.open_connection("127.0.0.1", lang.transport.port)
+            w.write(HELLO.pack(HELLO_MAGIC, VERSION, enc.transport.key, lang.transport.key))
+            assert await r.readexactly(1) == CHALLENGE  # the stolen keys are not enough
+            await r.readexactly(16)
+            if proof is not None:
+                w.write(proof)
+            try:
+                got = await asyncio.wait_for(r.read(1), s.bootstrap_timeout + 5)
+            except ConnectionError:
+                got = b""
+            assert got != ACK and got == b"", got  # dropped: no ACK, no frame will be read
+            w.close()
+        send = asyncio.create_task(enc.send("r2", pay))  # serving goes on
+        assert_same_payload((await lang.receive("r2", peer)).tensors, pay)
+        await send
+        await wait_pools_clean(enc, lang)
+
+
+async def test_tcp_data_connections_without_a_token_need_no_proof() -> None:
+    from test_transport_tcp import HELLO, HELLO_MAGIC, VERSION
+
+    from emtransfer.transport.tcp import ACK
+
+    s = make_settings(transport="tcp")
+    async with et.EncodeNode(s, control="tcp") as enc, et.LanguageNode(s) as lang:
+        await lang.connect(enc.address)
+        r, w = await asyncio.open_connection("127.0.0.1", lang.transport.port)
+        w.write(HELLO.pack(HELLO_MAGIC, VERSION, enc.transport.key, lang.transport.key))
+        assert await asyncio.wait_for(r.readexactly(1), 5) == ACK
+        w.close()

@@ -308,7 +308,8 @@ class Node:
             theirs = _transcript(hello)
             self._check_proof(hello.auth, b"emtransfer-client", nonce, theirs)
             self._check_hello(hello, expected_role=client_role)
-            tid = await self._reach_transport(hello)  # refuse before acknowledging
+            secret = self._proof(b"emtransfer-data", nonce, theirs)
+            tid = await self._reach_transport(hello, secret)  # refuse before acknowledging
             ack = m.HelloAck(**self._hello_fields())
             proof = self._proof(b"emtransfer-server", nonce, theirs, _transcript(ack))
             channel.send(msgspec.structs.replace(ack, auth=proof))
@@ -341,7 +342,9 @@ class Node:
                 ack.auth, b"emtransfer-server", challenge.nonce, ours, _transcript(ack)
             )
             self._check_hello(ack, expected_role=server_role)
-            tid = await self._reach_transport(ack)
+            tid = await self._reach_transport(
+                ack, self._proof(b"emtransfer-data", challenge.nonce, ours)
+            )
         except BaseException:
             channel.close()
             raise
@@ -349,11 +352,12 @@ class Node:
         peer.address = address
         return peer
 
-    async def _reach_transport(self, hello: m.Hello | m.HelloAck) -> str:
-        """Make the peer's pools reachable; any failure is a refused handshake."""
+    async def _reach_transport(self, hello: m.Hello | m.HelloAck, secret: bytes) -> str:
+        """Make the peer's pools reachable; any failure is a refused handshake. ``secret``
+        (from the authenticated handshake, empty without a token) is the data plane's to prove."""
         tid = f"{hello.node_id}#{next(_peer_serial)}"
         try:
-            await self.transport.add_peer(tid, hello.transport_meta)
+            await self.transport.add_peer(tid, hello.transport_meta, secret=secret)
         except TransferError:
             raise
         except Exception as exc:

@@ -145,8 +145,10 @@ class Transport(ABC):
         the writes that come from us (without); travels in the Hello handshake."""
         return b""
 
-    async def add_peer(self, peer_id: str, metadata: bytes) -> None:
-        """Make the peer's pools reachable, from its :meth:`metadata`."""
+    async def add_peer(self, peer_id: str, metadata: bytes, *, secret: bytes = b"") -> None:
+        """Make the peer's pools reachable, from its :meth:`metadata`. ``secret``: a key both
+        nodes derived from their authenticated handshake (empty without ``auth_token``); an
+        engine whose connections can prove it does (tcp), so no key it sends is a credential."""
 
     @abstractmethod
     async def write(

@@ -37,7 +37,7 @@ class LocalTransport(Transport):
     def metadata(self) -> bytes:
         return self.node_key.encode()
 
-    async def add_peer(self, peer_id: str, metadata: bytes) -> None:
+    async def add_peer(self, peer_id: str, metadata: bytes, *, secret: bytes = b"") -> None:
         peer = _nodes.get(metadata.decode())
         if peer is None:
             raise TransportError(f"local transport: no node {metadata!r} in this process")

@@ -177,7 +177,7 @@ class NixlTransport(Transport):
             await asyncio.get_running_loop().run_in_executor(self._pool, _dispose, holder, reg)
         self._pool.shutdown(wait=False)
 
-    async def add_peer(self, peer_id: str, metadata: bytes) -> None:
+    async def add_peer(self, peer_id: str, metadata: bytes, *, secret: bytes = b"") -> None:
         agent = self._require()
         try:
             meta = msgspec.msgpack.decode(metadata, type=_Meta)

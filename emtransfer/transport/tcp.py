@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 HEADER = struct.Struct("!4sHHQQ")  # magic, tag length, field index, dst_offset, nbytes
 HELLO = struct.Struct("!4sB16s16s")  # magic, version, sender key, receiver key
 FRAME_MAGIC, HELLO_MAGIC, ACK, VERSION = b"EMTF", b"EMTH", b"\x06", 1
+CHALLENGE = b"\x07"  # then 16 random bytes: prove the handshake's secret before any frame
+PROOF_LABEL = b"emtransfer-tcp-data"
 MAX_TAG = MAX_TAG_BYTES  # bytes of one tag
 MAX_FRAME = 1 << 30  # payload bytes of one frame; longer descriptors are split
 SMALL = 64 << 10  # shorter payloads are copied next to their header: fewer syscalls
@@ -39,6 +41,12 @@ MAX_TAGS = 4096  # per peer: beyond this, the oldest tag nobody awaits is forgot
 _SCRATCH = memoryview(bytearray(1 << 16))  # sink for bytes read after a drop
 _log = structlog.get_logger("emtransfer")
 Piece = bytes | bytearray | memoryview
+
+
+def data_proof(secret: bytes, nonce: bytes, sender_key: bytes, receiver_key: bytes) -> bytes:
+    """What a data connection sends to answer the receiver's challenge: an HMAC under the
+    secret both nodes derived from their authenticated handshake (it never travels)."""
+    return hmac.new(secret, PROOF_LABEL + nonce + sender_key + receiver_key, "sha256").digest()
 
 
 class FrameHeader(NamedTuple):
@@ -95,6 +103,8 @@ class _Peer:
     tags: dict[bytes, _Tag] = field(default_factory=dict)
     #: tags whose bytes must not reach the pool any more (bounded, oldest forgotten first)
     discarded: dict[bytes, None] = field(default_factory=dict)
+    #: from the authenticated handshake: data connections prove it (empty: no auth)
+    secret: bytes = b""
 
     def tag(self, conn: object, tag: bytes) -> _Tag:
         if (st := self.tags.get(tag)) is None:
@@ -134,6 +144,7 @@ class _RecvConn(asyncio.BufferedProtocol):
         self.peer: _Peer | None = None
         self.tr: asyncio.Transport  # set by connection_made
         self.state, self.got, self.dead, self.paused = "hello", 0, False, False
+        self.proven, self.candidate, self.nonce = False, cast("_Peer | None", None), b""
         self.target = memoryview(bytearray(HELLO.size))  # what the next bytes fill
         self.hdr, self.tagbuf = memoryview(bytearray(HEADER.size)), memoryview(bytearray(MAX_TAG))
         self.frame, self.cur = FrameHeader(0, 0, 0, 0), _Tag()
@@ -170,6 +181,8 @@ class _RecvConn(asyncio.BufferedProtocol):
     def _advance(self) -> None:
         if self.state == "hello":
             return self.owner._hello(self, bytes(self.target))
+        if self.state == "proof":
+            return self.check_proof(bytes(self.target))
         if self.peer is None:
             raise TransportError("frame before the hello was accepted")
         if self.state == "payload":  # a frame is complete
@@ -208,13 +221,28 @@ class _RecvConn(asyncio.BufferedProtocol):
                 self.state, self.target = "header", self.hdr
 
     def accept(self, peer: _Peer) -> None:
-        self.timer.cancel()
-        self.peer, self.state, self.target = peer, "header", self.hdr
-        peer.recv.add(self)
-        self.tr.write(ACK)
+        """The hello names ``peer``; with a handshake secret it must prove it first."""
+        if peer.secret and not self.proven:
+            self.candidate, self.nonce = peer, secrets.token_bytes(16)
+            self.state, self.target = "proof", memoryview(bytearray(32))
+            self.tr.write(CHALLENGE + self.nonce)
+        else:
+            self.timer.cancel()
+            self.peer, self.state, self.target = peer, "header", self.hdr
+            peer.recv.add(self)
+            self.tr.write(ACK)
         if self.paused:
             self.paused = False
             self.tr.resume_reading()
+
+    def check_proof(self, proof: bytes) -> None:
+        peer = self.candidate
+        assert peer is not None
+        want = data_proof(peer.secret, self.nonce, self.key, self.owner.key)
+        if not hmac.compare_digest(proof, want):
+            raise TransportError("data connection failed to prove the handshake's secret")
+        self.proven = True
+        self.accept(peer)
 
     def drop(self, why: str, *, warn: bool = True) -> None:
         """Close now; from here on no byte of this connection reaches the pool."""
@@ -291,7 +319,7 @@ class TcpTransport(Transport):
         pools = list(zip(self.fields, self.pool_sizes, strict=True)) if self.inbound else []
         return msgspec.msgpack.encode(_Meta(VERSION, *self._address, self.key, pools))
 
-    async def add_peer(self, peer_id: str, metadata: bytes) -> None:
+    async def add_peer(self, peer_id: str, metadata: bytes, *, secret: bytes = b"") -> None:
         try:
             meta = msgspec.msgpack.decode(metadata, type=_Meta)
         except msgspec.MsgspecError as exc:
@@ -302,7 +330,8 @@ class TcpTransport(Transport):
         if pools and pools.keys() != set(self.fields):  # none: a node never written to
             raise TransportError(f"tcp transport: {peer_id!r} has fields {list(pools)}")
         await self.remove_peer(peer_id)
-        peer = self._peers[peer_id] = self._by_key[meta.key] = _Peer(peer_id, meta, pools)
+        peer = _Peer(peer_id, meta, pools, secret=secret)
+        self._peers[peer_id] = self._by_key[meta.key] = peer
         for conn in [c for c in self._conns if c.paused and c.key == meta.key]:
             conn.accept(peer)
 
@@ -382,7 +411,14 @@ class TcpTransport(Transport):
                 # limit 0: drain() returns once every byte is in the kernel, not below "low"
                 writer.transport.set_write_buffer_limits(high=0)
                 writer.write(HELLO.pack(HELLO_MAGIC, VERSION, self.key, peer.meta.key))
-                if await reader.read(1) == ACK:
+                answer = await reader.read(1)
+                if answer == CHALLENGE and peer.secret:  # prove the handshake's secret
+                    nonce = await reader.read(16)
+                    if len(nonce) != 16:
+                        raise ConnectionRefusedError("the peer's challenge was cut short")
+                    writer.write(data_proof(peer.secret, nonce, self.key, peer.meta.key))
+                    answer = await reader.read(1)
+                if answer == ACK:
                     return reader, writer
                 raise ConnectionRefusedError("the peer refused our hello")
         except BaseException as exc:

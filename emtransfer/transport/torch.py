@@ -153,7 +153,7 @@ class TorchTransport(Transport):
             }
         ).encode()
 
-    async def add_peer(self, peer_id: str, metadata: bytes) -> None:
+    async def add_peer(self, peer_id: str, metadata: bytes, *, secret: bytes = b"") -> None:
         try:
             meta = json.loads(metadata)
             rank, world, tag = (int(meta[k]) for k in ("rank", "world", "tag"))
