@@ -157,10 +157,18 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
             by_cid.pop(cid, None)
 
     async def handle(cmd: str, *args: Any) -> Any:
-        if cmd == "send":
-            rid, n, seed, meta = args
-            st = await node.send(rid, payload(seed, n, hidden), meta=meta)
+        if cmd == "send":  # (rid, n, seed, meta[, peer]): peer names who may claim it
+            rid, n, seed, meta, *owner = args
+            st = await node.send(
+                rid, payload(seed, n, hidden), meta=meta, peer=owner[0] if owner else None
+            )
             return {"rounds": st.rounds, "writes": st.writes}
+        if cmd == "node_id":
+            return node.node_id
+        if cmd == "stats":  # this process's RSS (MiB) and open files
+            with open("/proc/self/status") as f:
+                rss = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
+            return {"rss_mib": rss, "open_files": len(os.listdir("/proc/self/fd"))}
         if cmd == "receive":
             rid, address, expected, seed, n = args
             got = await node.receive(rid, address, expected_tokens=expected)
