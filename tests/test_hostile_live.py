@@ -123,7 +123,7 @@ async def raw_attacks(host: str, port: int) -> dict[str, int]:
                 fingerprint={},
                 num_blocks=1,
                 transport="tcp",
-            )  # fmt: skip
+            )
         ),
     }
     for name, data in junk.items():
