@@ -175,6 +175,11 @@ class Settings(BaseSettings):
     """Shared secret both sides prove in the handshake (HMAC over the whole transcript); unset
     means no authentication. An empty or blank token is refused, not taken as a key."""
     verify_digest: bool = False
+    tcp_data_port: int = Field(0, ge=0, le=65535)
+    """Port of the tcp transport's data listener; 0 picks a free one."""
+    tcp_advertise: str | None = None
+    """host:port peers use to reach this node's tcp data port, when that is not the bound
+    address (behind NAT, a port mapping or a proxy)."""
     tls_cert: Path | None = None
     """PEM certificate (chain) this node presents on the control connection: the encode node's
     server certificate, or the language node's client certificate for mutual TLS."""
@@ -244,6 +249,10 @@ class Settings(BaseSettings):
             raise ValueError(f"default_blocks={d} must be <= num_blocks={n}")
         if (t := self.heartbeat_timeout) <= (i := self.heartbeat_interval):
             raise ValueError(f"heartbeat_timeout={t} must be > heartbeat_interval={i}")
+        if self.tcp_advertise is not None:
+            host, sep, port = self.tcp_advertise.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"tcp_advertise={self.tcp_advertise!r} must be host:port")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
         for name in ("tls_cert", "tls_key", "tls_ca"):

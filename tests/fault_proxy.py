@@ -25,6 +25,7 @@ class FaultProxy:
         self.listen = listen
         self.delay_s = 0.0
         self.rate_bps = 0.0  # 0: no cap
+        self.bytes_forwarded = 0
         self._loop = asyncio.new_event_loop()
         entered = threading.Event()
         failure: list[BaseException] = []
@@ -83,6 +84,7 @@ class FaultProxy:
                 if self.rate_bps:
                     await asyncio.sleep(len(data) / self.rate_bps)  # the bandwidth cap
                 writer.write(data)
+                self.bytes_forwarded += len(data)
                 await writer.drain()
         except (ConnectionError, OSError):
             pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -43,6 +44,8 @@ DEFAULTS = {
     "max_held_mib": 4096.0,
     "auth_token": None,
     "verify_digest": False,
+    "tcp_data_port": 0,
+    "tcp_advertise": None,
     "tls_cert": None,
     "tls_key": None,
     "tls_ca": None,
@@ -324,3 +327,29 @@ def test_frozen() -> None:
     with pytest.raises(ValidationError):
         spec.dtype = "int32"  # type: ignore[misc]
     assert s.block_size == 128
+
+
+@pytest.mark.parametrize("value", ["nohost", "h:", ":80", "h:0", "h:99999", "h:x"])
+def test_tcp_advertise_must_be_host_port(value: str) -> None:
+    with pytest.raises(ConfigError, match="tcp_advertise"):
+        Settings(tcp_advertise=value)
+
+
+def test_tcp_advertise_reaches_the_transport_metadata() -> None:
+    import msgspec
+
+    from emtransfer.buffers import BufferRegistry
+    from emtransfer.transport.tcp import TcpTransport, _Meta
+
+    s = Settings(transport="tcp", hidden_size=8, num_blocks=8, tcp_advertise="[::1]:7001")
+    t = TcpTransport.from_settings(s, BufferRegistry.from_settings(s))
+
+    async def meta() -> bytes:
+        await t.start()
+        try:
+            return t.metadata()
+        finally:
+            await t.close()
+
+    m = msgspec.msgpack.decode(asyncio.run(meta()), type=_Meta)
+    assert (m.host, m.port) == ("::1", 7001)

@@ -40,6 +40,8 @@ _HELP = {
     "max_inflight_per_peer": "requests in flight per peer pair",
     "auth_token": "shared secret for the handshake (prefer EMTRANSFER_AUTH_TOKEN: a flag shows in ps)",
     "verify_digest": "check a digest of every payload on arrival (slower)",
+    "tcp_data_port": "port of the tcp transport's data listener (0 picks a free one)",
+    "tcp_advertise": "HOST:PORT peers use to reach the tcp data port (behind NAT or a proxy)",
     "tls_cert": "PEM certificate of this node on the control connection (encode: the server's; "
     "language: the client's, for mutual TLS)",
     "tls_key": "PEM private key of --tls-cert",

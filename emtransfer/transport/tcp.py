@@ -290,18 +290,25 @@ class TcpTransport(Transport):
         self.pool_sizes = [v.nbytes for v in self.views]
         self._server: asyncio.Server | None = None
         self._address = (host, port)
+        #: (host, port) peers are told to connect to, when not the bound address
+        self.advertise: tuple[str, int] | None = None
         self._peers: dict[str, _Peer] = {}
         self._by_key: dict[bytes, _Peer] = {}
         self._conns: set[_RecvConn] = set()
 
     @classmethod
     def from_settings(cls, settings: Settings, registry: BufferRegistry) -> TcpTransport:
-        return cls(
+        t = cls(
             registry,
             host=settings.host,
+            port=settings.tcp_data_port,
             timeout=settings.bootstrap_timeout,
             post_bound=settings.write_timeout,
         )
+        if settings.tcp_advertise is not None:
+            host, _, port = settings.tcp_advertise.rpartition(":")
+            t.advertise = (host.strip("[]"), int(port))
+        return t
 
     async def start(self) -> None:
         if self._server is None:
@@ -312,6 +319,8 @@ class TcpTransport(Transport):
             host, self.port = self._server.sockets[0].getsockname()[:2]
             wildcard = self.host in ("", "0.0.0.0", "::")
             self._address = (socket.gethostname() if wildcard else host, self.port)
+            if self.advertise is not None:  # peers reach us there (NAT, a proxy)
+                self._address = self.advertise
 
     def metadata(self) -> bytes:
         if self._server is None:
