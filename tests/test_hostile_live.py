@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 import pytest
-from runtime_harness import NodeProc
+from runtime_harness import BASE_SETTINGS, NodeProc
 
 import emtransfer as et
 from emtransfer.buffers import WriteOp
@@ -32,13 +32,10 @@ T = {
     "bootstrap_timeout": 3.0,  # silent and slow handshakes end this soon
     "init_timeout": 120.0,  # the payloads held for the legitimate client outlive the attacks
 }
-ATTACKER = {  # the attacker's own node: the encode node's layout, so its handshake passes
-    "hidden_size": 256,
-    "dtype": "bfloat16",
-    "block_size": 128,
-    "default_blocks": 8,
-    "num_blocks": 64,
-    "fields": {"mrope_positions": {"shape": [3], "dtype": "int64"}},
+#: the attacker's own node: the encode node's layout, so its handshake passes
+ATTACKER = {
+    **{k: BASE_SETTINGS[k] for k in ("hidden_size", "dtype", "block_size", "default_blocks")},
+    **{k: BASE_SETTINGS[k] for k in ("num_blocks", "fields")},
     "transport": "tcp",
 }
 
@@ -146,11 +143,17 @@ async def peer_attacks(address: str) -> dict[str, int]:
     async with et.LanguageNode(et.Settings(**ATTACKER)) as evil:
         peer = await evil.connect(address)
         refused: list[str] = []
+        all_refused = asyncio.Event()
         original = evil._on_message
+        # every attack message below draws one Abort: 8 foreign Inits, 40 pulls, 100 jobs and
+        # 10 Resumes
+        expected = 8 + 40 - T["max_waiting_inits_per_peer"] + 100 + 10
 
         def watch(p: Any, msg: Any) -> None:
             if isinstance(msg, m.Abort | m.Error):
                 refused.append(msg.reason)
+                if len(refused) >= expected:
+                    all_refused.set()
             original(p, msg)
 
         evil._on_message = watch  # type: ignore[method-assign]
@@ -171,10 +174,7 @@ async def peer_attacks(address: str) -> dict[str, int]:
             counts["write_landed"] = 1
         except et.TransferError:
             counts["write_refused"] = 1
-        for _ in range(200):
-            await asyncio.sleep(0.02)  # let the refusals arrive (bounded by the loop count)
-            if len(refused) >= 100:
-                break
+        await asyncio.wait_for(all_refused.wait(), 30)
         counts["refusals"] = len(refused)
         counts["held_for_another"] = sum("for another peer" in r for r in refused)
         counts["pulls_refused"] = sum("max_waiting_inits_per_peer" in r for r in refused)

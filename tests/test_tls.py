@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_runtime import assert_same_payload, make_payload, make_settings, wait_pools_clean
+from helpers_runtime import (
+    assert_same_payload,
+    make_payload,
+    make_settings,
+    wait_pools_clean,
+    wait_until,
+)
 
 import emtransfer as et
 
@@ -147,12 +153,7 @@ async def test_a_failed_tls_handshake_is_a_typed_error(
         with pytest.raises((et.ConfigError, et.PeerLost, et.ProtocolError), match=match):
             await asyncio.wait_for(node.connect(e.address), 10)
         assert not node.peers
-        await asyncio.wait_for(_until(lambda: not e.peers), 5)
-
-
-async def _until(cond: Any) -> None:
-    while not cond():
-        await asyncio.sleep(0.01)  # bounded by the caller's wait_for
+        await wait_until(lambda: not e.peers, what="the refused peer to be gone")
 
 
 @pytest.mark.parametrize(

@@ -20,11 +20,9 @@ def server_context(settings: Settings) -> ssl.SSLContext | None:
         if settings.tls_ca is not None:
             raise ConfigError("tls_ca on the encode node needs tls_cert and tls_key to serve TLS")
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_chain(ctx, settings)
-    if settings.tls_ca is not None:
-        _load_ca(ctx, settings)
+    mutual = settings.tls_ca is not None
+    ctx = _context(ssl.Purpose.CLIENT_AUTH, settings, chain=True, ca=mutual)
+    if mutual:
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
@@ -35,23 +33,22 @@ def client_context(settings: Settings) -> ssl.SSLContext | None:
         if settings.tls_cert is not None:
             raise ConfigError("tls_cert on the language node needs tls_ca to verify the server")
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    return _context(ssl.Purpose.SERVER_AUTH, settings, chain=settings.tls_cert is not None, ca=True)
+
+
+def _context(purpose: ssl.Purpose, settings: Settings, *, chain: bool, ca: bool) -> ssl.SSLContext:
+    """TLS 1.2 at least, with this node's certificate (``chain``) and the CA (``ca``) loaded;
+    a file that is not what it should be is a ConfigError naming the setting."""
+    ctx = ssl.create_default_context(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_ca(ctx, settings)
-    if settings.tls_cert is not None:
-        _load_chain(ctx, settings)
-    return ctx
-
-
-def _load_chain(ctx: ssl.SSLContext, settings: Settings) -> None:
     try:
-        ctx.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+        if chain:
+            ctx.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"invalid setting tls_cert/tls_key: {exc}") from None
-
-
-def _load_ca(ctx: ssl.SSLContext, settings: Settings) -> None:
     try:
-        ctx.load_verify_locations(cafile=str(settings.tls_ca))
+        if ca:
+            ctx.load_verify_locations(cafile=str(settings.tls_ca))
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"invalid setting tls_ca={str(settings.tls_ca)!r}: {exc}") from None
+    return ctx

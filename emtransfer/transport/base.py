@@ -67,9 +67,6 @@ class Grants:
         for key in [k for k in self._by_key if k[0] == peer_id]:
             del self._by_key[key]
 
-    def clear(self) -> None:
-        self._by_key.clear()
-
     def __len__(self) -> int:
         return len(self._by_key)
 

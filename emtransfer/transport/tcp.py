@@ -144,7 +144,8 @@ class _RecvConn(asyncio.BufferedProtocol):
         self.peer: _Peer | None = None
         self.tr: asyncio.Transport  # set by connection_made
         self.state, self.got, self.dead, self.paused = "hello", 0, False, False
-        self.proven, self.candidate, self.nonce = False, cast("_Peer | None", None), b""
+        self.proven, self.nonce = False, b""
+        self.candidate: _Peer | None = None  # named by the hello, not yet proven
         self.target = memoryview(bytearray(HELLO.size))  # what the next bytes fill
         self.hdr, self.tagbuf = memoryview(bytearray(HEADER.size)), memoryview(bytearray(MAX_TAG))
         self.frame, self.cur = FrameHeader(0, 0, 0, 0), _Tag()
