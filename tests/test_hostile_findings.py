@@ -252,28 +252,35 @@ async def test_pulls_for_rids_nobody_holds_are_bounded_per_peer() -> None:
 
 
 async def test_tcp_data_connections_prove_the_handshake_secret() -> None:
-    """Finding 1: TCP data keys travel in clear (the data hello carries both) and were the
-    whole credential: with them, anybody could open a data connection as the encode node.
-    With a token, a data connection must answer a challenge with a proof under a secret both
-    nodes derived from their authenticated handshake, which never travels."""
+    """Finding 1: TCP data keys travel in clear (the control Hello's metadata and the data
+    hello carry both) and were the whole credential: with them, anybody could open a data
+    connection as the encode node. With a token, no key exists: the metadata carries none,
+    the data hello names ids derived from the handshake's secret, and a connection must answer
+    a fresh challenge under that secret, so even a hello and a proof sniffed off the wire are
+    worth nothing."""
+    import msgspec
     from test_transport_tcp import HELLO, HELLO_MAGIC, VERSION
 
-    from emtransfer.transport.tcp import ACK, CHALLENGE
+    from emtransfer.transport.tcp import ACK, CHALLENGE, _Meta
 
     s = make_settings(transport="tcp", auth_token="data-secret-test-7b2e", bootstrap_timeout=1.5)
     async with et.EncodeNode(s, control="tcp") as enc, et.LanguageNode(s) as lang:
+        for node in (enc, lang):  # what the control Hello publishes: no key
+            assert msgspec.msgpack.decode(node.transport.metadata(), type=_Meta).key == b""
         peer = await lang.connect(enc.address)
         pay = make_payload(150, seed=4)  # the legitimate path proves it and goes through
         send = asyncio.create_task(enc.send("r", pay))
         assert_same_payload((await lang.receive("r", peer)).tensors, pay)
         await send
-        for proof in (b"\x00" * 32, None):  # a wrong proof, and none at all
+        (sniffed,) = [p.ids_out for p in enc.transport._peers.values()]  # as seen on the wire
+        for receiver, proof in ((sniffed[1], b"\x00" * 32), (sniffed[1], None), (bytes(16), b"")):
             r, w = await asyncio.open_connection("127.0.0.1", lang.transport.port)
-            w.write(HELLO.pack(HELLO_MAGIC, VERSION, enc.transport.key, lang.transport.key))
-            assert await r.readexactly(1) == CHALLENGE  # the stolen keys are not enough
-            await r.readexactly(16)
-            if proof is not None:
-                w.write(proof)
+            w.write(HELLO.pack(HELLO_MAGIC, VERSION, sniffed[0], receiver))
+            if receiver == sniffed[1]:
+                assert await r.readexactly(1) == CHALLENGE  # the sniffed ids are not enough
+                await r.readexactly(16)  # a fresh nonce: an old proof answers another one
+                if proof is not None:
+                    w.write(proof)
             try:
                 got = await asyncio.wait_for(r.read(1), s.bootstrap_timeout + 5)
             except ConnectionError:

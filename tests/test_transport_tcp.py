@@ -317,7 +317,7 @@ async def test_discard_mid_frame_sinks_the_rest_and_keeps_the_connection(
     a, b, c = nodes
     r, w = await raw(b, c.t.key)
     assert await r.readexactly(1) == ACK
-    (conn,) = [x for x in b.t._conns if x.key == c.t.key]
+    (conn,) = [x for x in b.t._conns if x.ids[0] == c.t.key]
     size, half, dst = 1 << 20, 1 << 19, 8192
     half_in = asyncio.Event()
     read = conn.buffer_updated
@@ -431,3 +431,35 @@ def test_receiver_survives_any_byte_stream(chunks: list[bytes], step: int) -> No
 def test_header_layout_is_stable() -> None:
     assert HEADER.size == 24 and HELLO.size == 37
     assert struct.calcsize("!4sHHQQ") == HEADER.size
+
+
+async def test_an_authenticated_transport_publishes_no_key_and_derives_its_ids() -> None:
+    """With a token (``authenticated``) there is no key to leak: the metadata carries none, the
+    two directions use different ids derived from the handshake's secret, a peer added without
+    that secret is refused, and a write goes through the derived ids."""
+    import msgspec
+
+    from emtransfer.transport.tcp import _Meta
+
+    a, b = await node(authenticated=True), await node(authenticated=True, timeout=0.5)
+    try:
+        assert msgspec.msgpack.decode(a.t.metadata(), type=_Meta).key == b""
+        with pytest.raises(TransportError, match="needs the handshake's secret"):
+            await b.t.add_peer("a", a.t.metadata())
+        await a.t.add_peer("b", b.t.metadata(), secret=b"s" * 32)
+        await b.t.add_peer("a", a.t.metadata(), secret=b"s" * 32)
+        out, back = a.t._peers["b"].ids_out, b.t._peers["a"].ids_out
+        assert out == b.t._peers["a"].ids_in and out != back and b"" not in out
+        a.fill(3)
+        op = WriteOp(EMB, 0, 0, 4096)
+        await a.t.write("b", [op], tag="t")
+        await b.t.wait_landed("a", "t", 4096)
+        assert bytes(b.t.views[0][:4096]) == bytes(a.t.views[0][:4096])
+        await b.t.add_peer("a", a.t.metadata(), secret=b"x" * 32)  # another handshake's secret
+        r, w = await asyncio.open_connection("127.0.0.1", b.t.port)
+        w.write(HELLO.pack(HELLO_MAGIC, VERSION, *out))  # the old ids match no peer now
+        assert await closed_without_ack(r)
+        w.close()
+    finally:
+        await a.t.close()
+        await b.t.close()

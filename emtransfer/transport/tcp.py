@@ -1,7 +1,9 @@
 """TCP data plane over asyncio sockets: the fallback when NIXL is missing.
 
 Every node listens. A sender opens one data connection per peer, starts it with a hello naming
-both transport keys, then sends frames ``header | tag | payload``. The receiver checks each
+both ends, then sends frames ``header | tag | payload``. Without auth the hello names the two
+transports' random keys; with a token it names ids derived from the handshake's secret (no key
+exists or travels) and proves that secret in a challenge-response before the first frame. The receiver checks each
 header against its own pools and reads the payload straight into the destination pool slice;
 any violation drops the connection. Details and guarantees: docs/transports-tcp.md.
 """
@@ -29,10 +31,11 @@ if TYPE_CHECKING:
     from ..settings import Settings
 
 HEADER = struct.Struct("!4sHHQQ")  # magic, tag length, field index, dst_offset, nbytes
-HELLO = struct.Struct("!4sB16s16s")  # magic, version, sender key, receiver key
+HELLO = struct.Struct("!4sB16s16s")  # magic, version, sender id, receiver id
 FRAME_MAGIC, HELLO_MAGIC, ACK, VERSION = b"EMTF", b"EMTH", b"\x06", 1
 CHALLENGE = b"\x07"  # then 16 random bytes: prove the handshake's secret before any frame
 PROOF_LABEL = b"emtransfer-tcp-data"
+ID_LABEL = b"emtransfer-tcp-id"
 MAX_TAG = MAX_TAG_BYTES  # bytes of one tag
 MAX_FRAME = 1 << 30  # payload bytes of one frame; longer descriptors are split
 SMALL = 64 << 10  # shorter payloads are copied next to their header: fewer syscalls
@@ -47,6 +50,16 @@ def data_proof(secret: bytes, nonce: bytes, sender_key: bytes, receiver_key: byt
     """What a data connection sends to answer the receiver's challenge: an HMAC under the
     secret both nodes derived from their authenticated handshake (it never travels)."""
     return hmac.new(secret, PROOF_LABEL + nonce + sender_key + receiver_key, "sha256").digest()
+
+
+def derived_ids(secret: bytes, sender_meta: bytes, receiver_meta: bytes) -> bytes:
+    """The hello's two ids (sender's, receiver's) for a data connection from the transport
+    whose metadata is ``sender_meta`` to ``receiver_meta``'s, under the handshake's secret:
+    only the two authenticated peers can compute them, and they differ per direction."""
+    mac = hmac.new(secret, ID_LABEL, "sha256")
+    for part in (sender_meta, receiver_meta):
+        mac.update(len(part).to_bytes(8, "big") + part)
+    return mac.digest()
 
 
 class FrameHeader(NamedTuple):
@@ -79,7 +92,7 @@ class _Meta(msgspec.Struct, array_like=True):
     version: int
     host: str
     port: int
-    key: bytes
+    key: bytes  # empty when the transport is authenticated: ids derive from the secret
     pools: list[tuple[str, int]]  # (field, bytes) in the receiver's field-index order
 
 
@@ -105,6 +118,9 @@ class _Peer:
     discarded: dict[bytes, None] = field(default_factory=dict)
     #: from the authenticated handshake: data connections prove it (empty: no auth)
     secret: bytes = b""
+    #: the hello's (sender id, receiver id) on its connections to us, and on ours to it
+    ids_in: tuple[bytes, bytes] = (b"", b"")
+    ids_out: tuple[bytes, bytes] = (b"", b"")
 
     def tag(self, conn: object, tag: bytes) -> _Tag:
         if (st := self.tags.get(tag)) is None:
@@ -140,7 +156,7 @@ class _RecvConn(asyncio.BufferedProtocol):
     into the destination pool slice itself (no intermediate buffer)."""
 
     def __init__(self, owner: TcpTransport) -> None:
-        self.owner, self.key = owner, b""
+        self.owner, self.ids = owner, (b"", b"")  # the hello's (sender id, receiver id)
         self.peer: _Peer | None = None
         self.tr: asyncio.Transport  # set by connection_made
         self.state, self.got, self.dead, self.paused = "hello", 0, False, False
@@ -239,7 +255,7 @@ class _RecvConn(asyncio.BufferedProtocol):
     def check_proof(self, proof: bytes) -> None:
         peer = self.candidate
         assert peer is not None
-        want = data_proof(peer.secret, self.nonce, self.key, self.owner.key)
+        want = data_proof(peer.secret, self.nonce, *self.ids)
         if not hmac.compare_digest(proof, want):
             raise TransportError("data connection failed to prove the handshake's secret")
         self.proven = True
@@ -269,7 +285,9 @@ class _RecvConn(asyncio.BufferedProtocol):
 class TcpTransport(Transport):
     """asyncio TCP data plane; runs on whichever loop is running (uvloop when installed).
     ``timeout`` bounds connecting, and how long a connection may wait for its hello to be
-    accepted (both nodes add each other; the receiver's add_peer may come second)."""
+    accepted (both nodes add each other; the receiver's add_peer may come second).
+    ``authenticated``: peers come with a handshake secret (``auth_token`` set), so the
+    transport has no key to publish: its metadata carries none, and hellos name derived ids."""
 
     name = "tcp"
     #: write() returns once the bytes are in the kernel, not in the peer's pool; but the
@@ -280,12 +298,12 @@ class TcpTransport(Transport):
 
     def __init__(self, registry: BufferRegistry, *, host: str = "127.0.0.1", port: int = 0,
                  timeout: float = 10.0, sock_buf: int = SOCK_BUF,
-                 post_bound: float = 10.0) -> None:  # fmt: skip
+                 post_bound: float = 10.0, authenticated: bool = False) -> None:  # fmt: skip
         super().__init__(registry, post_bound=post_bound)
         if (dev := str(registry.device)) != "cpu":
             raise ConfigError(f"invalid setting device={dev!r}: the tcp transport needs CPU pools")
         self.host, self.port, self.hello_timeout, self.sock_buf = host, port, timeout, sock_buf
-        self.key = secrets.token_bytes(16)
+        self.key = b"" if authenticated else secrets.token_bytes(16)
         self.fields = list(registry.layouts)
         self.views = [registry.byte_view(f).numpy().data for f in self.fields]
         self.pool_sizes = [v.nbytes for v in self.views]
@@ -294,7 +312,7 @@ class TcpTransport(Transport):
         #: (host, port) peers are told to connect to, when not the bound address
         self.advertise: tuple[str, int] | None = None
         self._peers: dict[str, _Peer] = {}
-        self._by_key: dict[bytes, _Peer] = {}
+        self._by_id: dict[bytes, _Peer] = {}  # by the sender id its hellos carry
         self._conns: set[_RecvConn] = set()
 
     @classmethod
@@ -305,6 +323,7 @@ class TcpTransport(Transport):
             port=settings.tcp_data_port,
             timeout=settings.bootstrap_timeout,
             post_bound=settings.write_timeout,
+            authenticated=settings.auth_token is not None,
         )
         if settings.tcp_advertise is not None:
             host, _, port = settings.tcp_advertise.rpartition(":")
@@ -334,40 +353,55 @@ class TcpTransport(Transport):
             meta = msgspec.msgpack.decode(metadata, type=_Meta)
         except msgspec.MsgspecError as exc:
             raise TransportError(f"tcp transport: bad metadata for {peer_id!r}: {exc}") from None
-        if meta.version != VERSION or len(meta.key) != 16:
+        if meta.version != VERSION or len(meta.key) not in (0, 16):
             raise TransportError(f"tcp transport: {peer_id!r} speaks version {meta.version}")
+        if secret:  # nothing secret travelled: both ends derive the ids
+            mine = self.metadata()
+            d_in, d_out = derived_ids(secret, metadata, mine), derived_ids(secret, mine, metadata)
+            ids_in, ids_out = (d_in[:16], d_in[16:]), (d_out[:16], d_out[16:])
+        elif self.key and meta.key:
+            ids_in, ids_out = (meta.key, self.key), (self.key, meta.key)
+        else:
+            raise TransportError(
+                f"tcp transport: {peer_id!r} needs the handshake's secret (auth_token set on "
+                "one side only?)"
+            )
         pools = {name: (i, n) for i, (name, n) in enumerate(meta.pools)}
         if pools and pools.keys() != set(self.fields):  # none: a node never written to
             raise TransportError(f"tcp transport: {peer_id!r} has fields {list(pools)}")
         await self.remove_peer(peer_id)
-        peer = _Peer(peer_id, meta, pools, secret=secret)
-        self._peers[peer_id] = self._by_key[meta.key] = peer
-        for conn in [c for c in self._conns if c.paused and c.key == meta.key]:
-            conn.accept(peer)
+        peer = _Peer(peer_id, meta, pools, secret=secret, ids_in=ids_in, ids_out=ids_out)
+        self._peers[peer_id] = self._by_id[ids_in[0]] = peer
+        for conn in [c for c in self._conns if c.paused and c.ids[0] == ids_in[0]]:
+            self._match(conn, peer)
 
     def _hello(self, conn: _RecvConn, data: bytes) -> None:
         magic, version, sender, receiver = HELLO.unpack(data)
         if not self.inbound:
             raise TransportError("this node accepts no writes")
-        if (
-            magic != HELLO_MAGIC
-            or version != VERSION
-            or not hmac.compare_digest(receiver, self.key)
-        ):
-            raise TransportError("bad hello (magic, version or receiver key)")
-        conn.key, conn.state, conn.target = sender, "header", conn.hdr
-        if (peer := self._peer_by_key(sender)) is not None:
-            conn.accept(peer)
+        if magic != HELLO_MAGIC or version != VERSION:
+            raise TransportError("bad hello (magic or version)")
+        if self.key and not hmac.compare_digest(receiver, self.key):
+            raise TransportError("bad hello (receiver key)")
+        conn.ids, conn.state, conn.target = (sender, receiver), "header", conn.hdr
+        if (peer := self._peer_by_id(sender)) is not None:
+            self._match(conn, peer)
         else:  # our add_peer for it may still come: wait, unread, until the timer drops it
             conn.paused = True
             conn.tr.pause_reading()
 
-    def _peer_by_key(self, key: bytes) -> _Peer | None:
-        """The peer whose key this is, compared in constant time against every peer's (a key
-        is a credential: a hash lookup would tell a prober how close a guess came)."""
+    def _match(self, conn: _RecvConn, peer: _Peer) -> None:
+        if not hmac.compare_digest(conn.ids[1], peer.ids_in[1]):
+            return conn.drop("bad hello (receiver id)")
+        conn.accept(peer)
+
+    def _peer_by_id(self, sender: bytes) -> _Peer | None:
+        """The peer whose hellos carry this sender id, compared in constant time against every
+        peer's (without auth the id is a key, a credential: a hash lookup would tell a prober
+        how close a guess came)."""
         found = None
-        for candidate_key, peer in self._by_key.items():
-            if hmac.compare_digest(candidate_key, key):
+        for candidate, peer in self._by_id.items():
+            if hmac.compare_digest(candidate, sender):
                 found = peer
         return found
 
@@ -420,13 +454,13 @@ class TcpTransport(Transport):
                 _tune(writer.get_extra_info("socket"), self.sock_buf)
                 # limit 0: drain() returns once every byte is in the kernel, not below "low"
                 writer.transport.set_write_buffer_limits(high=0)
-                writer.write(HELLO.pack(HELLO_MAGIC, VERSION, self.key, peer.meta.key))
+                writer.write(HELLO.pack(HELLO_MAGIC, VERSION, *peer.ids_out))
                 answer = await reader.read(1)
                 if answer == CHALLENGE and peer.secret:  # prove the handshake's secret
                     nonce = await reader.read(16)
                     if len(nonce) != 16:
                         raise ConnectionRefusedError("the peer's challenge was cut short")
-                    writer.write(data_proof(peer.secret, nonce, self.key, peer.meta.key))
+                    writer.write(data_proof(peer.secret, nonce, *peer.ids_out))
                     answer = await reader.read(1)
                 if answer == ACK:
                     return reader, writer
@@ -516,8 +550,8 @@ class TcpTransport(Transport):
         self.grants.drop_peer(peer_id)
         if (peer := self._peers.pop(peer_id, None)) is None:
             return
-        if self._by_key.get(peer.meta.key) is peer:
-            del self._by_key[peer.meta.key]
+        if self._by_id.get(peer.ids_in[0]) is peer:
+            del self._by_id[peer.ids_in[0]]
         if peer.stream is not None:
             peer.stream[1].transport.abort()
         for conn in list(peer.recv):
