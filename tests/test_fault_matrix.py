@@ -16,6 +16,10 @@ the quarantine always ends; a canary request from a second encoder leases the ve
 blocks and stays byte-correct while the stalled node wakes up and its held writes are let go;
 both pools end full. The processes serve all the cases of one transport (a fresh proxy and a
 fresh rid per case), so the matrix costs seconds per case, not a process start.
+
+The matrix runs twice per transport: on one host (loopback; nixl over shared memory), and on
+two hosts (network namespaces joined by a veth pair, the encoders on one, the language node
+and the proxy on the other; nixl with UCX over TCP), where nothing can take a local shortcut.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import netns
 import pytest
 from fault_proxy import FaultProxy
 from runtime_harness import NodeProc, RemoteError, transport_params
@@ -65,21 +70,46 @@ class Nodes:
     enc: NodeProc
     enc2: NodeProc  # the canary's sender, never faulted
     lang: NodeProc
+    hosts: netns.TwoHosts | None = None
+
+    def proxy(self) -> FaultProxy:
+        """A fresh proxy in front of the faulted encoder, on the language node's host."""
+        if self.hosts is None:
+            return FaultProxy(self.enc.address)
+        return FaultProxy(self.enc.address, listen=self.hosts.addr_a, netns=self.hosts.a)
 
 
-@pytest.fixture(scope="module", params=transport_params("tcp", "nixl"))
+def _placements() -> list[object]:
+    out: list[object] = []
+    why_not = netns.unavailable()
+    for p in transport_params("tcp", "nixl"):
+        out.append(pytest.param((p.values[0], False), marks=p.marks, id=p.id))
+        marks = [*p.marks, *([pytest.mark.skip(reason=why_not)] if why_not else [])]
+        out.append(pytest.param((p.values[0], True), marks=marks, id=f"{p.id}-two-hosts"))
+    return out
+
+
+@pytest.fixture(scope="module", params=_placements())
 def nodes(request: pytest.FixtureRequest) -> Iterator[Nodes]:
-    transport = str(request.param)
+    transport, two = request.param
+    hosts = netns.TwoHosts() if two else None
     made: list[NodeProc] = []
     try:
         for role in ("encode", "encode", "language"):
-            made.append(NodeProc(role, transport, **T))
-        yield Nodes(transport, *made)
+            if hosts is None:
+                made.append(NodeProc(role, transport, **T))
+                continue
+            ns, addr = (hosts.b, hosts.addr_b) if role == "encode" else (hosts.a, hosts.addr_a)
+            env = {"UCX_TLS": "tcp"} if transport == "nixl" else {}
+            made.append(NodeProc(role, transport, env=env, netns=ns, host=addr, **T))
+        yield Nodes(transport, *made, hosts=hosts)
     finally:
         for p in made:
             if p.proc.is_alive():
                 p.resume()
             p.kill()
+        if hosts is not None:
+            hosts.close()
 
 
 @dataclass
@@ -207,7 +237,7 @@ def test_fault_in_every_state(nodes: Nodes, scenario: str, fault: str) -> None:
     setup, n, granted = SCENARIOS[scenario]
     enc, enc2, lang = nodes.enc, nodes.enc2, nodes.lang
     case = Case(f"{scenario}-{fault}-{next(_rids)}", n)
-    proxy = FaultProxy(enc.address)
+    proxy = nodes.proxy()
     stopped: NodeProc | None = None
     try:
         lang.call("hold", POOL - FREE)

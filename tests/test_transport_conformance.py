@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import netns
 import pytest
 from transport_harness import BLOCK_SIZE, enforce, run_pair
 
@@ -23,6 +25,31 @@ def available_transports() -> list[Any]:
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+TWO_HOSTS = "two-hosts"
+
+
+def placed_transports() -> list[Any]:
+    """Every transport in one host (loopback), and the network ones (tcp, nixl with UCX over
+    TCP) also between two hosts: network namespaces joined by a veth pair."""
+    params = [pytest.param(p.values[0], "", marks=p.marks, id=p.id) for p in available_transports()]
+    for name in ("tcp", "nixl"):
+        reason = _unavailable(name) or netns.unavailable()
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(name, TWO_HOSTS, marks=marks, id=f"{name}-{TWO_HOSTS}"))
+    return params
+
+
+@pytest.fixture(scope="module")
+def two_hosts() -> Iterator[netns.TwoHosts]:
+    hosts = netns.TwoHosts()
+    yield hosts
+    hosts.close()
+
+
+def _hosts(request: pytest.FixtureRequest, where: str) -> netns.TwoHosts | None:
+    return request.getfixturevalue("two_hosts") if where == TWO_HOSTS else None
 
 
 def _unavailable(name: str) -> str | None:
@@ -255,11 +282,14 @@ async def _check_discard(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", available_transports())
-def test_transport_conformance(name: str) -> None:
+@pytest.mark.parametrize(("name", "where"), placed_transports())
+def test_transport_conformance(request: pytest.FixtureRequest, name: str, where: str) -> None:
     from emtransfer.transport import transport_class
 
-    sender, (checked, fence, remote, removal) = run_pair(name, scenario_writes, timeout=100)
+    hosts = _hosts(request, where)
+    sender, (checked, fence, remote, removal) = run_pair(
+        name, scenario_writes, timeout=100, hosts=hosts
+    )
     assert sender == [], sender
     assert checked == 5 + 16
     g = transport_class(name).GUARANTEES  # every declared guarantee was checked, and held
@@ -314,11 +344,13 @@ async def scenario_authorization(role: str, transport: Any, registry: Any, conn:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", available_transports())
-def test_writes_outside_grants_land_nowhere_where_declared(name: str) -> None:
+@pytest.mark.parametrize(("name", "where"), placed_transports())
+def test_writes_outside_grants_land_nowhere_where_declared(
+    request: pytest.FixtureRequest, name: str, where: str
+) -> None:
     from emtransfer.transport import transport_class
 
-    _, outside = run_pair(name, scenario_authorization, timeout=100)
+    _, outside = run_pair(name, scenario_authorization, timeout=100, hosts=_hosts(request, where))
     if transport_class(name).GUARANTEES.authorizes_writes:
         assert outside == [], f"bytes outside the receiver's grants landed: {outside}"
     else:  # the engine declares it cannot stop them (nixl: one-sided): and indeed they land

@@ -70,9 +70,25 @@ def make_transport(
 
 
 def _child(
-    role: str, name: str, conn: Any, env: dict[str, str], scenario: Callable[..., Any]
+    role: str,
+    name: str,
+    conn: Any,
+    env: dict[str, str],
+    scenario_ref: tuple[str, str],
+    namespace: str | None = None,
 ) -> None:
+    if namespace is not None:  # another "host": before any socket is opened
+        from netns import enter
+
+        enter(namespace)
+    os.environ.update(env)  # before any engine is imported
+    import importlib
+
     import torch
+
+    # imported only now: a test module may probe an engine at import (UCX would then have
+    # listed the devices of the namespace the process was born in)
+    scenario = getattr(importlib.import_module(scenario_ref[0]), scenario_ref[1])
 
     torch.set_num_threads(1)
     try:
@@ -91,9 +107,12 @@ def run_pair(
     scenario: Callable[..., Any],
     *,
     timeout: float = 60.0,
+    hosts: Any = None,
 ) -> list[Any]:
     """Run ``scenario(role, transport, registry, conn)`` in two processes; return what each
-    side sent last on its pipe (``("ok", value)``), raising if either side failed."""
+    side sent last on its pipe (``("ok", value)``), raising if either side failed.
+    ``hosts`` (a ``netns.TwoHosts``): the sender runs in host B, the receiver in host A, each
+    bound to its own address there (UCX limited to TCP: no shared memory between "hosts")."""
     ctx = mp.get_context("spawn")
     port = free_port()
     base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
@@ -101,7 +120,13 @@ def run_pair(
     procs = []
     for rank, role in enumerate(("sender", "receiver")):
         env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        p = ctx.Process(target=_child, args=(role, name, pipes[rank][1], env, scenario))
+        where = None
+        if hosts is not None:
+            where, addr = (hosts.b, hosts.addr_b) if role == "sender" else (hosts.a, hosts.addr_a)
+            env |= {"EMTRANSFER_HOST": addr, "UCX_TLS": "tcp"}
+        ref = (scenario.__module__, scenario.__qualname__)
+        args = (role, name, pipes[rank][1], env, ref, where)
+        p = ctx.Process(target=_child, args=args)
         p.start()
         procs.append(p)
     for _, child_end in pipes:
