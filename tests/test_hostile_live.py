@@ -1,9 +1,10 @@
-"""Hostile peers against a live encode node (its own process, tcp) while a legitimate language
+"""Hostile peers against a live encode node (its own process; tcp and nixl) while a legitimate language
 node (another process) keeps serving: idle and half-open connection floods, random bytes,
 oversized frames, slow handshakes and wrong versions, and, from a peer that completed the
 handshake (anyone may, without a token): Init and Resume for rids and blocks it does not own,
 pull floods, Encode floods and writes into the encode pool. The legitimate client's success
-rate stays at 100 %, and the encode process's open files come back down."""
+rate stays at 100 %, and the encode process's open files come back down. With nixl, the encode
+node publishes nothing a write could address (no agent metadata, no pool descriptors)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import threading
 from typing import Any
 
 import pytest
-from runtime_harness import BASE_SETTINGS, NodeProc
+from runtime_harness import BASE_SETTINGS, NodeProc, transport_params
 
 import emtransfer as et
 from emtransfer.buffers import WriteOp
@@ -36,7 +37,6 @@ T = {
 ATTACKER = {
     **{k: BASE_SETTINGS[k] for k in ("hidden_size", "dtype", "block_size", "default_blocks")},
     **{k: BASE_SETTINGS[k] for k in ("num_blocks", "fields")},
-    "transport": "tcp",
 }
 
 
@@ -137,11 +137,26 @@ async def raw_attacks(host: str, port: int) -> dict[str, int]:
     return out
 
 
-async def peer_attacks(address: str) -> dict[str, int]:
+async def peer_attacks(address: str, transport: str) -> dict[str, int]:
     """A peer that completed the handshake misbehaves every way it can."""
     counts: dict[str, int] = {}
-    async with et.LanguageNode(et.Settings(**ATTACKER)) as evil:
+    async with et.LanguageNode(et.Settings(**ATTACKER, transport=transport)) as evil:
+        published: list[bytes] = []
+        add_peer = evil.transport.add_peer
+
+        async def record(peer_id: str, metadata: bytes, **kw: Any) -> None:
+            published.append(metadata)
+            await add_peer(peer_id, metadata, **kw)
+
+        evil.transport.add_peer = record  # type: ignore[method-assign]
         peer = await evil.connect(address)
+        if transport == "nixl":  # what the encode node gave us to address its pool: nothing
+            import msgspec
+
+            from emtransfer.transport.nixl import _Meta
+
+            meta = msgspec.msgpack.decode(published[0], type=_Meta)
+            counts["published_keys"] = len(meta.agent) + len(meta.pools)
         refused: list[str] = []
         all_refused = asyncio.Event()
         original = evil._on_message
@@ -182,9 +197,10 @@ async def peer_attacks(address: str) -> dict[str, int]:
     return counts
 
 
-def test_hostile_peers_while_a_legitimate_client_serves() -> None:
-    enc = NodeProc("encode", "tcp", **T)
-    lang = NodeProc("language", "tcp", **T)
+@pytest.mark.parametrize("transport", transport_params("tcp", "nixl"))
+def test_hostile_peers_while_a_legitimate_client_serves(transport: str) -> None:
+    enc = NodeProc("encode", transport, **T)
+    lang = NodeProc("language", transport, **T)
     try:
         owner = lang.call("node_id")
         lang.call("connect", enc.address)
@@ -195,7 +211,7 @@ def test_hostile_peers_while_a_legitimate_client_serves() -> None:
         legit.start()
         host, port = parse_address(enc.address)
         raw = asyncio.run(raw_attacks(host, port))
-        evil = asyncio.run(peer_attacks(enc.address))
+        evil = asyncio.run(peer_attacks(enc.address, transport))
         legit.stop.set()
         legit.join(120)
         assert legit.error is None, legit.error
@@ -213,6 +229,7 @@ def test_hostile_peers_while_a_legitimate_client_serves() -> None:
             raw[k] == 1 for k in ("random", "oversized", "half-open", "wrong-version", "slow")
         )
         assert evil.get("write_refused") == 1, evil
+        assert evil.get("published_keys", 0) == 0, evil
         assert evil["pulls_refused"] > 0 and evil["held_for_another"] == 8, evil
         assert evil["jobs_refused"] >= 100 - T["max_inflight_per_peer"], evil
         h = enc.call("pool_settled", 30.0, timeout=40)
