@@ -72,7 +72,7 @@ def encode_main(n: int, reps: int, transport: str, conn: Any) -> None:
     import emtransfer as et
     from emtransfer.logs import configure_logging
 
-    configure_logging("warning")  # a spawned process starts with structlog's defaults
+    configure_logging("warning")  # a spawned process starts with logging unconfigured
 
     async def main() -> None:
         async with et.EncodeNode(settings(n, transport), control="tcp") as enc:

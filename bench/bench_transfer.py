@@ -1266,11 +1266,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--host", default=None, help="default: $MASTER_ADDR or 127.0.0.1")
     ap.add_argument(
-        "--json", type=Path, default=None, help="default bench/results/<transport>.json"
+        "--json",
+        type=Path,
+        default=None,
+        help="default bench/results/<transport>-<UTC time>.json (a new file per run)",
     )
-    ap.add_argument("--plot", type=Path, default=None, help="default bench/results/<transport>.png")
+    ap.add_argument("--plot", type=Path, default=None, help="default: beside the JSON, .png")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --json/--plot")
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--log-level", default="warning", help="emtransfer's structlog level")
+    ap.add_argument("--log-level", default="warning", help="emtransfer's log level")
     ap.add_argument(
         "--switch-interval",
         type=float,
@@ -1293,8 +1297,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.host = "127.0.0.1"
     args.port = int(os.environ.get("MASTER_PORT", "29500"))
     results = Path(__file__).resolve().parent / "results"
-    args.json = args.json or results / f"{args.transport}.json"
-    args.plot = args.plot or results / f"{args.transport}.png"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    args.json = args.json or results / f"{args.transport}-{stamp}.json"
+    args.plot = args.plot or args.json.with_suffix(".png")
+    for path in (args.json, args.plot):  # committed results are never overwritten by default
+        if path.exists() and not args.force:
+            ap.error(f"{path} exists: not overwritten (pass --force, or another --json)")
     return args
 
 

@@ -1,6 +1,8 @@
 """Soak: many requests with a realistic mix between an encode and a language process.
 
     python bench/soak.py nixl|tcp [--requests 10000] [--concurrency 256] [--json out.json]
+    python bench/soak.py tcp --requests 3000 --num-blocks 64 --default-blocks 4 --concurrency 8,128
+
 
 Two processes (an encode node with a deterministic encoder, a language node driving the
 requests as ``Encode`` jobs), small pools (256 blocks of 16 tokens), payloads of 64-4,096
@@ -9,6 +11,10 @@ checked byte for byte on arrival. At the end: requests lost (neither a success n
 error), corrupted, failed by error type, both pools' state (free, quarantined), and each
 process's RSS and open files at the start and the end; a JSON file with all of it
 (``--json``; never overwritten unless ``--force``) and a one-paragraph summary.
+
+``--concurrency 8,128`` runs the same workload at each concurrency in turn (fresh processes
+each time) and reports them side by side: the contention check of the admission policy
+(throughput at high concurrency at least that at low, p99 within a few times p50).
 """
 
 from __future__ import annotations
@@ -41,7 +47,6 @@ SETTINGS: dict[str, Any] = {
     "init_timeout": 120.0,
     "data_timeout": 120.0,
 }
-POOL_TOKENS = SETTINGS["num_blocks"] * SETTINGS["block_size"]
 
 
 def payload(seed: int, n: int) -> dict[str, Any]:
@@ -57,13 +62,13 @@ def encoder(job: dict[str, Any]) -> dict[str, Any]:
     return payload(job["seed"], job["n"])
 
 
-def workload(requests: int, seed: int) -> list[tuple[str, int, int, int | None]]:
+def workload(requests: int, seed: int, pool_tokens: int) -> list[tuple[str, int, int, int | None]]:
     """(rid, tokens, seed, expected_tokens or None) for each request."""
     rng = random.Random(seed)
     out = []
     for i in range(requests):
         if rng.random() < 0.1:  # a large payload, up to 3x the pool
-            n = rng.randint(POOL_TOKENS // 2, 3 * POOL_TOKENS)
+            n = rng.randint(pool_tokens // 2, 3 * pool_tokens)
         else:  # an image: 64-4,096 tokens, most of them small
             n = int(64 * 2 ** rng.uniform(0, 6))
         out.append((f"soak-{i}", n, rng.randrange(1 << 30), n if rng.random() < 0.5 else None))
@@ -103,13 +108,13 @@ def _child_setup() -> None:
     configure_logging("warning")
 
 
-def encode_side(transport: str, conn: Any) -> None:
+def encode_side(transport: str, settings: dict[str, Any], conn: Any) -> None:
     import emtransfer as et
 
     _child_setup()
 
     async def main() -> None:
-        s = et.Settings(transport=transport, **SETTINGS)
+        s = et.Settings(transport=transport, **settings)
         async with et.EncodeNode(s, control="tcp", encoder=encoder) as enc:
             start = process_stats()
             conn.send(enc.address)
@@ -120,7 +125,9 @@ def encode_side(transport: str, conn: Any) -> None:
     asyncio.run(main())
 
 
-def language_side(transport: str, address: str, args: dict[str, Any], conn: Any) -> None:
+def language_side(
+    transport: str, settings: dict[str, Any], address: str, args: dict[str, Any], conn: Any
+) -> None:
     import torch
 
     import emtransfer as et
@@ -128,8 +135,8 @@ def language_side(transport: str, address: str, args: dict[str, Any], conn: Any)
     _child_setup()
 
     async def main() -> dict[str, Any]:
-        s = et.Settings(transport=transport, **SETTINGS)
-        work = workload(args["requests"], args["seed"])
+        s = et.Settings(transport=transport, **settings)
+        work = workload(args["requests"], args["seed"], s.num_blocks * s.block_size)
         async with et.LanguageNode(s) as lang:
             start = process_stats()
             peer = await lang.connect(address)
@@ -184,16 +191,23 @@ def language_side(transport: str, address: str, args: dict[str, Any], conn: Any)
     conn.send(asyncio.run(main()))
 
 
-def soak(transport: str, requests: int, concurrency: int, seed: int = 20261201) -> dict[str, Any]:
+def soak(
+    transport: str,
+    requests: int,
+    concurrency: int,
+    seed: int = 20261201,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    settings = SETTINGS if settings is None else settings
     ctx = mp.get_context("spawn")
     enc_conn, enc_child = ctx.Pipe()
-    enc = ctx.Process(target=encode_side, args=(transport, enc_child), daemon=True)
+    enc = ctx.Process(target=encode_side, args=(transport, settings, enc_child), daemon=True)
     enc.start()
     address = enc_conn.recv()
     lang_conn, lang_child = ctx.Pipe()
     args = {"requests": requests, "concurrency": concurrency, "seed": seed}
     lang = ctx.Process(
-        target=language_side, args=(transport, address, args, lang_child), daemon=True
+        target=language_side, args=(transport, settings, address, args, lang_child), daemon=True
     )
     lang.start()
     language = lang_conn.recv()
@@ -204,7 +218,7 @@ def soak(transport: str, requests: int, concurrency: int, seed: int = 20261201) 
     return {
         "transport": transport,
         "concurrency": concurrency,
-        "settings": SETTINGS,
+        "settings": settings,
         "date": time.strftime("%Y-%m-%d"),
         "language": language,
         "encode": encode,
@@ -232,7 +246,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("transport", choices=["nixl", "tcp"])
     ap.add_argument("--requests", type=int, default=10_000)
-    ap.add_argument("--concurrency", type=int, default=256)
+    ap.add_argument(
+        "--concurrency", default="256", help="one value, or several (8,128): one run each"
+    )
+    ap.add_argument("--num-blocks", type=int, default=SETTINGS["num_blocks"])
+    ap.add_argument("--default-blocks", type=int, default=SETTINGS["default_blocks"])
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     args = ap.parse_args()
@@ -242,20 +260,45 @@ def main() -> int:
     from emtransfer.logs import configure_logging
 
     configure_logging("warning")
-    r = soak(args.transport, args.requests, args.concurrency)
-    print(summary(r))
+    settings = {
+        **SETTINGS, "num_blocks": args.num_blocks, "default_blocks": args.default_blocks
+    }  # fmt: skip
+    runs = []
+    for c in (int(x) for x in str(args.concurrency).split(",")):
+        runs.append(soak(args.transport, args.requests, c, settings=settings))
+        print(summary(runs[-1]), flush=True)
+    if len(runs) > 1:
+        print(contention(runs))
     if args.json is not None:
-        args.json.write_text(json.dumps(r, indent=2) + "\n")
-    lang = r["language"]
-    clean = (
-        lang["lost"] == 0
-        and lang["outcome"].get("corrupted", 0) == 0
+        out = runs[0] if len(runs) == 1 else {"runs": runs, "contention": contention(runs)}
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    clean = all(
+        r["language"]["lost"] == 0
+        and r["language"]["outcome"].get("corrupted", 0) == 0
         and all(
             r[s]["pool"]["blocks_free"] == r[s]["pool"]["blocks_total"]
             for s in ("language", "encode")
         )
+        for r in runs
     )
     return 0 if clean else 1
+
+
+def contention(runs: list[dict[str, Any]]) -> str:
+    """The runs side by side: rate, p50, p99, p99/p50 and rounds per concurrency."""
+    rows = [
+        "| concurrency | req/s | p50 ms | p99 ms | p99/p50 | rounds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        lang = r["language"]
+        lat = lang["latency_ms"]
+        ratio = lat["p99"] / lat["p50"] if lat.get("p50") else float("nan")
+        rows.append(
+            f"| {r['concurrency']} | {lang['rate_per_s']} | {lat.get('p50')} | {lat.get('p99')} "
+            f"| {ratio:.1f} | {lang['rounds_mean']} |"
+        )
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from .errors import (
     TransferError,
     TransferTimeout,
 )
+from .logs import configure_logging
 from .runtime import EncodeNode, LanguageNode, Peer, Received, SendStats
 from .settings import FieldSpec, Settings
 
@@ -37,4 +38,5 @@ __all__ = [
     "TransferAborted",
     "TransferError",
     "TransferTimeout",
+    "configure_logging",
 ]

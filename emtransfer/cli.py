@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .server.run import serve
 
-            return serve(resolve_serve(args), log_level=level)
+            return serve(resolve_serve(args), log_level=level, log_json=args.log_json)
         if args.command == "demo":
             from .demo import run_demo
 

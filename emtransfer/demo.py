@@ -56,7 +56,7 @@ def _encode_main(settings: Settings, jobs: list[Job], conn: Any, log_level: str)
     from .logs import configure_logging
     from .runtime import EncodeNode
 
-    configure_logging(log_level)  # a spawned process starts with structlog's defaults
+    configure_logging(log_level)  # a spawned process starts with logging unconfigured
     torch.set_num_threads(1)
 
     async def main() -> None:

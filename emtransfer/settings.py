@@ -125,6 +125,10 @@ class Settings(BaseSettings):
     """Tokens per block (alias SGLANG_MULTIMODAL_BLOCK_SIZE)."""
     default_blocks: PosInt = 8
     """Blocks reserved when the length is unknown (alias SGLANG_DEFAULT_MULTIMODAL_BLOCKS)."""
+    min_grant_blocks: PosInt | None = None
+    """Fewest blocks a Resume round accepts when the pool is contended (fewer rounds, at the
+    price of waiting); unset: half the pool, at least default_blocks. Round 0 always
+    gets its allocation whole (a known length capped at the pool, else default_blocks)."""
     num_blocks: PosInt = 64
     """Pool size in blocks per node. Alias SGLANG_EMBEDDING_CACHE_BUFFER_SIZE: in SGLang's design
     that is the number of buffer blocks of the embedding cache (default 64), so it maps 1:1."""
@@ -279,6 +283,12 @@ class Settings(BaseSettings):
     def default_tokens(self) -> int:
         """Tokens of a default (unknown-length) allocation."""
         return self.default_blocks * self.block_size
+
+    @property
+    def min_grant_tokens(self) -> int:
+        """Fewest tokens a Resume round accepts (``min_grant_blocks``, resolved)."""
+        blocks = self.min_grant_blocks or max(self.default_blocks, self.num_blocks // 2)
+        return min(blocks, self.num_blocks) * self.block_size
 
     def _field_names(self) -> dict[str, tuple[tuple[int, ...], str]]:
         extra = {n: (f.shape, f.dtype) for n, f in self.fields.items()}

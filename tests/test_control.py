@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import logging
 import os
 import socket
 from collections import deque
@@ -20,13 +19,12 @@ from typing import Any
 
 import msgspec
 import pytest
-import structlog
 import torch
 from helpers_runtime import grant, raises_typed, sender_session, state_of
+from log_capture import capture_logs
 from transport_harness import trust_all
 
 import emtransfer as et
-from emtransfer.logs import configure_logging
 from emtransfer.protocol import PROTOCOL_VERSION
 from emtransfer.protocol import messages as m
 from emtransfer.protocol.framing import FrameDecoder, frame
@@ -101,14 +99,9 @@ def free_port() -> int:
 
 @pytest.fixture
 def logs() -> Iterator[list[Any]]:
-    """Every structlog event (debug and up) of nodes built inside the test."""
-    old = structlog.get_config()
-    configure_logging(logging.DEBUG)
-    try:
-        with structlog.testing.capture_logs() as cap:
-            yield cap
-    finally:
-        structlog.configure(**old)
+    """Every log event (debug and up) of nodes built inside the test."""
+    with capture_logs() as cap:
+        yield cap
 
 
 # ----------------------------------------------------------------------------- raw peers

@@ -104,11 +104,11 @@ async def test_serving_beyond_loopback_without_a_token_warns(
     host: str, token: str | None, warned: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Finding 6: nothing warned when a node bound a non-loopback address without a token."""
-    import structlog
+    from log_capture import capture_logs
 
     s = make_settings(host=host, auth_token=token)
     lang = et.LanguageNode(s)  # the in-process engine binds nothing: only the check is run
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         await lang.start()
     await lang.close()
     hits = [e for e in logs if "without auth_token" in e["event"]]

@@ -140,6 +140,7 @@ class Link:
         round_up: bool = False,
         seed: int = 0,
         hold_late_abort: bool = True,
+        min_grant: int = 1,
     ) -> None:
         self.rng = random.Random(seed)
         self.total, self.order, self.partial, self.round_up = total, order, partial, round_up
@@ -150,8 +151,13 @@ class Link:
         self.hold_late_abort = hold_late_abort
         self.sender = SenderMachine(RID, block_size=block_size, remote_num_blocks=recv_blocks)
         self.receiver = ReceiverMachine(
-            RID, block_size=block_size, default_tokens=default_tokens, guarantees=self.g
-        )
+            RID,
+            block_size=block_size,
+            default_tokens=min(default_tokens, recv_blocks * block_size),
+            guarantees=self.g,
+            pool_tokens=recv_blocks * block_size,
+            min_grant_tokens=min_grant,
+        )  # fmt: skip  (as the runtime builds it: default_blocks <= num_blocks)
         self.spool = Pool(send_blocks, block_size, self.rng)
         self.rpool = Pool(recv_blocks, block_size, self.rng)
         self.to_sender: deque[ev.Event] = deque()
@@ -876,6 +882,7 @@ def test_without_remote_completion_the_chunk_waits_for_the_bytes(kind: str) -> N
     round_up=st.booleans(),
     order=st.sampled_from(["data_first", "init_first", "any"]),
     seed=st.integers(0, 2**32 - 1),
+    min_grant_blocks=st.integers(1, 64),
 )
 def test_property_every_token_delivered_once_no_leak(
     kind: str,
@@ -888,6 +895,7 @@ def test_property_every_token_delivered_once_no_leak(
     round_up: bool,
     order: str,
     seed: int,
+    min_grant_blocks: int,
 ) -> None:
     link = Link(
         total,
@@ -900,6 +908,7 @@ def test_property_every_token_delivered_once_no_leak(
         round_up=round_up,
         order=order,
         seed=seed,
+        min_grant=min_grant_blocks * block_size,
     )
     link.start().run(randomly=True)
     link.assert_done()

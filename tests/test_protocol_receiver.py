@@ -144,7 +144,7 @@ def allocating(
 ) -> ReceiverMachine:
     m = new(g, max_tokens)
     want = expected or DEFAULT
-    assert feed(m, Start(expected, whole)) == [Alloc(want, want if whole else 1)]
+    assert feed(m, Start(expected, whole)) == [Alloc(want, want)]  # round 0: whole
     return m
 
 
@@ -326,8 +326,8 @@ BAD_CHUNKS_MAX = [
 
 CASES: list[Case] = [
     # -- NEW
-    Case("start-default", new, R.NEW, Start(), R.ALLOCATING, [Alloc(DEFAULT, 1)]),
-    Case("start-expected", new, R.NEW, Start(300), R.ALLOCATING, [Alloc(300, 1)]),
+    Case("start-default", new, R.NEW, Start(), R.ALLOCATING, [Alloc(DEFAULT, DEFAULT)]),
+    Case("start-expected", new, R.NEW, Start(300), R.ALLOCATING, [Alloc(300, 300)]),
     Case("start-expected-small", new, R.NEW, Start(1), R.ALLOCATING, [Alloc(1, 1)]),
     # the lease needs the first allocation in one piece
     Case("start-whole", new, R.NEW, Start(300, whole=True), R.ALLOCATING, [Alloc(300, 300)]),
@@ -996,7 +996,7 @@ def test_unknown_length_announces_none() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_original_scenario_2000_tokens_in_default_1024(kind: str) -> None:
     m = ReceiverMachine(RID, block_size=128, default_tokens=1024, guarantees=GUARANTEES[kind])
-    assert feed(m, Start()) == [Alloc(1024, 1)]
+    assert feed(m, Start()) == [Alloc(1024, 1024)]
     blocks0 = (9, 3, 4, 5, 0, 7, 1, 2)
     assert feed(m, AllocGranted(blocks0, 1024)) == [SendInit(blocks0, 1024, None)]
     acts = feed(m, ChunkReceived(0, 0, 1024, 2000, False))
@@ -1029,6 +1029,51 @@ def test_many_rounds_of_partial_grants() -> None:
             assert acts[2:] == [Alloc(total - received, 1)]
     assert m.state is R.DONE
     assert received == total
+
+
+def test_the_grant_policy_keeps_rounds_few() -> None:
+    """Round 0 waits for its allocation whole (a known length capped at the pool, or the
+    default allocation); a Resume round accepts a partial grant of at least min_grant_tokens,
+    or the rest when less is left. A request of known length that fits the pool: one round."""
+
+    def machine() -> ReceiverMachine:
+        return ReceiverMachine(
+            RID, block_size=B, default_tokens=DEFAULT, guarantees=NONE,
+            pool_tokens=100, min_grant_tokens=40,
+        )  # fmt: skip
+
+    m = machine()
+    assert feed(m, Start(60)) == [Alloc(60, 60)]  # fits: whole, one round
+    m = machine()
+    assert feed(m, Start(300)) == [Alloc(300, 100)]  # past the pool: the whole pool
+    m = machine()
+    assert feed(m, Start()) == [Alloc(DEFAULT, DEFAULT)]
+    feed(m, AllocGranted(BLOCKS0, DEFAULT))
+    acts = feed(m, chunk(0, 0, DEFAULT, 300, False))
+    assert acts[2:] == [Alloc(300 - DEFAULT, 40)]  # partial, but not below the minimum
+    feed(m, AllocGranted(tuple(range(10, 10 + 288 // B)), 288))
+    acts = feed(m, chunk(1, DEFAULT, 288, 300, False))
+    assert acts[2:] == [Alloc(4, 4)]  # less than the minimum is left: all of it
+
+
+@given(
+    st.integers(1, 5000), st.integers(1, 2000), st.integers(1, 2000), st.booleans(),
+    st.integers(1, 3),
+)  # fmt: skip
+def test_the_grant_policy_bounds(
+    want: int, pool: int, min_grant: int, known: bool, rnd: int
+) -> None:
+    m = ReceiverMachine(
+        RID, block_size=B, default_tokens=DEFAULT, guarantees=NONE,
+        pool_tokens=pool, min_grant_tokens=min_grant,
+    )  # fmt: skip
+    m.round = 0 if known else rnd
+    least = m.least(want)
+    assert 1 <= least <= min(want, pool)
+    if m.round == 0:
+        assert least == min(want, pool)
+    else:
+        assert least == min(want, pool, min_grant)
 
 
 def test_lease_with_longer_payload_completes_by_copy() -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 import emtransfer as et
 from emtransfer.cli import main
@@ -26,9 +26,10 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in list(os.environ):
         if name.startswith(("EMTRANSFER_", "SGLANG_")):
             monkeypatch.delenv(name)
-    saved = structlog.get_config()  # main() configures logging for the process: put it back
+    root = logging.getLogger()  # main() configures logging for the process: put it back
+    saved = root.handlers[:], root.level
     yield
-    structlog.configure(**saved)
+    root.handlers, root.level = saved[0], saved[1]
 
 
 def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULTS = {
     "block_size": 128,
     "default_blocks": 8,
+    "min_grant_blocks": None,
     "num_blocks": 64,
     "hidden_size": 4096,
     "dtype": "bfloat16",
@@ -75,6 +76,8 @@ def test_every_default() -> None:
     assert s.device_kind == "cpu"
     assert s.capacity_tokens == 64 * 128
     assert s.default_tokens == 8 * 128
+    assert s.min_grant_tokens == 32 * 128  # half the pool
+    assert Settings(min_grant_blocks=100).min_grant_tokens == 64 * 128  # capped at the pool
 
 
 def test_default_toml_matches_defaults() -> None:

@@ -329,7 +329,7 @@ async def scenario_authorization(role: str, transport: Any, registry: Any, conn:
         before = {n: registry.byte_view(n).clone() for n in registry.layouts}
         assert (await _recv(conn))[0] == "written"
         try:  # lands whole where nothing is enforced; the waiter fails where it is
-            await asyncio.wait_for(transport.wait_landed("peer", tag, _nbytes(ops)), 10)
+            await asyncio.wait_for(transport.wait_landed("peer", tag, _nbytes(ops)), 4)
         except (TransportError, TimeoutError):
             pass
         for o in ops:

@@ -10,14 +10,12 @@ The raw peers and small helpers are shared with test_control.py."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import structlog
 import torch
 from helpers_runtime import (
     grant,
@@ -28,6 +26,7 @@ from helpers_runtime import (
     states_seen,
     wait_until,
 )
+from log_capture import capture_logs
 from test_control import (
     BLOCK,
     RawConn,
@@ -43,7 +42,6 @@ from test_control import (
 from transport_harness import trust_all
 
 import emtransfer as et
-from emtransfer.logs import configure_logging
 from emtransfer.protocol import messages as m
 from emtransfer.protocol.framing import HEADER, MAX_FRAME, frame
 
@@ -52,14 +50,9 @@ RAW = "raw-language"
 
 @pytest.fixture
 def logs() -> Iterator[list[Any]]:
-    """Every structlog event (debug and up) of nodes built inside the test."""
-    old = structlog.get_config()
-    configure_logging(logging.DEBUG)
-    try:
-        with structlog.testing.capture_logs() as cap:
-            yield cap
-    finally:
-        structlog.configure(**old)
+    """Every log event (debug and up) of nodes built inside the test."""
+    with capture_logs() as cap:
+        yield cap
 
 
 @dataclass

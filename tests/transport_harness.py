@@ -64,6 +64,8 @@ def make_transport(
         num_blocks=registry.num_blocks,
         block_size=BLOCK_SIZE,
         fields={"mrope_positions": {"shape": [3], "dtype": "int64"}},
+        # tcp: a hello nobody added is held this long (the removed-peer case waits it out)
+        **({"bootstrap_timeout": 2.0} if name == "tcp" else {}),
     )
     transport = create_transport(settings, registry)
     return transport if authorize else trust_all(transport)

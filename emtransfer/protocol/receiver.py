@@ -18,6 +18,12 @@ only on proof, as the transport's :class:`~emtransfer.guarantees.Guarantees` all
 
 Quarantine always ends: EXPIRING's deadline is the grant's expiry plus the engine's bound on a
 posted write.
+
+Grant policy (:meth:`ReceiverMachine.least`), what each ``Alloc`` waits for, FIFO, holding
+nothing: round 0 gets its allocation whole (a known length, capped at the pool; else the
+default allocation), so a request of known length that fits the pool travels in one round and
+requests beyond what the pool can serve wait for admission instead of trickling; a Resume
+round accepts a partial grant, but not below ``min_grant_tokens`` (or the rest, or the pool).
 """
 
 from __future__ import annotations
@@ -63,12 +69,16 @@ class ReceiverMachine(Machine[ReceiverState]):
         default_tokens: int,
         guarantees: Guarantees,
         max_tokens: int | None = None,
+        pool_tokens: int | None = None,
+        min_grant_tokens: int = 1,
     ) -> None:
         super().__init__(rid, R.NEW)
         self.block_size = block_size
         self.default_tokens = default_tokens
         self.g = guarantees
         self.max_tokens = max_tokens
+        self.pool_tokens = pool_tokens  # the local pool's capacity (None: unbounded)
+        self.min_grant_tokens = min_grant_tokens
         self.round = -1  # round of the current (or requested) allocation
         self.received = 0
         self.total: int | None = None
@@ -76,10 +86,18 @@ class ReceiverMachine(Machine[ReceiverState]):
         self.whole = False
         self.expected: int | None = None
 
-    def _alloc_next(self, want: int, whole: bool) -> Result:
+    def least(self, want: int) -> int:
+        """The grant policy: the fewest tokens the next round's allocation accepts."""
+        if self.round == 0 and self.whole:
+            return want  # in place: all of it in one allocation, or never
+        cap = want if self.pool_tokens is None else min(want, self.pool_tokens)
+        if self.round == 0:
+            return cap  # a longer payload than a lease expected resumes by copy: partial
+        return min(cap, self.min_grant_tokens)
+
+    def _alloc_next(self, want: int) -> Result:
         self.round += 1
-        least = want if whole else 1
-        return R.ALLOCATING, [ev.Alloc(want, min_tokens=least)]
+        return R.ALLOCATING, [ev.Alloc(want, min_tokens=self.least(want))]
 
     # -- handlers ----------------------------------------------------------------------------
     def _start(self, e: ev.Start) -> Result:
@@ -87,7 +105,7 @@ class ReceiverMachine(Machine[ReceiverState]):
             raise ProtocolError(f"rid={self.rid!r}: expected_tokens must be > 0")
         self.whole = e.whole
         self.expected = e.expected_tokens
-        return self._alloc_next(e.expected_tokens or self.default_tokens, e.whole)
+        return self._alloc_next(e.expected_tokens or self.default_tokens)
 
     def _granted(self, e: ev.AllocGranted) -> Result:
         self.capacity = e.capacity_tokens
@@ -140,7 +158,7 @@ class ReceiverMachine(Machine[ReceiverState]):
         acts: list[Action] = [ev.Deliver(e.round, e.start, e.count), ev.Free()]
         if e.is_last:
             return R.DONE, [*acts, ev.Complete(e.total_tokens, e.meta, e.digest)]
-        state, more = self._alloc_next(e.total_tokens - self.received, False)
+        state, more = self._alloc_next(e.total_tokens - self.received)
         return state, [*acts, *more]
 
     def _give_up_allocating(self, error: Exception) -> Result:

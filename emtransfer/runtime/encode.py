@@ -274,7 +274,7 @@ class SenderSession(Session):
             await node.transport.write(peer.transport_id, ops, tag=tag, deadline=action.deadline)
             self.t_last_write = time.perf_counter()
             self.writes += 1
-            node.metrics.bytes.labels("out").inc(nbytes)
+            node.metrics.bytes_out.inc(nbytes)
             self.feed(ev.WriteDone())
         except Exception as exc:  # the transport failed: the machine decides what follows
             self.log.warning("write failed", error=repr(exc), round=action.round)
@@ -338,7 +338,7 @@ class SenderSession(Session):
             digest=action.digest,
             first_write_at=self.first_write_at,
         )
-        self.node.metrics.transfers.labels("ok").inc()
+        self.node.metrics.transfers_ok.inc()
         self.node.metrics.duration.observe(stats.elapsed_s)
         self._set_result(stats)
 

@@ -55,6 +55,8 @@ class ReceiverSession(Session):
             default_tokens=s.default_tokens,
             guarantees=node.transport.guarantees,
             max_tokens=s.max_tokens,
+            pool_tokens=s.capacity_tokens,
+            min_grant_tokens=s.min_grant_tokens,
         )
         super().__init__(node, machine, peer)
         self.current: Allocation | None = None
@@ -307,8 +309,8 @@ class ReceiverSession(Session):
             "bytes": float(nbytes),
             "last_chunk_at": self.last_chunk_at,
         }
-        node.metrics.bytes.labels("in").inc(nbytes)
-        node.metrics.transfers.labels("ok").inc()
+        node.metrics.bytes_in.inc(nbytes)
+        node.metrics.transfers_ok.inc()
         node.metrics.duration.observe(stats["elapsed_s"])
         self._set_result(
             Received(

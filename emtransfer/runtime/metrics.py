@@ -43,6 +43,9 @@ class Metrics:
         pool.labels("free").set_function(lambda: allocator.num_free)
         pool.labels("quarantined").set_function(lambda: allocator.num_quarantined)
         Gauge("emtransfer_info", "Node role", ["role"], registry=r).labels(role).set(1)
+        # children bound once: no label lookup per request
+        self.bytes_in, self.bytes_out = self.bytes.labels("in"), self.bytes.labels("out")
+        self.transfers_ok = self.transfers.labels("ok")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgspec
-import structlog
 
 from ..allocator import Allocation, BlockAllocator
 from ..buffers import BufferRegistry
 from ..errors import ConfigError, InvalidRequest, PeerLost, ProtocolError, TransferError
+from ..logs import get_logger
 from ..protocol import PROTOCOL_VERSION
 from ..protocol import events as ev
 from ..protocol import messages as m
@@ -117,7 +117,7 @@ class Node:
         #: connected peers by connection (their transport id), never by the id they claim
         self.peers: dict[str, Peer] = {}
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="emtransfer-copy")
-        self.log = structlog.get_logger("emtransfer").bind(node=self.node_id, role=self.role)
+        self.log = get_logger("emtransfer").bind(node=self.node_id, role=self.role)
         self._started = False
         self._closing = False
         #: quarantined allocations released by a timer (grant expiry), not by a session

@@ -60,6 +60,15 @@ class _Granted:
         self.allocation = allocation
 
 
+class _Expired:
+    """The deadline of the state armed with ``token`` passed (stale once the state changed)."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: object) -> None:
+        self.token = token
+
+
 class Session:
     """Drives one request's machine on one node."""
 
@@ -81,6 +90,7 @@ class Session:
         self._alloc_token: object | None = None
         self._alloc_task: asyncio.Task[None] | None = None
         self._error_override: TransferError | None = None
+        self._deadline_token: object | None = None
 
     # -- feeding -------------------------------------------------------------------------------
     def feed(self, event: object) -> None:
@@ -100,29 +110,31 @@ class Session:
     async def _run(self) -> None:
         m = self.machine
         loop = asyncio.get_running_loop()
-        state, deadline = None, None
+        state, timer = None, None
         try:
             while not self._loop_done():
-                if m.state is not state:
+                if m.state is not state:  # one timer per state, not one per event
                     state = m.state
+                    if timer is not None:
+                        timer.cancel()
+                        timer = None
+                    self._deadline_token = token = object()
                     name = m.timeout_name
-                    if name is None:
-                        deadline = None
-                    elif name == GRANT_EXPIRY:
-                        deadline = self.grant_expiry()
-                    else:
-                        deadline = loop.time() + getattr(self.settings, name)
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        item = await self.queue.get()
-                except TimeoutError:
-                    item = ev.Timeout()
-                await self.step(item)
+                    if name is not None:
+                        when = (
+                            self.grant_expiry()
+                            if name == GRANT_EXPIRY
+                            else loop.time() + getattr(self.settings, name)
+                        )
+                        timer = loop.call_at(when, self.queue.put_nowait, _Expired(token))
+                await self.step(await self.queue.get())
         except Exception as exc:  # a bug: end the request cleanly rather than leak or hang
             self.log.exception("session crashed", state=m.state.name)
             await self._crash_cleanup()
             self._set_error(exc if isinstance(exc, TransferError) else TransferError(repr(exc)))
         finally:
+            if timer is not None:
+                timer.cancel()
             self._cancel_alloc()
             self._drop_stale_grants()
             self._cleanup()
@@ -172,6 +184,8 @@ class Session:
         )
 
     async def _to_event(self, item: object) -> ev.Event | None:
+        if isinstance(item, _Expired):  # a deadline of a state left since: nothing happened
+            return ev.Timeout() if item.token is self._deadline_token else None
         if isinstance(item, _Granted):
             if item.token is not self._alloc_token:
                 self.node.allocator.free(item.allocation)  # stale: the machine moved on

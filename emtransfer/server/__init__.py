@@ -4,7 +4,7 @@
 ``common``   errors and status codes, /health, /metrics, access log
 ``encode_app`` / ``language_app``  the role's FastAPI app around its node
 ``pool``     the language side's encode nodes: round-robin, down detection, reconnection
-``run``      uvicorn on uvloop, logs through structlog
+``run``      uvicorn on uvloop, every log line in one format
 
 The web stack is imported by the submodules, not here, so ``demo`` stays light.
 """

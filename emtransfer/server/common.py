@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -27,11 +26,12 @@ from ..errors import (
     TransferError,
     TransferTimeout,
 )
+from ..logs import get_logger
 from ..runtime.node import Node
 from .options import ServeOptions
 from .schemas import ErrorBody
 
-log = structlog.get_logger("emtransfer.server")
+log = get_logger("emtransfer.server")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "bad input; the detail names the problem"},

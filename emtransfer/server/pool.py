@@ -10,13 +10,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import structlog
-
 from ..errors import PeerLost, TransferError
+from ..logs import get_logger
 from ..runtime import LanguageNode, Peer
 from .common import HTTPFailure
 
-log = structlog.get_logger("emtransfer.server")
+log = get_logger("emtransfer.server")
 T = TypeVar("T")
 
 

@@ -1,4 +1,4 @@
-"""Run a role's app under uvicorn on a uvloop event loop, logs through structlog."""
+"""Run a role's app under uvicorn on a uvloop event loop; every log line in one format."""
 
 from __future__ import annotations
 
@@ -9,32 +9,17 @@ import socket
 import sys
 from typing import Any
 
-import structlog
-
 from ..errors import ConfigError
+from ..logs import configure_logging, get_logger
 from .common import NodeService
 from .options import ServeOptions
 
-log = structlog.get_logger("emtransfer.server")
+log = get_logger("emtransfer.server")
 
 
-class _ToStructlog(logging.Handler):
-    """Standard-library records (uvicorn's) as structlog events: one format for every line."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        logger = structlog.get_logger(record.name)
-        name = record.levelname.lower()
-        method = getattr(logger, name if name in ("debug", "info", "warning", "error") else "error")
-        kw: dict[str, Any] = {"logger": record.name}
-        if record.exc_info:
-            kw["exc_info"] = record.exc_info
-        method(record.getMessage(), **kw)
-
-
-def route_stdlib_logging(level: str) -> None:
-    root = logging.getLogger()
-    root.handlers = [_ToStructlog()]
-    root.setLevel(logging.getLevelName(level.upper()))
+def route_stdlib_logging(level: str, *, json: bool = False) -> None:
+    """emtransfer's, uvicorn's and everyone's records through one formatter at ``level``."""
+    configure_logging(level, json=json)
     quiet = logging.DEBUG if level.lower() == "debug" else logging.WARNING
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         lg = logging.getLogger(name)
@@ -109,11 +94,11 @@ async def _serve(options: ServeOptions, stop: list[int]) -> None:
         sock.close()
 
 
-def serve(options: ServeOptions, *, log_level: str = "info") -> int:
+def serve(options: ServeOptions, *, log_level: str = "info", log_json: bool = False) -> int:
     """Serve until SIGINT or SIGTERM; returns the exit status."""
     root = logging.getLogger()
     saved_logging = (root.handlers[:], root.level)
-    route_stdlib_logging(log_level)
+    route_stdlib_logging(log_level, json=log_json)
     stop: list[int] = []
 
     def note(signum: int, frame: Any) -> None:  # uvicorn takes over once it serves

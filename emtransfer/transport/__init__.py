@@ -10,9 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-import structlog
-
 from ..errors import ConfigError
+from ..logs import get_logger
 from .base import GrantExpired, Transport, TransportError
 from .local import LocalTransport
 
@@ -21,7 +20,7 @@ if TYPE_CHECKING:
     from ..settings import Settings
 
 _MODULES = {"local": "local", "tcp": "tcp", "nixl": "nixl", "torch": "torch"}
-_log = structlog.get_logger("emtransfer")
+_log = get_logger("emtransfer.transport")
 
 
 def transport_class(name: str) -> type[Transport]:

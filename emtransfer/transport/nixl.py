@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import functools
+import logging
 import os
 import time
 import uuid
@@ -16,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
-import structlog
 import torch
 
 from ..buffers import BufferRegistry, WriteOp
 from ..errors import ConfigError
 from ..guarantees import Guarantees
+from ..logs import get_logger
 from .base import Transport, TransportError, check_deadline
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 PARAMS_ENV = "EMTRANSFER_NIXL_BACKEND_PARAMS"
 _VERSION = 1
-_log = structlog.get_logger("emtransfer")
+_log = get_logger("emtransfer.transport")
 
 
 class _Meta(msgspec.Struct, frozen=True):
@@ -57,11 +58,40 @@ def parse_backend_params(text: str | None = None) -> dict[str, str]:
     return {key.strip(): value.strip() for key, _, value in items}
 
 
+#: Python logging levels -> NIXL_LOG_LEVEL's names (its C++ and Python halves read it once)
+_NIXL_LEVELS = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARN"}
+_nixl_logging_done = False
+
+
+def _nixl_logging() -> None:
+    """Make NIXL's own log lines follow the host's logging. Its C++ logger reads
+    ``NIXL_LOG_LEVEL`` when the library loads: unless the user set it, it gets the level our
+    transport logger has (an unconfigured host: warnings and errors, not NIXL's info lines).
+    Its Python wrapper installs a stdout handler of its own: the ``nixl`` logger propagates
+    to the host's handlers instead."""
+    global _nixl_logging_done
+    if _nixl_logging_done:
+        return
+    _nixl_logging_done = True
+    user_set = "NIXL_LOG_LEVEL" in os.environ
+    if not user_set:
+        level = _log.logger.getEffectiveLevel()
+        name = next((v for k, v in sorted(_NIXL_LEVELS.items()) if level <= k), "ERROR")
+        os.environ["NIXL_LOG_LEVEL"] = name
+    import nixl._api  # noqa: F401  (configures the "nixl" logger on import)
+
+    if not user_set:
+        lg = logging.getLogger("nixl")
+        lg.handlers, lg.propagate = [], True
+        lg.setLevel(logging.NOTSET)
+
+
 def new_agent(name: str, params: Mapping[str, str], *, delay_us: int, thread: bool = True) -> Any:
     """A ``nixl_agent`` with the UCX backend, RW locking (loop and executor threads share it) and
     an idle progress thread that waits ``delay_us`` (UCX: >= 1 ms; events wake it) per poll.
     nixl 1.5's wrapper hard-codes a delay of 0 (an idle agent spins a core) with no knob: its core
     agent is swapped, before any backend exists, for one built from the binding's config."""
+    _nixl_logging()
     import nixl._bindings as bind
     from nixl._api import nixl_agent, nixl_agent_config
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 import msgspec
-import structlog
 
 from ..buffers import BufferRegistry, WriteOp
 from ..errors import ConfigError
 from ..guarantees import Guarantees
+from ..logs import get_logger
 from .base import MAX_TAG_BYTES, Transport, TransportError, check_deadline
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ SMALL = 64 << 10  # shorter payloads are copied next to their header: fewer sysc
 SOCK_BUF = 4 << 20  # SO_SNDBUF / SO_RCVBUF; 0 keeps the kernel's autotuning
 MAX_TAGS = 4096  # per peer: beyond this, the oldest tag nobody awaits is forgotten
 _SCRATCH = memoryview(bytearray(1 << 16))  # sink for bytes read after a drop
-_log = structlog.get_logger("emtransfer")
+_log = get_logger("emtransfer.transport")
 Piece = bytes | bytearray | memoryview
 
 

@@ -19,18 +19,18 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import structlog
 import torch
 import torch.distributed as dist
 
 from ..buffers import BufferRegistry, WriteOp
 from ..guarantees import Guarantees
+from ..logs import get_logger
 from .base import MAX_TAG_BYTES, Transport, TransportError, check_deadline
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
-_log = structlog.get_logger("emtransfer")
+_log = get_logger("emtransfer.transport")
 _MAGIC, _WRITE, _STOP = 0x454D54, 1, 2
 _MAX_OPS, _MAX_TAG = 1 << 16, MAX_TAG_BYTES  # per write, both sides
 _MAX_DISCARDED = 4096  # per link: beyond this, the oldest discarded tag is forgotten
