@@ -285,8 +285,9 @@ class SenderSession(Session):
             self.feed(ev.WriteFailed(repr(exc)))
 
     def _prestage(self, start: int, total: int) -> None:
-        """While the receiver prepares its next allocation, stage the next tokens into blocks
-        that are free right now (never waiting for blocks while the receiver holds its own)."""
+        """While the receiver prepares its next allocation (or, for round 0, before its Init
+        arrives), stage the next tokens into blocks that are free right now (never waiting
+        for blocks while the receiver holds its own; given back when anyone must wait)."""
         node = self.node
         try:
             a = node.allocator.try_alloc(total - start, self.rid, min_tokens=1)
@@ -483,6 +484,8 @@ class EncodeNode(Node):
         session.payload = tensors
         session.held = num_tokens * self.registry.token_nbytes
         self.held_bytes += session.held
+        if session._prestaged is None:  # stage now: the Init finds round 0 ready to write
+            session._prestage(0, num_tokens)
         session.feed(ev.DataReady(num_tokens, meta, digest))
         del tensors  # the session holds the payload until it ends; no frame of ours does
         try:

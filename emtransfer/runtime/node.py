@@ -33,7 +33,7 @@ from .metrics import Metrics
 from .session import Session
 
 #: payloads at least this large are copied on the executor, not on the event loop
-OFFLOAD_BYTES = 1 << 20
+OFFLOAD_BYTES = 16 << 20
 #: how long a failed data-plane operation waits for the control connection to report the
 #: peer's death (a dead peer breaks the data path a moment before its control connection)
 PEER_LOSS_GRACE_S = 0.25

@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..guarantees import Guarantees
 from ..logs import get_logger
 from .base import Transport, TransportError, check_deadline
+from .nixl_poller import CompletionPoller
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -46,7 +47,7 @@ class _Peer:
     agent: str
     mem: str
     pools: dict[str, tuple[int, int, int]]
-    inflight: set[cf.Future[None]] = field(default_factory=set)
+    inflight: set[cf.Future[Any]] = field(default_factory=set)
 
 
 def parse_backend_params(text: str | None = None) -> dict[str, str]:
@@ -107,7 +108,8 @@ def new_agent(name: str, params: Mapping[str, str], *, delay_us: int, thread: bo
 class NixlTransport(Transport):
     """One-sided NIXL/UCX writes between registered pools (DRAM for CPU, VRAM for CUDA pools).
     Writes of ``inline_max_bytes`` or more are posted from an executor thread (UCX may copy inline
-    in the post), smaller ones on the loop; one still in progress is polled in a thread."""
+    in the post), smaller ones on the loop; those still in progress are watched by one poller
+    thread (:mod:`.nixl_poller`)."""
 
     name = "nixl"
     #: write() returns once the transfer is DONE at the target; but NIXL cannot cancel a
@@ -122,7 +124,7 @@ class NixlTransport(Transport):
         *,
         backend_params: Mapping[str, str] | None = None,
         progress_delay_us: int = 100,
-        inline_max_bytes: int = 1 << 20,
+        inline_max_bytes: int = 4 << 20,
         xfer_timeout: float = 10.0,
         notif_ttl: float = 300.0,
         threads: int = 2,
@@ -146,6 +148,7 @@ class NixlTransport(Transport):
         self._peers: dict[str, _Peer] = {}
         self._landed: dict[str, dict[bytes, list[float]]] = {}  # agent -> tag -> [nbytes, seen]
         self._sweeper: asyncio.Task[None] | None = None
+        self._poller: CompletionPoller | None = None
         self._closed = False
 
     @classmethod
@@ -169,6 +172,12 @@ class NixlTransport(Transport):
             raise TransportError("nixl transport is closed")
         if self._agent is None:
             await asyncio.get_running_loop().run_in_executor(self._pool, self._open)
+            agent: Any = self._agent
+            self._poller = CompletionPoller(
+                agent.check_xfer_state,
+                lambda handle: _try("release", handle.release),  # fails only if not cancellable
+                lambda why: TransportError(f"nixl: {why}"),
+            )
             self._sweeper = asyncio.create_task(self._sweep(), name="emtransfer:nixl-sweep")
 
     def _open(self) -> None:
@@ -200,6 +209,9 @@ class NixlTransport(Transport):
             self._sweeper.cancel()
         for peer_id in list(self._peers):
             await self.remove_peer(peer_id)
+        if self._poller is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._poller.close)
+            self._poller = None
         agent, self._agent, reg, self._reg = self._agent, None, self._reg, None
         if agent is not None:  # deregistered and destroyed (~13 ms: joins UCX threads) in a thread
             holder = [agent]
@@ -268,13 +280,19 @@ class NixlTransport(Transport):
         notif = tag.encode() + b"\0" + str(total).encode()
         args = (agent, peer_id, peer, local, remote, notif, deadline)
         if total >= self.inline_max_bytes:
-            fut = self._pool.submit(lambda: self._complete(agent, *self._post(*args), peer.agent))
+            post = self._pool.submit(self._post, *args)
+            peer.inflight.add(post)  # remove_peer waits for a post under way too
+            post.add_done_callback(peer.inflight.discard)
+            handle, state = await asyncio.wrap_future(post)
         else:
             handle, state = self._post(*args)
-            if state != "PROC":
-                self._complete(agent, handle, state, peer.agent)
-                return
-            fut = self._pool.submit(self._complete, agent, handle, state, peer.agent)
+        if state != "PROC":
+            _try("release", handle.release)
+            if state != "DONE":
+                raise TransportError(f"nixl: write to {peer.agent} failed ({state})")
+            return
+        assert self._poller is not None
+        fut = self._poller.watch(handle, self.xfer_timeout, peer.agent)
         peer.inflight.add(fut)
         fut.add_done_callback(peer.inflight.discard)
         await asyncio.wrap_future(fut)
@@ -366,22 +384,6 @@ class NixlTransport(Transport):
         except Exception as exc:
             _try("release", handle.release)
             raise TransportError(f"nixl: write to {peer.agent} failed: {exc}") from exc
-
-    def _complete(self, agent: Any, handle: Any, state: str, where: str) -> None:
-        """Poll ``handle`` while in progress (blocks: on the loop only with a final ``state``)."""
-        deadline, delay = time.monotonic() + self.xfer_timeout, 20e-6
-        try:
-            while state == "PROC" and time.monotonic() < deadline:
-                time.sleep(delay)
-                delay = min(2 * delay, 1e-3)
-                state = agent.check_xfer_state(handle)
-        except Exception as exc:
-            state = f"ERR: {exc}"
-        _try("release", handle.release)  # fails only for a transfer NIXL could not cancel
-        if state == "PROC":
-            raise TransportError(f"nixl: write to {where} timed out after {self.xfer_timeout}s")
-        if state != "DONE":
-            raise TransportError(f"nixl: write to {where} failed ({state})")
 
     def _drain(self, prune: bool = False) -> None:
         """Move new notifications into ``_landed``; drop those older than ``notif_ttl``."""
