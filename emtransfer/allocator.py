@@ -216,6 +216,31 @@ class BlockAllocator:
             return None
         return self._take(min(most, len(self._free)), rid)
 
+    def try_alloc_run(self, num_tokens: int, rid: str) -> Allocation | None:
+        """Allocate ``num_tokens`` as one run of consecutive blocks (the lowest such run that
+        is free now), or return None: no such run, or others wait (FIFO). O(free blocks);
+        for callers that need one contiguous region (zero-copy staging), not the hot path."""
+        want, _ = self._check_request(num_tokens, None)
+        if self._waiters or len(self._free) < want:
+            return None
+        free = sorted(self._free)
+        start = None
+        for i in range(len(free) - want + 1):
+            if free[i + want - 1] - free[i] == want - 1:
+                start = free[i]
+                break
+        if start is None:
+            return None
+        run = set(range(start, start + want))
+        self._free = [b for b in self._free if b not in run]
+        serial = next(self._serials)
+        for b in run:
+            self._owner[b] = serial
+        self.low_water = min(self.low_water, len(self._free))
+        alloc = Allocation(rid, tuple(range(start, start + want)), self.block_size, serial)
+        self._live[serial] = alloc
+        return alloc
+
     async def alloc(
         self,
         num_tokens: int,

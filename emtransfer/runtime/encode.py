@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import copy
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -83,6 +83,21 @@ class SendStats:
     first_write_at: float = 0.0
 
 
+@dataclass(eq=False)
+class Staged:
+    """Encode-pool blocks lent for one payload by :meth:`EncodeNode.stage`. Write the payload
+    into ``tensors`` and pass this object to :meth:`EncodeNode.send`. ``zero_copy``: the
+    tensors are views into the pool (its blocks are consecutive), and ``send`` copies nothing
+    in; otherwise they are ordinary tensors that ``send`` copies into the reserved blocks."""
+
+    rid: str
+    num_tokens: int
+    tensors: dict[str, torch.Tensor]
+    zero_copy: bool
+    #: the reserved blocks; None once a send took them over
+    allocation: Allocation | None = field(default=None, repr=False)
+
+
 #: an encoder maps a job (JSON-like dict) to the tensors, or (tensors, meta); may be async
 Encoder = Callable[[dict[str, Any]], Any]
 
@@ -95,6 +110,8 @@ class _Prestaged:
     start: int
     count: int
     copy: asyncio.Future[None]
+    #: the caller's own staging (stage()): every round writes from it, freed at the end
+    pinned: bool = False
 
     def covers(self, staging: Allocation, start: int, count: int) -> bool:
         return staging is self.allocation and start == self.start and count <= self.count
@@ -103,6 +120,7 @@ class _Prestaged:
 class SenderSession(Session):
     ALLOC_STATES = frozenset({SenderState.STAGING})
     machine: SenderMachine
+    node: EncodeNode
 
     def __init__(self, node: EncodeNode, rid: str, owner: Owner = None, job_tag: str = "") -> None:
         machine = SenderMachine(rid, block_size=node.settings.block_size, remote_num_blocks=0)
@@ -119,6 +137,7 @@ class SenderSession(Session):
         self.session_tag = ""  # the receiver's name for this attempt (from Init)
         self._prestaged: _Prestaged | None = None  # staged, not yet handed to the machine
         self._staged: _Prestaged | None = None  # handed to the machine as its staging grant
+        self._pinned: _Prestaged | None = None  # the whole payload, staged by the caller
         self.first_write_at = 0.0
         self.held = 0  # bytes of the payload counted in the node's held_bytes
 
@@ -163,12 +182,23 @@ class SenderSession(Session):
         except PeerLost:
             self.log.debug("peer gone; message dropped", msg=type(msg).__name__)
 
+    def _is_pinned(self, allocation: Allocation | None) -> bool:
+        return self._pinned is not None and allocation is self._pinned.allocation
+
+    def _release_grant(self, allocation: Allocation) -> None:
+        if not self._is_pinned(allocation):  # the caller's staging is freed at the end
+            super()._release_grant(allocation)
+
     async def _execute(self, action: ev.Action) -> None:
         mach = self.machine
         match action:
+            case ev.Alloc() if self._pinned is not None:  # every round writes from it
+                self._staged, self._alloc_token = self._pinned, object()
+                self.feed(_Granted(self._alloc_token, self._pinned.allocation))
             case ev.Alloc() if self._prestaged is not None:
                 self.node.allocator.reclaimers.discard(self._cleanup)
                 pre, self._prestaged = self._prestaged, None
+                self.node.speculative_blocks -= len(pre.allocation.blocks)
                 try:
                     await pre.copy  # usually long done: it ran while we waited for the Resume
                 except Exception as exc:  # the copy failed: its blocks go back, stage anew
@@ -183,11 +213,13 @@ class SenderSession(Session):
             case ev.Write():
                 self._write_task = asyncio.create_task(self._write(action))
             case ev.FreeStaging():
-                if self.staging is not None:
+                if self.staging is not None and not self._is_pinned(self.staging):
                     self.node.allocator.free(self.staging)
-                    self.staging = None
+                self.staging = None
             case ev.FreeStagingAfterWrite():
                 staging, self.staging = self.staging, None
+                if self._is_pinned(staging):
+                    staging = None  # freed when the session ends, after its writes
                 task = self._write_task
                 alloc = self.node.allocator
                 if task is None or task.done():
@@ -243,7 +275,9 @@ class SenderSession(Session):
             staging, payload, peer = self.staging, self.payload, self.peer
             assert staging is not None and payload is not None and peer is not None
             dest = Allocation(self.rid, self.machine.dest_blocks, node.settings.block_size, 0)
-            runs = staging.runs_to(dest, action.count, dst_start=action.dst_start)
+            pinned = self._is_pinned(staging)  # holds the whole payload: token t at t
+            src = action.src_start if pinned else 0
+            runs = staging.runs_to(dest, action.count, src_start=src, dst_start=action.dst_start)
             ops = node.registry.write_ops(runs)
             nbytes = action.count * node.registry.token_nbytes
             if action.round > 0:
@@ -261,7 +295,9 @@ class SenderSession(Session):
                 )
 
             pre, self._staged = self._staged, None
-            if pre is not None and pre.covers(staging, action.src_start, action.count):
+            if pinned:
+                pass  # the caller wrote it there (or send() copied it in)
+            elif pre is not None and pre.covers(staging, action.src_start, action.count):
                 pass  # staged while we waited for the Resume
             elif nbytes >= OFFLOAD_BYTES:
                 await asyncio.get_running_loop().run_in_executor(node.executor, stage)
@@ -287,10 +323,17 @@ class SenderSession(Session):
     def _prestage(self, start: int, total: int) -> None:
         """While the receiver prepares its next allocation (or, for round 0, before its Init
         arrives), stage the next tokens into blocks that are free right now (never waiting
-        for blocks while the receiver holds its own; given back when anyone must wait)."""
+        for blocks while the receiver holds its own; given back when anyone must wait). At
+        most half the pool is speculative at a time: the rest serves the rounds under way."""
         node = self.node
+        if self._pinned is not None:
+            return  # all of it is staged already
+        room = node.allocator.num_blocks // 2 - node.speculative_blocks
+        if room <= 0:
+            return
+        want = min(total - start, room * node.settings.block_size)
         try:
-            a = node.allocator.try_alloc(total - start, self.rid, min_tokens=1)
+            a = node.allocator.try_alloc(want, self.rid, min_tokens=1)
         except TransferError:
             return
         if a is None:
@@ -315,6 +358,7 @@ class SenderSession(Session):
                 return
             copy.set_result(None)
         self._prestaged = _Prestaged(a, start, count, copy)
+        node.speculative_blocks += len(a.blocks)
         node.allocator.reclaimers.add(self._cleanup)
 
     def _cleanup(self) -> None:
@@ -322,6 +366,7 @@ class SenderSession(Session):
         self.node.allocator.reclaimers.discard(self._cleanup)
         pre, self._prestaged = self._prestaged, None
         if pre is not None:
+            self.node.speculative_blocks -= len(pre.allocation.blocks)
             alloc = self.node.allocator
             pre.copy.add_done_callback(lambda _: alloc.free(pre.allocation))
 
@@ -346,9 +391,9 @@ class SenderSession(Session):
     async def _crash_cleanup(self) -> None:
         if self._write_task is not None:
             await asyncio.wait([self._write_task])
-        if self.staging is not None:
+        if self.staging is not None and not self._is_pinned(self.staging):
             self.node.allocator.free(self.staging)
-            self.staging = None
+        self.staging = None
         if self.peer is not None and self.peer.alive:
             self._send(m.Abort(rid=self.rid, reason="sender failed", session=self.session_tag))
 
@@ -381,6 +426,7 @@ class EncodeNode(Node):
         self.address: str = ""
         self._handshaking = 0  # connections in their handshake now
         self.held_bytes = 0  # bytes of the payloads sessions hold (bounded by max_held_mib)
+        self.speculative_blocks = 0  # pre-staged blocks no round has claimed yet
 
     async def start(self) -> None:
         """Start the pool and transport, and listen for language nodes (on
@@ -423,22 +469,74 @@ class EncodeNode(Node):
         return [x for offers in self._offers.values() for x in offers]
 
     # -- the API -------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def stage(self, rid: str, num_tokens: int) -> AsyncIterator[Staged]:
+        """Reserve this node's pool for one payload of ``num_tokens`` and lend it, so that an
+        encoder can write its output straight into the memory the transport sends from:
+
+            async with enc.stage(rid, n) as staged:
+                model(out=staged.tensors["embeddings"])
+                await enc.send(rid, staged)
+
+        Zero copy (``staged.zero_copy``, the tensors are views into the pool) when
+        ``num_tokens`` fits the pool and a run of consecutive free blocks that long exists
+        now; otherwise the blocks are reserved all the same and the tensors are ordinary
+        ones that ``send`` copies in (one copy, as with plain tensors, but no waiting for
+        blocks once the receiver asks). Waits up to ``alloc_timeout`` for the blocks (FIFO).
+        The blocks are freed when the send ends, or at exit if it never started; the
+        tensors must not be used after that."""
+        check_rid(rid)
+        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens <= 0:
+            raise InvalidRequest(f"num_tokens must be a positive integer, got {num_tokens!r}")
+        if num_tokens > self.settings.max_tokens:
+            raise PayloadError(
+                f"payload of {num_tokens} tokens exceeds max_tokens={self.settings.max_tokens}"
+            )
+        if num_tokens > self.allocator.capacity_tokens:
+            raise CapacityError(
+                f"stage({num_tokens} tokens): the pool holds {self.allocator.capacity_tokens}; "
+                "send() plain tensors instead (they travel in rounds)"
+            )
+        alloc = self.allocator.try_alloc_run(num_tokens, rid)
+        if alloc is None:
+            alloc = await self.allocator.alloc(num_tokens, rid, timeout=self.settings.alloc_timeout)
+        views = self.registry.views(alloc, count=num_tokens)
+        tensors = views if views is not None else self.registry.empty_like_payload(num_tokens)
+        staged = Staged(rid, num_tokens, tensors, views is not None, alloc)
+        try:
+            yield staged
+        finally:
+            if staged.allocation is not None:  # never handed to a send
+                self.allocator.free(staged.allocation)
+                staged.allocation = None
+
     async def send(
         self,
         rid: str,
-        tensors: Mapping[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor] | Staged,
         meta: dict[str, Any] | None = None,
         *,
         peer: Peer | str | None = None,
     ) -> SendStats:
         """Push ``tensors`` for ``rid`` to the receiver that asks for it (its ``Init`` may come
-        before or after this call) and return once the last round was written.
+        before or after this call) and return once the last round was written. ``tensors``
+        may be a :class:`Staged` from :meth:`stage` (for the same rid): then nothing is
+        copied in when it is zero copy.
 
         ``peer`` says who may claim the payload: a :class:`Peer` (that connection only), a
         node id (a peer presenting that id on an authenticated connection), or None (any
         connected peer: the first Init for ``rid`` wins, so use it only among trusted peers).
         An Init from anyone else is refused."""
         check_rid(rid)
+        staged = None
+        if isinstance(tensors, Staged):
+            staged, tensors = tensors, tensors.tensors
+            if staged.rid != rid or staged.allocation is None:
+                raise InvalidRequest(
+                    f"send({rid!r}): this Staged is for rid {staged.rid!r}"
+                    if staged.rid != rid
+                    else f"send({rid!r}): this Staged was sent already"
+                )
         num_tokens = self._check_outgoing(tensors, meta)
         if self._closing:
             raise TransferError("node is closing")
@@ -452,11 +550,35 @@ class EncodeNode(Node):
             self._offers.setdefault(rid, []).append(session)
             session.start()
         try:
-            return await self._push(session, tensors, meta, num_tokens)
+            return await self._push(session, tensors, meta, num_tokens, staged)
         finally:
             # the caller's error may outlive this call in a traceback (and a task that keeps
             # it: a cycle only the collector breaks): none of its frames holds the payload
             del tensors, session
+
+    async def _adopt(
+        self,
+        session: SenderSession,
+        staged: Staged,
+        tensors: Mapping[str, torch.Tensor],
+        num_tokens: int,
+    ) -> None:
+        """The session takes the staged blocks over; every round writes from them."""
+        alloc, staged.allocation = staged.allocation, None
+        assert alloc is not None
+        copied = asyncio.get_running_loop().create_future()
+        # the session frees it when it ends, even if the copy below fails
+        session._pinned = _Prestaged(alloc, 0, num_tokens, copied, pinned=True)
+        if not staged.zero_copy:  # ordinary tensors: one copy into the reserved blocks
+
+            def copy_in() -> None:
+                self.registry.write(alloc, tensors, count=num_tokens)
+
+            if num_tokens * self.registry.token_nbytes >= OFFLOAD_BYTES:
+                await asyncio.get_running_loop().run_in_executor(self.executor, copy_in)
+            else:
+                copy_in()
+        copied.set_result(None)
 
     def _check_outgoing(
         self, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any] | None
@@ -477,6 +599,7 @@ class EncodeNode(Node):
         tensors: Mapping[str, torch.Tensor],
         meta: dict[str, Any] | None,
         num_tokens: int,
+        staged: Staged | None = None,
     ) -> SendStats:
         digest = None
         if self.settings.verify_digest:
@@ -484,7 +607,13 @@ class EncodeNode(Node):
         session.payload = tensors
         session.held = num_tokens * self.registry.token_nbytes
         self.held_bytes += session.held
-        if session._prestaged is None:  # stage now: the Init finds round 0 ready to write
+        if staged is not None:
+            try:
+                await self._adopt(session, staged, tensors, num_tokens)
+            except BaseException:
+                session.feed(ev.LocalAbort("staging the payload failed"))
+                raise
+        elif session._prestaged is None:  # stage now: the Init finds round 0 ready to write
             session._prestage(0, num_tokens)
         session.feed(ev.DataReady(num_tokens, meta, digest))
         del tensors  # the session holds the payload until it ends; no frame of ours does
@@ -693,6 +822,9 @@ class EncodeNode(Node):
             session.payload = None  # the caller's tensors are not ours to keep
             self.held_bytes -= session.held
             session.held = 0
+            if session._pinned is not None:  # every write from it has ended
+                self.allocator.free(session._pinned.allocation)
+                session._pinned = None
         offers = self._offers.get(session.rid)
         if offers is not None and session in offers:
             offers.remove(session)

@@ -166,6 +166,7 @@ class Node:
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.abort_ack_timeout)
         lingering = [s for p in self.peers.values() for s in p.lingering.values()]
+        await self.transport.finish_writes()  # what send() reported written reaches the peer
         for peer in list(self.peers.values()):
             peer.channel.close()
             await self._peer_lost(peer, "node closing")

@@ -143,12 +143,16 @@ class Session:
     def _cleanup(self) -> None:
         """Release what the subclass holds beyond the machine's own allocations."""
 
+    def _release_grant(self, allocation: Allocation) -> None:
+        """Give back an allocation granted to the machine that it will not use."""
+        self.node.allocator.free(allocation)
+
     def _drop_stale_grants(self) -> None:
         """Free grants still queued behind the event that ended the request."""
         while not self.queue.empty():
             item = self.queue.get_nowait()
             if isinstance(item, _Granted):
-                self.node.allocator.free(item.allocation)
+                self._release_grant(item.allocation)
 
     async def step(self, item: object) -> None:
         """Turn one queue item into a machine event and execute the resulting actions."""
@@ -188,7 +192,7 @@ class Session:
             return ev.Timeout() if item.token is self._deadline_token else None
         if isinstance(item, _Granted):
             if item.token is not self._alloc_token:
-                self.node.allocator.free(item.allocation)  # stale: the machine moved on
+                self._release_grant(item.allocation)  # stale: the machine moved on
                 return None
             self._alloc_token = None
             self._alloc_task = None

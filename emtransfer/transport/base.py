@@ -142,6 +142,10 @@ class Transport(ABC):
         the writes that come from us (without); travels in the Hello handshake."""
         return b""
 
+    async def finish_writes(self) -> None:
+        """Before a graceful close: let the bytes of writes that already returned reach their
+        peers (an engine whose ``write`` returns only at remote completion has nothing to do)."""
+
     async def add_peer(self, peer_id: str, metadata: bytes, *, secret: bytes = b"") -> None:
         """Make the peer's pools reachable, from its :meth:`metadata`. ``secret``: a key both
         nodes derived from their authenticated handshake (empty without ``auth_token``); an

@@ -559,9 +559,21 @@ class TcpTransport(Transport):
         peer.fail("peer removed")
         peer.tags.clear()
 
+    async def finish_writes(self) -> None:
+        """Half-close every data connection we write on and wait (up to the hello timeout)
+        until the peer read it all: a ``write`` that returned had its bytes in the kernel, and
+        an abort, or a close with the receiver's acks unread (the kernel answers it with a
+        reset), would throw them away before they reach the peer."""
+        streams = [p.stream for p in self._peers.values() if p.stream is not None]
+        for p in self._peers.values():
+            p.stream = None  # a later write opens a fresh connection
+        if streams:
+            await asyncio.gather(*(_finish(*st, self.hello_timeout) for st in streams))
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        await self.finish_writes()
         for peer_id in list(self._peers):
             await self.remove_peer(peer_id)
         for conn in list(self._conns):
@@ -569,6 +581,19 @@ class TcpTransport(Transport):
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+
+
+async def _finish(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float
+) -> None:
+    """Half-close (FIN after the last byte), drain the peer's acks until it closes its end."""
+    try:
+        writer.write_eof()
+        async with asyncio.timeout(timeout):
+            while await reader.read(1 << 16):
+                pass
+    except (OSError, TimeoutError, RuntimeError):
+        pass  # the peer is gone or slow: remove_peer aborts what is left
 
 
 TRANSPORT = TcpTransport
