@@ -324,6 +324,25 @@ class BlockAllocator:
         self._free.extend(reversed(allocation.blocks))
         self._wake()
 
+    def split(self, allocation: Allocation, blocks: int) -> tuple[Allocation, Allocation]:
+        """Cut a live allocation after its first ``blocks`` blocks into two live allocations
+        (new serials, same rid): the parts are freed on their own."""
+        if self._live.get(allocation.serial) is not allocation:
+            raise AllocatorError(f"cannot split allocation of rid={allocation.rid!r}: not live")
+        if not 0 < blocks < len(allocation.blocks):
+            raise AllocatorError(
+                f"cannot split {len(allocation.blocks)} blocks after {blocks}: out of range"
+            )
+        del self._live[allocation.serial]
+        parts = []
+        for part in (allocation.blocks[:blocks], allocation.blocks[blocks:]):
+            a = Allocation(allocation.rid, part, self.block_size, next(self._serials))
+            for b in part:
+                self._owner[b] = a.serial
+            self._live[a.serial] = a
+            parts.append(a)
+        return parts[0], parts[1]
+
     def quarantine(self, allocation: Allocation) -> None:
         """Keep a live allocation's blocks out of circulation until :meth:`release_quarantine`:
         a write may still land in them."""

@@ -757,3 +757,22 @@ def test_min_block_shortcut_corrupts_a_neighbour_registry_write_does_not(
     reg.write(target, data_a, count=n)
     assert_payload_equal(reg.read(victim, count=victim.capacity_tokens), data_v)
     assert_payload_equal(reg.read(target, count=n), data_a)
+
+
+def test_split_makes_two_live_allocations_freed_on_their_own() -> None:
+    a = BlockAllocator(8, 4)
+    whole = a.try_alloc(20, "r")  # 5 blocks
+    assert whole is not None
+    head, tail = a.split(whole, 2)
+    assert head.blocks + tail.blocks == whole.blocks and head.rid == tail.rid == "r"
+    assert a.owns(head) and a.owns(tail) and not a.owns(whole)
+    a.check_owned("r", whole.blocks)
+    with pytest.raises(AllocatorError):
+        a.free(whole)  # the original is gone
+    for bad in (0, 3):
+        with pytest.raises(AllocatorError, match="out of range"):
+            a.split(tail, bad)
+    a.free(head)
+    assert a.num_free == 5
+    a.free(tail)
+    assert a.num_free == 8 and not a.leak_report()

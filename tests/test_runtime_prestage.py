@@ -55,3 +55,29 @@ async def test_prestaged_blocks_are_given_back_to_a_waiter() -> None:
         assert got.rounds >= 2
         assert_same_payload(got.tensors, want)
         await wait_pools_clean(enc, lang)
+
+
+@pytest.mark.timeout(30)
+async def test_tokens_staged_at_send_are_copied_once_across_rounds() -> None:
+    """send() stages the payload before the receiver's grant is known; a grant smaller than
+    that (a resumed transfer) must not throw the rest away and copy it again: every token is
+    copied into the encode pool exactly once."""
+    s = make_settings(num_blocks=64, default_blocks=2)
+    async with et.EncodeNode(s) as enc, et.LanguageNode(s) as lang:
+        peer = await lang.connect(enc.address)
+        copied: list[int] = []
+        real = enc.registry.write
+
+        def counting(allocation, tensors, *, count, src_start=0, dst_start=0):  # type: ignore[no-untyped-def]
+            copied.append(count)
+            real(allocation, tensors, count=count, src_start=src_start, dst_start=dst_start)
+
+        enc.registry.write = counting  # type: ignore[method-assign]
+        want = make_payload(5 * 2 * BLOCK + 7, seed=9)  # five default allocations and a bit
+        send = asyncio.create_task(enc.send("once", want))
+        got = await lang.receive("once", peer)  # unknown length: resumes
+        await send
+        assert got.rounds == 2  # the default allocation, then the rest
+        assert_same_payload(got.tensors, want)
+        assert sum(copied) == len(want["embeddings"]), copied
+        await wait_pools_clean(enc, lang)

@@ -295,10 +295,12 @@ class SenderSession(Session):
                 )
 
             pre, self._staged = self._staged, None
+            if pre is not None and not pre.covers(staging, action.src_start, action.count):
+                pre = None
             if pinned:
                 pass  # the caller wrote it there (or send() copied it in)
-            elif pre is not None and pre.covers(staging, action.src_start, action.count):
-                pass  # staged while we waited for the Resume
+            elif pre is not None:
+                pass  # staged while we waited for the Resume (or the Init)
             elif nbytes >= OFFLOAD_BYTES:
                 await asyncio.get_running_loop().run_in_executor(node.executor, stage)
             else:
@@ -308,6 +310,8 @@ class SenderSession(Session):
                 self.first_write_at = time.time()
             tag = data_tag(self.rid, self.session_tag, action.round)
             await node.transport.write(peer.transport_id, ops, tag=tag, deadline=action.deadline)
+            if pre is not None and not pinned:
+                self._keep_the_rest(pre, staging, action.count)
             self.t_last_write = time.perf_counter()
             self.writes += 1
             node.metrics.bytes_out.inc(nbytes)
@@ -320,14 +324,30 @@ class SenderSession(Session):
                 self.feed(ev.PeerLost("peer lost during the write"))
             self.feed(ev.WriteFailed(repr(exc)))
 
+    def _keep_the_rest(self, pre: _Prestaged, staging: Allocation, written: int) -> None:
+        """Pre-staged tokens past this write (staged at send() before the receiver's grant
+        was known) stay staged for the next write instead of being freed and copied again."""
+        b = self.node.settings.block_size
+        if pre.count <= written or written % b or self.staging is not staging:
+            return
+        if self._prestaged is not None or not self.node.allocator.owns(staging):
+            return
+        head, tail = self.node.allocator.split(staging, written // b)
+        self.staging = head  # FreeStaging frees what this write used
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        self._prestaged = _Prestaged(tail, pre.start + written, pre.count - written, done)
+        self.node.speculative_blocks += len(tail.blocks)
+        self.node.allocator.reclaimers.add(self._cleanup)
+
     def _prestage(self, start: int, total: int) -> None:
         """While the receiver prepares its next allocation (or, for round 0, before its Init
         arrives), stage the next tokens into blocks that are free right now (never waiting
         for blocks while the receiver holds its own; given back when anyone must wait). At
         most half the pool is speculative at a time: the rest serves the rounds under way."""
         node = self.node
-        if self._pinned is not None:
-            return  # all of it is staged already
+        if self._pinned is not None or self._prestaged is not None:
+            return  # staged already
         room = node.allocator.num_blocks // 2 - node.speculative_blocks
         if room <= 0:
             return
