@@ -343,12 +343,15 @@ class SenderSession(Session):
     def _prestage(self, start: int, total: int) -> None:
         """While the receiver prepares its next allocation (or, for round 0, before its Init
         arrives), stage the next tokens into blocks that are free right now (never waiting
-        for blocks while the receiver holds its own; given back when anyone must wait). At
-        most half the pool is speculative at a time: the rest serves the rounds under way."""
+        for blocks while the receiver holds its own; given back when anyone must wait). While
+        other sessions speculate, at most half the pool is speculative: the rest serves the
+        rounds under way (a burst of sends must not take it all and thrash)."""
         node = self.node
         if self._pinned is not None or self._prestaged is not None:
             return  # staged already
-        room = node.allocator.num_blocks // 2 - node.speculative_blocks
+        total_blocks = node.allocator.num_blocks
+        room = total_blocks if not node.speculative_blocks else total_blocks // 2
+        room -= node.speculative_blocks
         if room <= 0:
             return
         want = min(total - start, room * node.settings.block_size)
