@@ -21,7 +21,7 @@ sysdeps:
 $(VENV)/.stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install '$(TORCH_SPEC)'
-	$(PIP) install -e '.[dev,nixl]'
+	$(PIP) install -e '.[dev,nixl,bench]'
 	touch $@
 
 test: sysdeps venv
