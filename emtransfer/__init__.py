@@ -5,16 +5,20 @@ from .errors import (
     AllocatorError,
     CapacityError,
     ConfigError,
+    EncoderFailed,
     InvalidRequest,
+    JobRefused,
     PayloadError,
     PeerLost,
     ProtocolError,
+    RidInFlight,
     TransferAborted,
     TransferError,
     TransferTimeout,
+    Unavailable,
 )
 from .logs import configure_logging
-from .runtime import EncodeNode, LanguageNode, Peer, Received, SendStats
+from .runtime import EncodeNode, LanguageNode, Peer, Received, SendStats, Staged
 from .settings import FieldSpec, Settings
 
 __version__ = "0.1.0"
@@ -25,18 +29,23 @@ __all__ = [
     "CapacityError",
     "ConfigError",
     "EncodeNode",
+    "EncoderFailed",
     "FieldSpec",
     "InvalidRequest",
+    "JobRefused",
     "LanguageNode",
     "PayloadError",
     "Peer",
     "PeerLost",
     "ProtocolError",
     "Received",
+    "RidInFlight",
     "SendStats",
     "Settings",
+    "Staged",
     "TransferAborted",
     "TransferError",
     "TransferTimeout",
+    "Unavailable",
     "configure_logging",
 ]

@@ -54,14 +54,9 @@ class Describe(BaseModel):
 
 
 def _status(exc: et.TransferError) -> HTTPException:
-    """The same mapping the emtransfer servers use."""
-    if isinstance(exc, et.InvalidRequest):
-        return HTTPException(400, str(exc))
-    if isinstance(exc, et.PeerLost | et.CapacityError):
-        return HTTPException(503, str(exc))
-    if isinstance(exc, et.TransferTimeout):
-        return HTTPException(504, str(exc))
-    return HTTPException(502, str(exc))  # e.g. TransferAborted: "encode failed: ..."
+    """Every emtransfer error carries its HTTP status (and whether a retry may help)."""
+    headers = {"Retry-After": "1"} if exc.retryable else None
+    return HTTPException(exc.http_status, f"{exc.kind}: {exc}", headers=headers)
 
 
 def _summary(got: et.Received) -> dict[str, Any]:

@@ -1364,3 +1364,29 @@ def test_unknown_rid_chunk_is_a_protocol_error() -> None:
 def test_other_events_for_an_unknown_rid_are_refused(event_type: type[Event]) -> None:
     with pytest.raises(ProtocolError, match=f"receiver: event {event_type.__name__} for unknown"):
         ReceiverMachine.answer_unknown(RID, SAMPLE_EVENTS[event_type])
+
+
+@pytest.mark.parametrize(
+    ("kind", "cls"),
+    [
+        ("", "TransferAborted"),
+        ("unavailable", "Unavailable"),
+        ("refused", "JobRefused"),
+        ("encoder_failed", "EncoderFailed"),
+        ("not-a-kind", "TransferAborted"),
+    ],
+)
+def test_an_abort_s_kind_picks_the_caller_s_error(kind: str, cls: str) -> None:
+    """The sender's Abort says why; the receiver fails with that type, in every state an
+    Abort can reach (allocating, or waiting for a chunk), and tells its own kind on."""
+    for build in (allocating, wait_chunk):
+        m = build(NONE)
+        acts = feed(m, AbortReceived("s", kind))
+        (fail,) = [a for a in acts if isinstance(a, ev.Fail)]
+        assert type(fail.error).__name__ == cls, (build.__name__, acts)
+    m = allocating(NONE)
+    acts = feed(m, ev.LocalAbort("node closing", kind="unavailable"))
+    (tell,) = [a for a in acts if isinstance(a, ev.SendAbort)]
+    assert tell.kind == "unavailable"
+    (fail,) = [a for a in acts if isinstance(a, ev.Fail)]
+    assert type(fail.error).__name__ == "Unavailable"

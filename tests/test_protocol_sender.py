@@ -1261,3 +1261,17 @@ def test_unknown_rid_resume_is_answered_with_abort_and_fails() -> None:
 def test_other_events_for_an_unknown_rid_are_refused(event_type: type[Event]) -> None:
     with pytest.raises(ProtocolError, match=f"sender: event {event_type.__name__} for unknown"):
         SenderMachine.answer_unknown(RID, SAMPLE_EVENTS[event_type])
+
+
+@pytest.mark.parametrize(("kind", "cls"), [("", "TransferAborted"), ("unavailable", "Unavailable")])
+def test_the_sender_types_an_abort_by_its_kind_too(kind: str, cls: str) -> None:
+    m = wait_init()
+    acts = m.handle(ev.AbortReceived("s", kind))
+    (fail,) = [a for a in acts if isinstance(a, ev.Fail)]
+    assert type(fail.error).__name__ == cls
+    m = writing()
+    m.handle(ev.LocalAbort("node closing", kind="unavailable"))  # drains first
+    acts = m.handle(ev.WriteDone())
+    (tell,) = [a for a in acts if isinstance(a, ev.SendAbort)]
+    (fail,) = [a for a in acts if isinstance(a, ev.Fail)]
+    assert tell.kind == "unavailable" and type(fail.error).__name__ == "Unavailable"

@@ -89,6 +89,7 @@ class WriteFailed(Event):
 @dataclass(frozen=True, slots=True)
 class AbortReceived(Event):
     reason: str = ""
+    kind: str = ""  # the Abort's kind (errors.ABORT_KINDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,7 @@ class LocalAbort(Event):
     """The caller cancelled the request or the node is closing."""
 
     reason: str = "aborted by caller"
+    kind: str = ""  # what the peer is told (errors.ABORT_KINDS): "unavailable" when closing
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +199,7 @@ class SendChunkDone(Action):
 @dataclass(frozen=True, slots=True)
 class SendAbort(Action):
     reason: str
+    kind: str = ""
 
 
 @dataclass(frozen=True, slots=True)

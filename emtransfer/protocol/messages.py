@@ -7,13 +7,13 @@ refused with a :class:`ProtocolError` that says what was wrong.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_RID_LEN = 256
 MAX_BLOCKS = 1 << 16
 
@@ -23,6 +23,7 @@ Pos = Annotated[int, msgspec.Meta(gt=0)]
 Blocks = Annotated[list[NonNeg], msgspec.Meta(min_length=1, max_length=MAX_BLOCKS)]
 Reason = Annotated[str, msgspec.Meta(max_length=4096)]
 SessionTag = Annotated[str, msgspec.Meta(max_length=64)]
+AbortKind = Literal["", "unavailable", "refused", "encoder_failed"]
 #: a moment on the sender's monotonic clock, in microseconds. The sender stamps its Heartbeat,
 #: HelloAck and ChunkDone; a receiver echoes the latest stamp it has seen in each grant, so the
 #: sender can start the grant's lifetime at a moment that surely came before the grant
@@ -114,6 +115,9 @@ class Abort(Message, tag="abort", frozen=True):
     rid: Rid
     reason: Reason = ""
     session: SessionTag = ""
+    #: why, for the caller's typed error: "" (plain), "unavailable" (shutting down or over a
+    #: limit: retry), "refused" (the encoder refused the job's input), "encoder_failed"
+    kind: AbortKind = ""
 
 
 class AbortAck(Message, tag="abort_ack", frozen=True):

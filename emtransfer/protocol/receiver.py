@@ -33,9 +33,10 @@ from enum import Enum, auto
 from ..errors import (
     AllocationTimeout,
     ProtocolError,
-    TransferAborted,
     TransferError,
     TransferTimeout,
+    abort_error,
+    kind_of,
 )
 from ..errors import PeerLost as PeerLostError
 from ..guarantees import Guarantees
@@ -136,14 +137,14 @@ class ReceiverMachine(Machine[ReceiverState]):
             return f"ChunkDone count {e.count} leaves the allocation part-filled mid-transfer"
         return None
 
-    def _abandon(self, error: TransferError, *, tell: str | None) -> Result:
+    def _abandon(self, error: TransferError, *, tell: str | None, kind: str = "") -> Result:
         """Give up while a write may still land in the current allocation: quarantine it, fence
         it where the engine can, tell the sender (``tell``: the reason) unless it told us."""
         acts: list[Action] = [ev.Quarantine()]
         if self.g.fences_tag:
             acts.append(ev.Fence())
         if tell is not None:
-            acts.append(ev.SendAbort(tell))
+            acts.append(ev.SendAbort(tell, kind))
         return R.QUARANTINED, [*acts, ev.Fail(error)]
 
     def _chunk(self, e: ev.ChunkReceived) -> Result:
@@ -165,30 +166,32 @@ class ReceiverMachine(Machine[ReceiverState]):
         # nothing is allocated, but the sender may hold the request: waiting for a Resume
         # after round 0, or, before it, an Encode job's result waiting for our Init (which a
         # retry of the rid must not find in its way): tell it either way
-        return R.FAILED, [ev.SendAbort(str(error)), ev.Fail(error)]  # type: ignore[arg-type]
+        tell = ev.SendAbort(str(error), kind_of(error))
+        return R.FAILED, [tell, ev.Fail(error)]  # type: ignore[arg-type]
 
     def _alloc_timeout(self, e: ev.Timeout) -> Result:
         err = AllocationTimeout(f"rid={self.rid!r}: no allocation for round {self.round} in time")
         return self._give_up_allocating(err)
 
     def _alloc_local_abort(self, e: ev.LocalAbort) -> Result:
-        return self._give_up_allocating(TransferAborted(f"rid={self.rid!r}: {e.reason}"))
+        return self._give_up_allocating(abort_error(e.kind, f"rid={self.rid!r}: {e.reason}"))
 
     def _chunk_timeout(self, e: ev.Timeout) -> Result:
         err = TransferTimeout(f"rid={self.rid!r}: no ChunkDone for round {self.round} in time")
         return self._abandon(err, tell="receiver timeout")
 
     def _chunk_local_abort(self, e: ev.LocalAbort) -> Result:
-        return self._abandon(TransferAborted(f"rid={self.rid!r}: {e.reason}"), tell=e.reason)
+        err = abort_error(e.kind, f"rid={self.rid!r}: {e.reason}")
+        return self._abandon(err, tell=e.reason, kind=e.kind)
 
     def _aborted_allocating(self, e: ev.AbortReceived) -> Result:
-        err = TransferAborted(f"rid={self.rid!r}: aborted by sender: {e.reason}")
+        err = abort_error(e.kind, f"rid={self.rid!r}: aborted by sender: {e.reason}")
         return R.FAILED, [ev.Fail(err)]
 
     def _aborted(self, e: ev.AbortReceived) -> Result:
         # the sender aborts only once no write of its own is in flight; whether that proves
         # nothing more lands depends on the engine
-        err = TransferAborted(f"rid={self.rid!r}: aborted by sender: {e.reason}")
+        err = abort_error(e.kind, f"rid={self.rid!r}: aborted by sender: {e.reason}")
         if self.g.remote_completion:
             return R.FAILED, [ev.Free(), ev.Fail(err)]
         return self._abandon(err, tell=None)
@@ -204,7 +207,7 @@ class ReceiverMachine(Machine[ReceiverState]):
         return R.EXPIRING, [ev.Quarantine(), ev.Fail(err)]
 
     def _new_abort(self, e: ev.LocalAbort) -> Result:
-        return R.FAILED, [ev.Fail(TransferAborted(f"rid={self.rid!r}: {e.reason}"))]
+        return R.FAILED, [ev.Fail(abort_error(e.kind, f"rid={self.rid!r}: {e.reason}"))]
 
     def _released(self, e: ev.Event) -> Result:
         return R.FAILED, [ev.ReleaseQuarantine()]

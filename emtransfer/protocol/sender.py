@@ -29,9 +29,9 @@ from enum import Enum, auto
 from ..errors import (
     AllocationTimeout,
     ProtocolError,
-    TransferAborted,
     TransferError,
     TransferTimeout,
+    abort_error,
 )
 from ..errors import PeerLost as PeerLostError
 from . import events as ev
@@ -174,12 +174,13 @@ class SenderMachine(Machine[SenderState]):
         return S.FAILED, [*acts, ev.Fail(err)]
 
     def _aborted(self, e: ev.AbortReceived) -> Result:
-        err = TransferAborted(f"rid={self.rid!r}: aborted by receiver: {e.reason}")
+        err = abort_error(e.kind, f"rid={self.rid!r}: aborted by receiver: {e.reason}")
         return S.FAILED, [ev.SendAbortAck(), ev.Fail(err)]
 
     def _local_abort(self, e: ev.LocalAbort) -> Result:
-        err = TransferAborted(f"rid={self.rid!r}: {e.reason}")
-        acts: list[Action] = [] if self.state in (S.NEW, S.WAIT_INIT) else [ev.SendAbort(e.reason)]
+        err = abort_error(e.kind, f"rid={self.rid!r}: {e.reason}")
+        tell: list[Action] = [ev.SendAbort(e.reason, e.kind)]
+        acts = [] if self.state in (S.NEW, S.WAIT_INIT) else tell
         return S.FAILED, [*acts, ev.Fail(err)]
 
     def _lost(self, e: ev.PeerLost) -> Result:
@@ -187,12 +188,14 @@ class SenderMachine(Machine[SenderState]):
 
     def _drain_on_abort(self, e: ev.AbortReceived) -> Result:
         self._drain_reply = ev.SendAbortAck()
-        self._drain_error = TransferAborted(f"rid={self.rid!r}: aborted by receiver: {e.reason}")
+        self._drain_error = abort_error(
+            e.kind, f"rid={self.rid!r}: aborted by receiver: {e.reason}"
+        )
         return S.DRAINING, []
 
     def _drain_on_local(self, e: ev.LocalAbort) -> Result:
-        self._drain_reply = ev.SendAbort(e.reason)
-        self._drain_error = TransferAborted(f"rid={self.rid!r}: {e.reason}")
+        self._drain_reply = ev.SendAbort(e.reason, e.kind)
+        self._drain_error = abort_error(e.kind, f"rid={self.rid!r}: {e.reason}")
         return S.DRAINING, []
 
     def _drain_on_lost(self, e: ev.PeerLost) -> Result:

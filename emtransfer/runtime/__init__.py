@@ -1,7 +1,7 @@
 """asyncio runtime: nodes, per-request sessions, control channels."""
 
 from .channel import Channel, LocalChannel
-from .encode import EncodeNode, SendStats
+from .encode import EncodeNode, SendStats, Staged
 from .language import LanguageNode, Received
 from .node import Node, Peer
 
@@ -14,4 +14,5 @@ __all__ = [
     "Peer",
     "Received",
     "SendStats",
+    "Staged",
 ]

@@ -22,7 +22,9 @@ from ..errors import (
     PayloadError,
     PeerLost,
     ProtocolError,
+    RidInFlight,
     TransferError,
+    Unavailable,
 )
 from ..protocol import SenderMachine, SenderState
 from ..protocol import events as ev
@@ -81,6 +83,14 @@ class SendStats:
     digest: str | None
     #: wall-clock time (time.time()) the first write was posted, to line up with the receiver
     first_write_at: float = 0.0
+
+
+def _job_failure_kind(exc: BaseException) -> str:
+    """The Abort kind for an Encode job that failed: the input refused (the encoder raised
+    InvalidRequest, e.g. JobError), no room (CapacityError), or the encoder's own failure."""
+    if isinstance(exc, InvalidRequest) and not isinstance(exc, PayloadError):
+        return "refused"
+    return "unavailable" if isinstance(exc, CapacityError) else "encoder_failed"
 
 
 @dataclass(eq=False)
@@ -259,7 +269,9 @@ class SenderSession(Session):
                     self._prestage(action.start + action.count, action.total_tokens)
             case ev.SendAbort():
                 reason = m.reason(action.reason)
-                self._send(m.Abort(rid=self.rid, reason=reason, session=self.session_tag))
+                self._send(
+                    m.Abort(rid=self.rid, reason=reason, session=self.session_tag, kind=action.kind)  # type: ignore[arg-type]  # the machines emit only the known kinds
+                )
             case ev.SendAbortAck():
                 self._send(m.AbortAck(rid=self.rid, session=self.session_tag))
             case ev.Complete():
@@ -443,7 +455,8 @@ class EncodeNode(Node):
         self._offers: dict[str, list[SenderSession]] = {}
         #: (connection, rid, attempt) -> why its encode job failed, for an Init still on its
         #: way (bounded); a retry is another attempt and never sees it
-        self._failed_jobs: dict[tuple[str, str, str], str] = {}
+        #: (reason, abort kind) of Encode jobs that failed before their Init came
+        self._failed_jobs: dict[tuple[str, str, str], tuple[str, str]] = {}
         self._server: asyncio.Server | None = None
         #: where language nodes connect: ``host:port``, or ``local://...`` in-process
         self.address: str = ""
@@ -562,13 +575,13 @@ class EncodeNode(Node):
                 )
         num_tokens = self._check_outgoing(tensors, meta)
         if self._closing:
-            raise TransferError("node is closing")
+            raise Unavailable("node is closing")
         if why := self._over_memory(num_tokens):
             raise CapacityError(f"rid={rid!r}: {why}")
         session = self._claimed_by_init(rid, peer)
         if session is None:
             if any(_overlap(x.owner, peer) for x in self._offers.get(rid, ())):
-                raise InvalidRequest(f"rid {rid!r} is already in flight on this node")
+                raise RidInFlight(f"rid {rid!r} is already in flight on this node")
             session = SenderSession(self, rid, owner=peer)
             self._offers.setdefault(rid, []).append(session)
             session.start()
@@ -698,7 +711,7 @@ class EncodeNode(Node):
                 )
                 self._to_session(peer, msg.rid, event)
             case m.Abort():
-                self._to_session(peer, msg.rid, ev.AbortReceived(msg.reason), msg.session)
+                self._to_session(peer, msg.rid, ev.AbortReceived(msg.reason, msg.kind), msg.session)
             case m.Encode():
                 self._on_encode(peer, msg)
             case m.Heartbeat():
@@ -706,10 +719,11 @@ class EncodeNode(Node):
             case _:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from a language node")
 
-    def _refuse_rid(self, peer: Peer, rid: str, tag: str, why: str) -> None:
+    def _refuse_rid(self, peer: Peer, rid: str, tag: str, why: str, kind: str = "") -> None:
+        """Abort ``rid`` for the peer; ``kind`` (errors.ABORT_KINDS) picks its typed error."""
         self.log.warning("request refused", peer=peer.node_id, rid=rid, reason=why)
         try:
-            peer.send(m.Abort(rid=rid, reason=m.reason(why), session=tag))
+            peer.send(m.Abort(rid=rid, reason=m.reason(why), session=tag, kind=kind))  # type: ignore[arg-type]
         except PeerLost:
             pass
 
@@ -724,13 +738,13 @@ class EncodeNode(Node):
     def _on_encode(self, peer: Peer, msg: m.Encode) -> None:
         """An Encode job: its result belongs to this connection's attempt ``msg.session``, and
         it counts against the peer's in-flight limit from now on."""
-        why = self._over_limit(peer)
+        why, kind = self._over_limit(peer), "unavailable"
         if why is None and msg.rid in peer.sessions:
-            why = f"rid {msg.rid!r} is already in flight on this connection"
+            why, kind = f"rid {msg.rid!r} is already in flight on this connection", ""
         if why is None and self.encoder is None:
-            why = "this encode node has no encoder"
+            why, kind = "this encode node has no encoder", ""
         if why is not None:
-            self._refuse_rid(peer, msg.rid, msg.session, why)
+            self._refuse_rid(peer, msg.rid, msg.session, why, kind)
             return
         self._failed_jobs.pop((peer.transport_id, msg.rid, msg.session), None)
         session = SenderSession(self, msg.rid, owner=peer, job_tag=msg.session or "-")
@@ -753,14 +767,15 @@ class EncodeNode(Node):
         except Exception as exc:
             self.log.warning("encode job failed", rid=msg.rid, error=repr(exc))
             reason = m.reason(f"encode failed: {exc}")
+            kind = _job_failure_kind(exc)
             if session.running and session.machine.state is SenderState.NEW:
                 # no Init yet: the receiver hears it now, its Init (if on its way) later
-                self._failed_jobs[(peer.transport_id, msg.rid, msg.session)] = reason
+                self._failed_jobs[(peer.transport_id, msg.rid, msg.session)] = (reason, kind)
                 while len(self._failed_jobs) > 1024:
                     del self._failed_jobs[next(iter(self._failed_jobs))]
-                self._refuse_rid(peer, msg.rid, msg.session, reason)
-            if session.running:
-                session.feed(ev.LocalAbort(reason))  # past NEW its machine tells the receiver
+                self._refuse_rid(peer, msg.rid, msg.session, reason, kind)
+            if session.running:  # past NEW its machine tells the receiver
+                session.feed(ev.LocalAbort(reason, kind))
             return
         if not session.running or session.payload is not None:
             self.log.info("encode result dropped: its request ended", rid=msg.rid)
@@ -792,10 +807,11 @@ class EncodeNode(Node):
             mine.bind(peer, tag)
             mine.feed(event)
             return
-        failed = self._failed_jobs.pop((peer.transport_id, rid, tag), None)
-        why = failed or self._over_limit(peer)
+        why, kind = self._failed_jobs.pop((peer.transport_id, rid, tag), (None, ""))
+        if why is None:
+            why, kind = self._over_limit(peer), "unavailable"
         if why is None and offers:
-            why = f"rid {rid!r} is held here for another peer"
+            why, kind = f"rid {rid!r} is held here for another peer", ""
         if why is None:
             waiting = sum(
                 1
@@ -803,12 +819,15 @@ class EncodeNode(Node):
                 if isinstance(x, SenderSession) and x.waits_for_data
             )
             if waiting >= (cap := self.settings.max_waiting_inits_per_peer):
-                why = (
-                    f"no payload for rid {rid!r} here yet, and {waiting} requests of this peer "
-                    f"already wait for theirs (max_waiting_inits_per_peer={cap})"
+                why, kind = (
+                    (
+                        f"no payload for rid {rid!r} here yet, and {waiting} requests of this peer "
+                        f"already wait for theirs (max_waiting_inits_per_peer={cap})"
+                    ),
+                    "unavailable",
                 )
         if why is not None:
-            self._refuse_rid(peer, rid, tag, why)
+            self._refuse_rid(peer, rid, tag, why, kind)
             return
         session = SenderSession(self, rid, owner=peer)  # Init first: send() fills it later
         session.bind(peer, tag)

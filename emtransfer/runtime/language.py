@@ -14,7 +14,14 @@ import torch
 
 from ..allocator import Allocation
 from ..buffers import payload_digest
-from ..errors import InvalidRequest, PeerLost, ProtocolError, TransferError
+from ..errors import (
+    InvalidRequest,
+    PeerLost,
+    ProtocolError,
+    RidInFlight,
+    TransferError,
+    Unavailable,
+)
 from ..protocol import ReceiverMachine, ReceiverState
 from ..protocol import events as ev
 from ..protocol import messages as m
@@ -216,7 +223,12 @@ class ReceiverSession(Session):
                     self.node.spawn(self.node.tear_down(self.peer, action.reason))
             case ev.SendAbort():
                 self._send(
-                    m.Abort(rid=self.rid, reason=m.reason(action.reason), session=self.session_tag)
+                    m.Abort(
+                        rid=self.rid,
+                        reason=m.reason(action.reason),
+                        session=self.session_tag,
+                        kind=action.kind,  # type: ignore[arg-type]
+                    )
                 )
             case ev.Complete():
                 if self._pending_copies:
@@ -423,6 +435,8 @@ class LanguageNode(Node):
         return await self._client_handshake(channel, "encode", address)
 
     async def _resolve(self, peer: Peer | str) -> Peer:
+        if self._closing:  # not a reconnect through a transport that is gone
+            raise Unavailable("node is closing")
         if isinstance(peer, str):
             return await self.connect(peer)
         if not peer.alive and peer.address:
@@ -492,9 +506,9 @@ class LanguageNode(Node):
         if not peer.alive:
             raise PeerLost(f"peer {peer.node_id} is gone")
         if self._closing:
-            raise TransferError("node is closing")
+            raise Unavailable("node is closing")
         if rid in peer.sessions:
-            raise InvalidRequest(f"rid {rid!r} is already in flight with peer {peer.node_id}")
+            raise RidInFlight(f"rid {rid!r} is already in flight with peer {peer.node_id}")
 
     def _open(self, rid: str, peer: Peer) -> ReceiverSession:
         self._check_new(rid, peer)  # again: the in-flight limit may have made us wait
@@ -524,7 +538,7 @@ class LanguageNode(Node):
             case m.ChunkDone():
                 self._to_session(peer, msg.rid, msg)
             case m.Abort():
-                self._to_session(peer, msg.rid, ev.AbortReceived(msg.reason), msg.session)
+                self._to_session(peer, msg.rid, ev.AbortReceived(msg.reason, msg.kind), msg.session)
             case m.AbortAck():
                 self._to_session(peer, msg.rid, ev.AbortAckReceived(), msg.session)
             case m.Heartbeat():

@@ -161,7 +161,7 @@ class Node:
         sessions += self._unbound_sessions()
         for s in sessions:
             if s.running:
-                s.feed(ev.LocalAbort("node closing"))
+                s.feed(ev.LocalAbort("node closing", kind="unavailable"))
         tasks = [s.task for s in sessions if s.task is not None and not s.task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.abort_ack_timeout)
@@ -459,7 +459,9 @@ class Node:
                 case ev.SendAbortAck():
                     peer.send(m.AbortAck(rid=rid, session=tag))
                 case ev.SendAbort():
-                    peer.send(m.Abort(rid=rid, reason=m.reason(action.reason), session=tag))
+                    kind = action.kind
+                    reason = m.reason(action.reason)
+                    peer.send(m.Abort(rid=rid, reason=reason, session=tag, kind=kind))  # type: ignore[arg-type]
                 case ev.Fail():
                     raise action.error
                 case _:  # pragma: no cover - a table entry the runtime cannot execute

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..allocator import Allocation, BlockAllocator
 from ..buffers import BufferRegistry
-from ..errors import ProtocolError, TransferError
+from ..errors import ProtocolError, TransferError, kind_of
 from ..protocol import events as ev
 from ..protocol.machine import GRANT_EXPIRY, Machine
 from ..settings import Settings
@@ -211,7 +211,7 @@ class Session:
             )
         except TransferError as exc:  # can never fit: end the request with that error
             self._error_override = exc
-            self.feed(ev.LocalAbort(str(exc)))
+            self.feed(ev.LocalAbort(str(exc), kind_of(exc)))
             return
         if now is not None:
             self.feed(_Granted(token, now))
@@ -224,7 +224,7 @@ class Session:
                 )
             except TransferError as exc:  # can never fit: end the request with that error
                 self._error_override = exc
-                self.feed(ev.LocalAbort(str(exc)))
+                self.feed(ev.LocalAbort(str(exc), kind_of(exc)))
                 return
             waited = time.perf_counter() - t0
             self.alloc_wait_s += waited

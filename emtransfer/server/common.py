@@ -18,14 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..encoders import JOB_ERROR_PREFIX, JobError
-from ..errors import (
-    CapacityError,
-    InvalidRequest,
-    PeerLost,
-    TransferAborted,
-    TransferError,
-    TransferTimeout,
-)
+from ..errors import JobRefused, PeerLost, TransferError
 from ..logs import get_logger
 from ..runtime.node import Node
 from .options import ServeOptions
@@ -55,31 +48,21 @@ class HTTPFailure(Exception):
 
 
 def failure_from(exc: BaseException) -> HTTPFailure:
-    """Map an exception to the status the API promises (never a silent 5xx)."""
-    text = str(exc)
+    """Map an exception to the status the API promises, by its type (each TransferError
+    carries ``http_status`` and ``kind``; never a silent 5xx, never by message text)."""
     if isinstance(exc, HTTPFailure):
         return exc
+    text = str(exc)
     if isinstance(exc, JobError):
         return HTTPFailure(400, "invalid_request", exc.detail)
-    if isinstance(exc, TransferAborted) and "encode failed: " in text:
-        reason = text.split("encode failed: ", 1)[1]
-        if reason.startswith(JOB_ERROR_PREFIX):  # the encoder refused the input
-            return HTTPFailure(400, "invalid_request", reason.removeprefix(JOB_ERROR_PREFIX))
-        return HTTPFailure(502, "encoder_failed", f"the encoder failed: {reason}")
-    if isinstance(exc, InvalidRequest):
-        if "already in flight" in text:
-            return HTTPFailure(409, "conflict", text)
-        return HTTPFailure(400, "invalid_request", text)
-    if isinstance(exc, PeerLost):
-        return HTTPFailure(503, "unavailable", f"peer lost: {text}")
-    if isinstance(exc, CapacityError):
-        return HTTPFailure(503, "no_capacity", text)
-    if isinstance(exc, TransferTimeout):
-        return HTTPFailure(504, "timeout", text)
     if isinstance(exc, TransferError):
-        if "node is closing" in text:
-            return HTTPFailure(503, "unavailable", "the server is shutting down")
-        return HTTPFailure(502, "transfer_failed", f"{type(exc).__name__}: {text}")
+        if isinstance(exc, JobRefused):  # the encoder's own words, without our prefixes
+            text = text.split("encode failed: ", 1)[-1].removeprefix(JOB_ERROR_PREFIX)
+        elif isinstance(exc, PeerLost):
+            text = f"peer lost: {text}"
+        elif exc.kind == "transfer_failed":
+            text = f"{type(exc).__name__}: {text}"
+        return HTTPFailure(exc.http_status, exc.kind, text)
     return HTTPFailure(500, "internal", f"{type(exc).__name__}: {text}")
 
 
