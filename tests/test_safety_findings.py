@@ -204,7 +204,7 @@ async def test_a_failing_prestage_copy_gives_its_blocks_back(
 
         def flaky(*a: Any, **kw: Any) -> None:
             calls["n"] += 1
-            if calls["n"] == 2:  # round 0 stages first; the pre-stage of round 1 is second
+            if calls["n"] == 1:  # the pre-stage at send(), before the Init: it fails
                 raise RuntimeError("copy failed")
             real(*a, **kw)
 
@@ -213,7 +213,7 @@ async def test_a_failing_prestage_copy_gives_its_blocks_back(
         send = asyncio.create_task(enc.send("p", pay))
         got = await lang.receive("p", peer)
         await send
-        assert calls["n"] >= 3 and got.rounds >= 2
+        assert calls["n"] >= 2 and got.rounds >= 2  # staged again the ordinary way
         assert_same_payload(got.tensors, pay)
         await wait_pools_clean(enc, lang)
 
