@@ -177,8 +177,13 @@ class NodeService:
             "emtransfer_http_request_seconds", "HTTP request duration", ["path"], registry=r
         )
 
+    @property
+    def serving(self) -> bool:
+        """Started and not shutting down (what readiness needs before anything role-specific)."""
+        return self._started and not self._closed and not self.node._closing
+
     def health(self) -> dict[str, Any]:
-        return {**self.node.health(), "ready": True}
+        return {**self.node.health(), "ready": self.serving}
 
     async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -200,9 +205,21 @@ def make_app(service: NodeService, title: str, description: str) -> FastAPI:
     app = FastAPI(title=title, description=description, version=__version__, lifespan=lifespan)
     install_error_handlers(app)
 
-    @app.get("/health", summary="role, pool blocks, requests in flight, peers")
-    async def health() -> dict[str, Any]:
-        return service.health()
+    async def health() -> JSONResponse:
+        body = service.health()
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    app.get(
+        "/health",
+        summary="readiness: 200 when ready to serve, 503 when not (body: role, pool, peers)",
+        responses={503: {"description": "not ready: no encode node up, or shutting down"}},
+    )(health)
+    app.get("/live", summary="liveness: 200 while the process serves")(live)
+    for path, endpoint in (("/health", health), ("/live", live)):  # HEAD: the status alone
+        app.head(path, include_in_schema=False)(endpoint)
 
     @app.get(
         "/metrics",
@@ -289,7 +306,7 @@ class BodyLimit:
 class AccessLog:
     """Counts every request in the node's registry; logs one concise line when enabled."""
 
-    QUIET = frozenset({"/health", "/metrics"})
+    QUIET = frozenset({"/health", "/live", "/metrics"})
 
     def __init__(self, app: Any, service: NodeService, routes: Any) -> None:
         self.app = app

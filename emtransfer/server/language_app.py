@@ -41,7 +41,7 @@ class LanguageService(NodeService):
         encoders = self.pool.describe()
         return {
             **self.node.health(),
-            "ready": any(e["up"] for e in encoders),
+            "ready": self.serving and any(e["up"] for e in encoders),
             "encoders": encoders,
         }
 

@@ -170,9 +170,9 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--api-key-exempt",
-        default="/health,/metrics",
+        default="/health,/live,/metrics",
         metavar="PATHS",
-        help="comma-separated paths served without the API key (default /health,/metrics; '' "
+        help="comma-separated paths served without the API key (default /health,/live,/metrics; '' "
         "for none)",
     )
     serve.add_argument(
@@ -200,7 +200,7 @@ class ServeOptions:
     access_log: bool = False
     #: required as a bearer token on every HTTP request but ``api_key_exempt``; None: open
     api_key: str | None = None
-    api_key_exempt: frozenset[str] = frozenset({"/health", "/metrics"})
+    api_key_exempt: frozenset[str] = frozenset({"/health", "/live", "/metrics"})
 
 
 def resolve_serve(args: argparse.Namespace) -> ServeOptions:
