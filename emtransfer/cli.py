@@ -17,12 +17,20 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings.load(args.config, **overrides)
 
 
+def version_line() -> str:
+    from . import __version__
+    from .protocol.messages import PROTOCOL_VERSION
+
+    return f"emtransfer {__version__} (protocol {PROTOCOL_VERSION})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m emtransfer", description=__doc__)
     parser.add_argument(
         "--log-level", help="debug, info, warning, error (default: warning; info for serve)"
     )
     parser.add_argument("--log-json", action="store_true", help="JSON log lines instead of text")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(

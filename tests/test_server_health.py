@@ -41,3 +41,29 @@ async def test_readiness_is_the_status_code_and_liveness_is_apart(tmp_path: Path
     finally:
         for p in procs:
             p.kill()
+
+
+async def test_version_on_the_command_line_and_over_http(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import emtransfer
+    from emtransfer.protocol.messages import PROTOCOL_VERSION
+
+    out = subprocess.run(
+        [sys.executable, "-m", "emtransfer", "--version"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert (
+        out.stdout.strip() == f"emtransfer {emtransfer.__version__} (protocol {PROTOCOL_VERSION})"
+    )
+    enc = ServerProc("encode", tmp_path).start()
+    try:
+        await asyncio.to_thread(enc.wait_health)
+        async with httpx.AsyncClient(timeout=10) as client:
+            v = (await client.get(enc.url + "/version")).json()
+        assert v == {
+            "version": emtransfer.__version__, "protocol": PROTOCOL_VERSION, "role": "encode"
+        }  # fmt: skip
+    finally:
+        enc.kill()

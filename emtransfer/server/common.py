@@ -218,6 +218,13 @@ def make_app(service: NodeService, title: str, description: str) -> FastAPI:
         responses={503: {"description": "not ready: no encode node up, or shutting down"}},
     )(health)
     app.get("/live", summary="liveness: 200 while the process serves")(live)
+
+    @app.get("/version", summary="emtransfer's version, its protocol's, and the node's role")
+    async def version() -> dict[str, Any]:
+        from ..protocol.messages import PROTOCOL_VERSION
+
+        return {"version": __version__, "protocol": PROTOCOL_VERSION, "role": service.role}
+
     for path, endpoint in (("/health", health), ("/live", live)):  # HEAD: the status alone
         app.head(path, include_in_schema=False)(endpoint)
 
