@@ -1256,11 +1256,16 @@ def draw(ax: Any, result: dict[str, Any]) -> None:
                 fontsize=8,
                 color="C2",
             )
+    style_axes(ax, x, "GB/s (1e9 B/s)")
+
+
+def style_axes(ax: Any, x: list[float], ylabel: str) -> None:
+    """Payload MiB on a log-2 axis, GB/s from zero: every throughput plot of the benchmarks."""
     ax.set_xscale("log", base=2)
     ax.set_xticks(x)
     ax.set_xticklabels([f"{v:g}" for v in x])
     ax.set_xlabel("payload MiB (tokens x 4096 bf16)")
-    ax.set_ylabel("GB/s (1e9 B/s)")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

@@ -21,7 +21,15 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_transfer import LABELS, LINES, TARGETS, TORCH_TARGETS, measures, target_text
+from bench.bench_transfer import (
+    LABELS,
+    LINES,
+    TARGETS,
+    TORCH_TARGETS,
+    measures,
+    style_axes,
+    target_text,
+)
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -87,15 +95,8 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
             lo = [m - min(v) for m, v in zip(med, per_size, strict=True)]
             hi = [max(v) - m for m, v in zip(med, per_size, strict=True)]
             ax.errorbar(x, med, yerr=[lo, hi], marker="o", capsize=3, label=LABELS[k])
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(x)
-        ax.set_xticklabels([f"{v:g}" for v in x])
-        ax.set_xlabel("payload MiB (tokens x 4096 bf16)")
-        ax.set_ylabel("GB/s: median of runs, bars: min-max")
-        ax.set_ylim(bottom=0)
+        style_axes(ax, x, "GB/s: median of runs, bars: min-max")
         ax.set_title(f"{transport}: {len(runs)} runs")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

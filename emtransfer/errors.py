@@ -8,6 +8,11 @@ name the servers put in ``{"error": kind}``). Map by type, never by the message'
 
 from __future__ import annotations
 
+from typing import Literal
+
+#: why a peer gave a request up, as an Abort says it ("": no more than its reason)
+AbortKind = Literal["", "unavailable", "refused", "encoder_failed"]
+
 
 class TransferError(Exception):
     """Base class of every emtransfer error: the transfer failed (502, not retryable)."""
@@ -112,7 +117,7 @@ class AllocatorError(TransferError, RuntimeError):
 
 
 #: what an Abort's ``kind`` field says about why a peer gave a request up
-ABORT_KINDS: dict[str, type[TransferAborted]] = {
+ABORT_KINDS: dict[AbortKind, type[TransferAborted]] = {
     "unavailable": Unavailable,
     "refused": JobRefused,
     "encoder_failed": EncoderFailed,
@@ -121,10 +126,10 @@ ABORT_KINDS: dict[str, type[TransferAborted]] = {
 
 def abort_error(kind: str, message: str) -> TransferAborted:
     """The typed error for a peer's Abort of ``kind`` (an unknown kind: plain TransferAborted)."""
-    return ABORT_KINDS.get(kind, TransferAborted)(message)
+    return ABORT_KINDS.get(kind, TransferAborted)(message)  # type: ignore[call-overload]  # any str: unknown ones fall back
 
 
-def kind_of(error: BaseException) -> str:
+def kind_of(error: BaseException) -> AbortKind:
     """The Abort kind that tells a peer about ``error`` ("" when none fits)."""
     if isinstance(error, TransferAborted):
         for kind, cls in ABORT_KINDS.items():
@@ -135,6 +140,7 @@ def kind_of(error: BaseException) -> str:
 
 __all__ = [
     "ABORT_KINDS",
+    "AbortKind",
     "AllocationTimeout",
     "AllocatorError",
     "CapacityError",

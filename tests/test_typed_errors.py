@@ -55,7 +55,11 @@ def test_every_error_says_its_status_and_whether_to_retry(
 @pytest.mark.parametrize("transport", ["local", "tcp"])
 async def test_a_peer_s_refusals_arrive_typed(transport: str) -> None:
     s = make_settings(transport=transport, max_held_mib=0.01)  # ~10 KiB held at most
-    async with et.EncodeNode(s, encoder=encoder) as enc, et.LanguageNode(s) as lang:
+    control = "tcp" if transport == "tcp" else "local"  # tcp: the kinds cross the wire codec
+    async with (
+        et.EncodeNode(s, encoder=encoder, control=control) as enc,
+        et.LanguageNode(s) as lang,
+    ):
         peer = await lang.connect(enc.address)
         with pytest.raises(et.JobRefused, match="cannot be decoded") as refused:
             await lang.encode("bad-image", peer, {"refuse": True})

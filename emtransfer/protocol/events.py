@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import TransferError
+from ..errors import AbortKind, TransferError
 
 # --------------------------------------------------------------------------------- events
 
@@ -89,7 +89,7 @@ class WriteFailed(Event):
 @dataclass(frozen=True, slots=True)
 class AbortReceived(Event):
     reason: str = ""
-    kind: str = ""  # the Abort's kind (errors.ABORT_KINDS)
+    kind: AbortKind = ""  # the Abort's kind (errors.ABORT_KINDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +102,7 @@ class LocalAbort(Event):
     """The caller cancelled the request or the node is closing."""
 
     reason: str = "aborted by caller"
-    kind: str = ""  # what the peer is told (errors.ABORT_KINDS): "unavailable" when closing
+    kind: AbortKind = ""  # what the peer is told (errors.ABORT_KINDS): "unavailable" closing
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +199,7 @@ class SendChunkDone(Action):
 @dataclass(frozen=True, slots=True)
 class SendAbort(Action):
     reason: str
-    kind: str = ""
+    kind: AbortKind = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,11 +7,11 @@ refused with a :class:`ProtocolError` that says what was wrong.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Union
 
 import msgspec
 
-from ..errors import ProtocolError
+from ..errors import AbortKind, ProtocolError
 
 PROTOCOL_VERSION = 4
 MAX_RID_LEN = 256
@@ -23,7 +23,6 @@ Pos = Annotated[int, msgspec.Meta(gt=0)]
 Blocks = Annotated[list[NonNeg], msgspec.Meta(min_length=1, max_length=MAX_BLOCKS)]
 Reason = Annotated[str, msgspec.Meta(max_length=4096)]
 SessionTag = Annotated[str, msgspec.Meta(max_length=64)]
-AbortKind = Literal["", "unavailable", "refused", "encoder_failed"]
 #: a moment on the sender's monotonic clock, in microseconds. The sender stamps its Heartbeat,
 #: HelloAck and ChunkDone; a receiver echoes the latest stamp it has seen in each grant, so the
 #: sender can start the grant's lifetime at a moment that surely came before the grant

@@ -31,6 +31,7 @@ from __future__ import annotations
 from enum import Enum, auto
 
 from ..errors import (
+    AbortKind,
     AllocationTimeout,
     ProtocolError,
     TransferError,
@@ -137,7 +138,7 @@ class ReceiverMachine(Machine[ReceiverState]):
             return f"ChunkDone count {e.count} leaves the allocation part-filled mid-transfer"
         return None
 
-    def _abandon(self, error: TransferError, *, tell: str | None, kind: str = "") -> Result:
+    def _abandon(self, error: TransferError, *, tell: str | None, kind: AbortKind = "") -> Result:
         """Give up while a write may still land in the current allocation: quarantine it, fence
         it where the engine can, tell the sender (``tell``: the reason) unless it told us."""
         acts: list[Action] = [ev.Quarantine()]

@@ -16,6 +16,7 @@ import torch
 from ..allocator import Allocation
 from ..buffers import payload_digest
 from ..errors import (
+    AbortKind,
     CapacityError,
     ConfigError,
     InvalidRequest,
@@ -85,7 +86,7 @@ class SendStats:
     first_write_at: float = 0.0
 
 
-def _job_failure_kind(exc: BaseException) -> str:
+def _job_failure_kind(exc: BaseException) -> AbortKind:
     """The Abort kind for an Encode job that failed: the input refused (the encoder raised
     InvalidRequest, e.g. JobError), no room (CapacityError), or the encoder's own failure."""
     if isinstance(exc, InvalidRequest) and not isinstance(exc, PayloadError):
@@ -270,7 +271,7 @@ class SenderSession(Session):
             case ev.SendAbort():
                 reason = m.reason(action.reason)
                 self._send(
-                    m.Abort(rid=self.rid, reason=reason, session=self.session_tag, kind=action.kind)  # type: ignore[arg-type]  # the machines emit only the known kinds
+                    m.Abort(rid=self.rid, reason=reason, session=self.session_tag, kind=action.kind)
                 )
             case ev.SendAbortAck():
                 self._send(m.AbortAck(rid=self.rid, session=self.session_tag))
@@ -456,7 +457,7 @@ class EncodeNode(Node):
         #: (connection, rid, attempt) -> why its encode job failed, for an Init still on its
         #: way (bounded); a retry is another attempt and never sees it
         #: (reason, abort kind) of Encode jobs that failed before their Init came
-        self._failed_jobs: dict[tuple[str, str, str], tuple[str, str]] = {}
+        self._failed_jobs: dict[tuple[str, str, str], tuple[str, AbortKind]] = {}
         self._server: asyncio.Server | None = None
         #: where language nodes connect: ``host:port``, or ``local://...`` in-process
         self.address: str = ""
@@ -719,11 +720,11 @@ class EncodeNode(Node):
             case _:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from a language node")
 
-    def _refuse_rid(self, peer: Peer, rid: str, tag: str, why: str, kind: str = "") -> None:
+    def _refuse_rid(self, peer: Peer, rid: str, tag: str, why: str, kind: AbortKind = "") -> None:
         """Abort ``rid`` for the peer; ``kind`` (errors.ABORT_KINDS) picks its typed error."""
         self.log.warning("request refused", peer=peer.node_id, rid=rid, reason=why)
         try:
-            peer.send(m.Abort(rid=rid, reason=m.reason(why), session=tag, kind=kind))  # type: ignore[arg-type]
+            peer.send(m.Abort(rid=rid, reason=m.reason(why), session=tag, kind=kind))
         except PeerLost:
             pass
 
@@ -738,7 +739,8 @@ class EncodeNode(Node):
     def _on_encode(self, peer: Peer, msg: m.Encode) -> None:
         """An Encode job: its result belongs to this connection's attempt ``msg.session``, and
         it counts against the peer's in-flight limit from now on."""
-        why, kind = self._over_limit(peer), "unavailable"
+        kind: AbortKind = "unavailable"
+        why = self._over_limit(peer)
         if why is None and msg.rid in peer.sessions:
             why, kind = f"rid {msg.rid!r} is already in flight on this connection", ""
         if why is None and self.encoder is None:
@@ -807,6 +809,7 @@ class EncodeNode(Node):
             mine.bind(peer, tag)
             mine.feed(event)
             return
+        kind: AbortKind
         why, kind = self._failed_jobs.pop((peer.transport_id, rid, tag), (None, ""))
         if why is None:
             why, kind = self._over_limit(peer), "unavailable"

@@ -227,7 +227,7 @@ class ReceiverSession(Session):
                         rid=self.rid,
                         reason=m.reason(action.reason),
                         session=self.session_tag,
-                        kind=action.kind,  # type: ignore[arg-type]
+                        kind=action.kind,
                     )
                 )
             case ev.Complete():

@@ -459,9 +459,8 @@ class Node:
                 case ev.SendAbortAck():
                     peer.send(m.AbortAck(rid=rid, session=tag))
                 case ev.SendAbort():
-                    kind = action.kind
                     reason = m.reason(action.reason)
-                    peer.send(m.Abort(rid=rid, reason=reason, session=tag, kind=kind))  # type: ignore[arg-type]
+                    peer.send(m.Abort(rid=rid, reason=reason, session=tag, kind=action.kind))
                 case ev.Fail():
                     raise action.error
                 case _:  # pragma: no cover - a table entry the runtime cannot execute
