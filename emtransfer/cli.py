@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 from .errors import ConfigError
 from .logs import configure_logging
-from .server.options import add_serve_parser, resolve_serve
+from .server.options import add_serve_parser, env_default, resolve_serve
 from .settings import Settings
 
 
@@ -25,7 +26,33 @@ def version_line() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emtransfer", description=__doc__)
+    try:
+        return _main(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _log_level_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        help=f"debug, info, warning, error (default {default}; env EMTRANSFER_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="JSON log lines instead of text (env EMTRANSFER_LOG_JSON=1)",
+    )
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m emtransfer",
+        description="Move multimodal embeddings between encode and language workers: 'demo' "
+        "runs both roles on this machine, 'serve' runs one behind an HTTP API.",
+    )
     parser.add_argument(
         "--log-level", help="debug, info, warning, error (default: warning; info for serve)"
     )
@@ -49,25 +76,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--hidden-size", type=int, help="embedding width (default from settings)")
     demo.add_argument("--seed", type=int, default=0, help="workload seed")
+    _log_level_flag(demo, "warning")
 
     add_serve_parser(sub)
 
     args = parser.parse_args(argv)
-    level = (args.log_level or ("info" if args.command == "serve" else "warning")).lower()
+    default_level = "info" if args.command == "serve" else "warning"
+    level = (args.log_level or os.environ.get("EMTRANSFER_LOG_LEVEL") or default_level).lower()
+    log_json = args.log_json or env_default("log_json", False, bool)
     if level not in ("debug", "info", "warning", "error", "critical"):
         parser.error(f"invalid --log-level {args.log_level!r}: debug, info, warning or error")
-    configure_logging(level, json=args.log_json)
+    configure_logging(level, json=log_json)
     try:
         if args.command == "serve":
             from .server.run import serve
 
-            return serve(resolve_serve(args), log_level=level, log_json=args.log_json)
+            return serve(resolve_serve(args), log_level=level, log_json=log_json)
         if args.command == "demo":
             from .demo import run_demo
 
             settings = _settings(args, transport=args.transport, hidden_size=args.hidden_size)
             return run_demo(
-                settings, requests=args.requests, concurrency=args.concurrency, seed=args.seed
+                settings,
+                requests=args.requests,
+                concurrency=args.concurrency,
+                seed=args.seed,
+                log_level=level,
             )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,7 +3,8 @@
 ``ServerProc`` starts one role on free ports, waits on ``/health`` (a bounded poll), and can
 SIGKILL it. ``gated_encoder`` is an encoder for ``--encoder tests.server_harness:gated_encoder``:
 synthetic, except that rids starting with ``hold-`` never finish (requests stay in flight until
-the process dies) and rids starting with ``boom-`` make the encoder raise.
+the process dies), ``slow-<seconds>-`` ones finish after that long (a request that is slow,
+not stuck) and rids starting with ``boom-`` make the encoder raise.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def gated_encoder(settings: Any) -> Any:
         rid = str(job.get("rid", ""))
         if rid.startswith("hold-"):
             await asyncio.Event().wait()  # held until the process dies
+        if rid.startswith("slow-"):  # slow-<seconds>-...: finishes after that long
+            await asyncio.sleep(float(rid.split("-")[1]))
         if rid.startswith("boom-"):
             raise RuntimeError("kaboom: the test encoder failed")
         return synthetic(job)

@@ -97,3 +97,14 @@ def test_a_filtered_level_formats_nothing() -> None:
     finally:
         root.handlers[0].stream.close()
         root.handlers, root.level = saved
+
+
+@pytest.mark.timeout(120)
+def test_demo_log_level_reaches_the_encode_process() -> None:
+    """``demo --log-level info`` after the subcommand: both processes log at info."""
+    r = subprocess.run(
+        [sys.executable, "-m", "emtransfer", "demo", "--requests", "4", "--concurrency", "2",
+         "--transport", "tcp", "--log-level", "info"],
+        capture_output=True, text=True, timeout=100, check=True,
+    )  # fmt: skip
+    assert "role='encode'" in r.stderr and "role='language'" in r.stderr, r.stderr

@@ -151,3 +151,73 @@ def test_shipped_config_files_load(name: str) -> None:
     s = opts.settings
     assert opts.encoder_addrs == ("127.0.0.1:9100",) and s.fields["mrope_positions"].shape == (3,)
     assert (s.transport, s.device) == (("tcp", "cpu") if name == "cpu.toml" else ("nixl", "cuda:0"))
+
+
+def test_every_serve_option_has_an_environment_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emtransfer.server.options import SERVE_ENV
+
+    env = {
+        "EMTRANSFER_ROLE": "language",
+        "EMTRANSFER_HTTP_HOST": "0.0.0.0",
+        "EMTRANSFER_HTTP_PORT": "8123",
+        "EMTRANSFER_ENCODER": "synthetic",
+        "EMTRANSFER_ENCODER_ADDR": "10.0.0.1:9100,10.0.0.2:9100",
+        "EMTRANSFER_PATCH_SIZE": "28",
+        "EMTRANSFER_RETRY_INTERVAL": "0.5",
+        "EMTRANSFER_SHUTDOWN_TIMEOUT": "12",
+        "EMTRANSFER_API_KEY": "k",
+        "EMTRANSFER_API_KEY_EXEMPT": "/live",
+        "EMTRANSFER_ACCESS_LOG": "true",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    opts = resolve_serve(parse())  # nothing on the command line
+    assert opts.role == "language" and opts.http_host == "0.0.0.0" and opts.port == 8123
+    assert opts.encoder == "synthetic" and opts.patch_size == 28
+    assert opts.encoder_addrs == ("10.0.0.1:9100", "10.0.0.2:9100")
+    assert opts.retry_interval == 0.5 and opts.shutdown_timeout == 12.0
+    assert opts.api_key == "k" and opts.api_key_exempt == frozenset({"/live"})
+    assert opts.access_log is True
+    # a flag wins over its variable
+    opts = resolve_serve(
+        parse("--role", "language", "--shutdown-timeout", "3", "--no-access-log", "--port", "1")
+    )
+    assert (opts.role, opts.shutdown_timeout, opts.access_log, opts.port) == (
+        "language", 3.0, False, 1
+    )  # fmt: skip
+    # every option of serve (but --help and the settings, which have theirs) names its variable
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for var in SERVE_ENV.values():
+        assert var in out, var
+    assert "``" not in out  # plain text, not reStructuredText
+    for argv in ([], ["demo"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        assert "``" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("EMTRANSFER_HTTP_PORT", "eighty", "EMTRANSFER_HTTP_PORT='eighty'"),
+        ("EMTRANSFER_ACCESS_LOG", "maybe", "EMTRANSFER_ACCESS_LOG='maybe'"),
+        ("EMTRANSFER_SHUTDOWN_TIMEOUT", "-1", "--shutdown-timeout=-1.0"),
+        ("EMTRANSFER_ROLE", "prefill", "--role='prefill'"),
+    ],
+)
+def test_a_bad_environment_variable_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    value: str,
+    why: str,
+) -> None:
+    monkeypatch.setenv(name, value)
+    if name != "EMTRANSFER_ROLE":
+        monkeypatch.setenv("EMTRANSFER_ROLE", "encode")
+    assert main(["serve"]) == 2
+    assert why in capsys.readouterr().err

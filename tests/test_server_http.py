@@ -227,9 +227,10 @@ async def test_metrics_health_openapi(servers: tuple[ServerProc, ServerProc]) ->
         }
         assert http[("/v1/embeddings", "200")] >= 1
         pool = {s.labels["state"]: s.value for s in fams["emtransfer_pool_blocks"].samples}
-        assert pool["total"] == 16
+        assert sum(pool.values()) == 16 and set(pool) == {"free", "used", "quarantined"}
         enc_fams = _families((await client.get(enc.url + "/metrics")).text)
-        assert "emtransfer_bytes" in enc_fams
+        assert "emtransfer_payload_bytes" in enc_fams
+        assert "emtransfer_http_request_duration_seconds" in enc_fams
 
         h = (await client.get(lang.url + "/health")).json()
         assert h["role"] == "language" and h["ready"] is True

@@ -8,6 +8,7 @@ data itself across processes.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -249,3 +250,49 @@ async def _two_process_scenario(role: str, transport: Any, registry: Any, conn: 
 def test_two_processes_notifications_drained() -> None:
     sent, pending = run_pair("nixl", _two_process_scenario, timeout=50)
     assert (sent, pending) == ("sent", 0)
+
+
+def test_without_rdma_devices_ucx_loads_no_infiniband_module(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """With libibverbs installed but no device, UCX's ib module crashes the process at exit:
+    it is left out then, never when the host has devices or the user chose UCX_MODULES."""
+    import emtransfer.transport.nixl as nx
+
+    monkeypatch.delenv("UCX_MODULES", raising=False)
+    monkeypatch.setattr(nx, "RDMA_DEVICES", str(tmp_path / "absent"))
+    nx._ucx_defaults()
+    assert os.environ["UCX_MODULES"] == "^ib"
+    monkeypatch.delenv("UCX_MODULES")
+    (tmp_path / "present" / "mlx5_0").mkdir(parents=True)
+    monkeypatch.setattr(nx, "RDMA_DEVICES", str(tmp_path / "present"))
+    nx._ucx_defaults()
+    assert "UCX_MODULES" not in os.environ
+    monkeypatch.setenv("UCX_MODULES", "ib,tcp")
+    monkeypatch.setattr(nx, "RDMA_DEVICES", str(tmp_path / "absent"))
+    nx._ucx_defaults()
+    assert os.environ["UCX_MODULES"] == "ib,tcp"
+
+
+def test_a_process_that_used_nixl_exits_cleanly() -> None:
+    """The crash at exit above, end to end: a child moves a payload over NIXL and exits 0."""
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, torch, emtransfer as et\n"
+        "async def main():\n"
+        "    s = et.Settings(transport='nixl', hidden_size=16, dtype='float32', num_blocks=4,"
+        " block_size=16, default_blocks=2)\n"
+        "    async with et.EncodeNode(s, control='tcp') as enc, et.LanguageNode(s) as lang:\n"
+        "        peer = await lang.connect(enc.address)\n"
+        "        pay = {'embeddings': torch.randn(20, 16)}\n"
+        "        send = asyncio.create_task(enc.send('r', pay))\n"
+        "        got = await lang.receive('r', peer)\n"
+        "        await send\n"
+        "        assert torch.equal(got.tensors['embeddings'], pay['embeddings'])\n"
+        "asyncio.run(main())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "UCX_MODULES"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=50)
+    assert r.returncode == 0, (r.returncode, r.stderr.decode()[-2000:])

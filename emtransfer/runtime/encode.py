@@ -34,7 +34,7 @@ from . import control, tls
 from .channel import Channel
 from .directory import register_local, unregister_local
 from .node import OFFLOAD_BYTES, Node, Peer, check_rid, data_tag, now_stamp
-from .session import Session, _Granted
+from .session import Session, StateObserver, _Granted
 
 #: who may claim a payload: one connection, the node id a peer presents, or any peer
 Owner = Peer | str | None
@@ -420,6 +420,7 @@ class SenderSession(Session):
             digest=action.digest,
             first_write_at=self.first_write_at,
         )
+        self.node.metrics.tokens_out.inc(action.total_tokens)
         self.node.metrics.transfers_ok.inc()
         self.node.metrics.duration.observe(stats.elapsed_s)
         self._set_result(stats)
@@ -554,6 +555,7 @@ class EncodeNode(Node):
         meta: dict[str, Any] | None = None,
         *,
         peer: Peer | str | None = None,
+        observer: StateObserver | None = None,
     ) -> SendStats:
         """Push ``tensors`` for ``rid`` to the receiver that asks for it (its ``Init`` may come
         before or after this call) and return once the last round was written. ``tensors``
@@ -563,7 +565,8 @@ class EncodeNode(Node):
         ``peer`` says who may claim the payload: a :class:`Peer` (that connection only), a
         node id (a peer presenting that id on an authenticated connection), or None (any
         connected peer: the first Init for ``rid`` wins, so use it only among trusted peers).
-        An Init from anyone else is refused."""
+        An Init from anyone else is refused. ``observer`` watches the request's session
+        (:meth:`Session.watch`)."""
         check_rid(rid)
         staged = None
         if isinstance(tensors, Staged):
@@ -586,6 +589,7 @@ class EncodeNode(Node):
             session = SenderSession(self, rid, owner=peer)
             self._offers.setdefault(rid, []).append(session)
             session.start()
+        session.watch(observer)
         try:
             return await self._push(session, tensors, meta, num_tokens, staged)
         finally:

@@ -29,7 +29,7 @@ from . import control, tls
 from .channel import LocalChannel
 from .directory import lookup_local
 from .node import OFFLOAD_BYTES, Node, Peer, check_rid, data_tag
-from .session import Session
+from .session import Session, StateObserver
 
 #: slack on a grant's expiry for clock-rate drift between two hosts and scheduling
 GRANT_MARGIN_S = 0.05
@@ -322,6 +322,7 @@ class ReceiverSession(Session):
             "last_chunk_at": self.last_chunk_at,
         }
         node.metrics.bytes_in.inc(nbytes)
+        node.metrics.tokens_in.inc(action.total_tokens)
         node.metrics.transfers_ok.inc()
         node.metrics.duration.observe(stats["elapsed_s"])
         self._set_result(
@@ -445,17 +446,23 @@ class LanguageNode(Node):
 
     # -- the API -------------------------------------------------------------------------------
     async def receive(
-        self, rid: str, peer: Peer | str, expected_tokens: int | None = None
+        self,
+        rid: str,
+        peer: Peer | str,
+        expected_tokens: int | None = None,
+        *,
+        observer: StateObserver | None = None,
     ) -> Received:
         """Receive the payload of ``rid`` from ``peer`` (a :class:`Peer` or an address). Without
         ``expected_tokens`` the first allocation is ``default_blocks``; longer payloads resume
-        into further allocations."""
+        into further allocations. ``observer`` watches the request's session once it opens
+        (:meth:`Session.watch`)."""
         check_rid(rid)
         _check_expected(expected_tokens, self.settings.max_tokens)
         peer = await self._resolve(peer)
         self._check_new(rid, peer)
         async with peer.inflight:
-            session = self._open(rid, peer)
+            session = self._open(rid, peer, observer)
             result: Received = await self._run(session, expected_tokens, whole=False)
             return result
 
@@ -465,6 +472,8 @@ class LanguageNode(Node):
         peer: Peer | str,
         job: dict[str, Any],
         expected_tokens: int | None = None,
+        *,
+        observer: StateObserver | None = None,
     ) -> Received:
         """Ask the encode node to compute ``job`` (its encoder decides what a job holds) and
         receive the result as :meth:`receive` does."""
@@ -473,7 +482,7 @@ class LanguageNode(Node):
         peer = await self._resolve(peer)
         self._check_new(rid, peer)
         async with peer.inflight:
-            session = self._open(rid, peer)  # registered first: an early Abort finds it
+            session = self._open(rid, peer, observer)  # registered first: an early Abort finds it
             try:
                 peer.send(m.Encode(rid=rid, job=job, session=session.session_tag))
             except BaseException:
@@ -484,7 +493,12 @@ class LanguageNode(Node):
 
     @asynccontextmanager
     async def lease(
-        self, rid: str, peer: Peer | str, expected_tokens: int | None = None
+        self,
+        rid: str,
+        peer: Peer | str,
+        expected_tokens: int | None = None,
+        *,
+        observer: StateObserver | None = None,
     ) -> AsyncIterator[Received]:
         """Receive into one allocation and lend it: ``tensors`` are views into the pool when the
         payload fits one allocation of consecutive blocks (else copies). Freed at exit."""
@@ -493,7 +507,7 @@ class LanguageNode(Node):
         peer = await self._resolve(peer)
         self._check_new(rid, peer)
         async with peer.inflight:
-            session = self._open(rid, peer)
+            session = self._open(rid, peer, observer)
             got: Received = await self._run(session, expected_tokens, whole=True)
         held = session.take_allocation()  # no await between the result and this: no leak
         try:
@@ -510,10 +524,11 @@ class LanguageNode(Node):
         if rid in peer.sessions:
             raise RidInFlight(f"rid {rid!r} is already in flight with peer {peer.node_id}")
 
-    def _open(self, rid: str, peer: Peer) -> ReceiverSession:
+    def _open(self, rid: str, peer: Peer, observer: StateObserver | None = None) -> ReceiverSession:
         self._check_new(rid, peer)  # again: the in-flight limit may have made us wait
         session = ReceiverSession(self, rid, peer)
         peer.sessions[rid] = session
+        session.watch(observer)
         return session
 
     async def _run(self, session: ReceiverSession, expected: int | None, *, whole: bool) -> Any:
@@ -571,5 +586,3 @@ class LanguageNode(Node):
     def session_ended(self, session: Session) -> None:
         assert isinstance(session, ReceiverSession)
         session._forget()
-        inflight = sum(len(p.sessions) for p in self.peers.values())
-        self.metrics.inflight.set(inflight)

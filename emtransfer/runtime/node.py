@@ -113,9 +113,16 @@ class Node:
         )
         self.transport = transport or create_transport(settings, self.registry)
         self.transport.inbound = self.role == "language"  # only receivers are written to
-        self.metrics = Metrics(self.role, self.allocator)
         #: connected peers by connection (their transport id), never by the id they claim
         self.peers: dict[str, Peer] = {}
+        self.metrics = Metrics(
+            self.role,
+            self.allocator,
+            settings,
+            transport=self.transport.name,
+            inflight=self.inflight_requests,
+            peers=lambda: sum(p.alive for p in self.peers.values()),
+        )
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="emtransfer-copy")
         self.log = get_logger("emtransfer").bind(node=self.node_id, role=self.role)
         self._started = False
@@ -215,6 +222,12 @@ class Node:
     def leak_report(self) -> dict[str, list[int]]:
         return self.allocator.leak_report()
 
+    def inflight_requests(self) -> int:
+        """Requests running on this node: bound to a peer, or (encode) offered and waiting
+        for the Init that claims them."""
+        bound = sum(len(p.sessions) for p in self.peers.values())
+        return bound + len(self._unbound_sessions())
+
     def health(self) -> dict[str, Any]:
         a = self.allocator
         return {
@@ -227,7 +240,7 @@ class Node:
                 "blocks_quarantined": a.num_quarantined,
                 "waiters": a.num_waiters,
             },
-            "inflight": sum(len(p.sessions) for p in self.peers.values()),
+            "inflight": self.inflight_requests(),
             "peers": [p.node_id for p in self.peers.values() if p.alive],
             "quarantined_requests": sum(len(p.lingering) for p in self.peers.values()),
         }
@@ -378,7 +391,6 @@ class Node:
         )
         peer.stamp_at = peer.last_seen
         self.peers[tid] = peer
-        self.metrics.peers.set(len(self.peers))
         peer.reader = asyncio.create_task(self._read(peer), name=f"emtransfer:read:{peer.node_id}")
         peer.heartbeat = asyncio.create_task(self._heartbeat(peer))
         self.log.info("peer connected", peer=peer.node_id, via=channel.description)
@@ -481,7 +493,6 @@ class Node:
         peer.gone.set()
         if self.peers.get(peer.transport_id) is peer:
             del self.peers[peer.transport_id]
-        self.metrics.peers.set(len(self.peers))
         stopped = self.transport.guarantees.remove_stops_inbound
         try:
             await self.transport.remove_peer(peer.transport_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -69,6 +70,11 @@ class _Expired:
         self.token = token
 
 
+#: told about a session (on the node's loop) when it is watched and after every change of its
+#: machine's state, once that state's actions ran; see :meth:`Session.watch`
+StateObserver = Callable[["Session"], None]
+
+
 class Session:
     """Drives one request's machine on one node."""
 
@@ -91,10 +97,37 @@ class Session:
         self._alloc_task: asyncio.Task[None] | None = None
         self._error_override: TransferError | None = None
         self._deadline_token: object | None = None
+        self._observer: StateObserver | None = None
 
     # -- feeding -------------------------------------------------------------------------------
     def feed(self, event: object) -> None:
         self.queue.put_nowait(event)
+
+    def watch(self, observer: StateObserver | None) -> None:
+        """Follow the request from outside its coroutine (``emtransfer.sync``): ``observer`` is
+        called with this session now, and after every change of its machine's state once that
+        state's actions ran, always on the node's loop. An observer that raises is dropped."""
+        self._observer = observer
+        self._notify()
+
+    def _notify(self) -> None:
+        observer = self._observer
+        if observer is None:
+            return
+        try:
+            observer(self)
+        except Exception:  # a broken observer must not break the request it watches
+            self._observer = None
+            self.log.exception("state observer failed; dropped")
+
+    def abort(self, reason: str) -> bool:
+        """Give the request up on behalf of its caller, as a cancelled caller does: the machine
+        takes it as a LocalAbort (the peer is told, blocks are freed or quarantined) and the
+        result fails with :class:`TransferAborted`. False once the session no longer runs."""
+        if not self.running:
+            return False
+        self.feed(ev.LocalAbort(reason))
+        return True
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"emtransfer:{self.rid}")
@@ -175,6 +208,8 @@ class Session:
             self._cancel_alloc()
         for action in actions:
             await self._execute(action)
+        if m.state is not before:
+            self._notify()
 
     @staticmethod
     def _is_remote(event: ev.Event) -> bool:
@@ -251,7 +286,7 @@ class Session:
             self.result.set_exception(error)
             self.result.exception()  # mark retrieved: a caller that left must not warn
         reason = type(error).__name__
-        self.node.metrics.failures.labels(reason).inc()
+        self.node.metrics.failed(error)
         # a peer breaking the rules is worth a warning; timeouts and aborts are routine
         log = self.log.warning if isinstance(error, ProtocolError) else self.log.info
         log("request failed", error=str(error), reason=reason)

@@ -20,7 +20,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..encoders import JOB_ERROR_PREFIX, JobError
 from ..errors import JobRefused, PeerLost, TransferError
 from ..logs import get_logger
+from ..runtime.metrics import duration_buckets
 from ..runtime.node import Node
+from .drain import Drain, DrainGate
 from .options import ServeOptions
 from .schemas import ErrorBody
 
@@ -152,6 +154,8 @@ class NodeService:
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="emtransfer-http")
         self._started = False
         self._closed = False
+        #: the open requests, and the shutdown that waits for them (SIGTERM)
+        self.drain = Drain(options.shutdown_timeout)
 
     async def start(self) -> None:
         if not self._started:
@@ -174,13 +178,22 @@ class NodeService:
             registry=r,
         )
         self.http_seconds = Histogram(
-            "emtransfer_http_request_seconds", "HTTP request duration", ["path"], registry=r
+            "emtransfer_http_request_duration_seconds",
+            "HTTP request duration",
+            ["path"],
+            buckets=duration_buckets(self.settings),
+            registry=r,
         )
 
     @property
     def serving(self) -> bool:
         """Started and not shutting down (what readiness needs before anything role-specific)."""
-        return self._started and not self._closed and not self.node._closing
+        return (
+            self._started
+            and not self._closed
+            and not self.drain.draining
+            and not self.node._closing
+        )
 
     def health(self) -> dict[str, Any]:
         return {**self.node.health(), "ready": self.serving}
@@ -242,6 +255,7 @@ def make_app(service: NodeService, title: str, description: str) -> FastAPI:
         app.add_middleware(
             ApiKey, key=service.options.api_key, exempt=service.options.api_key_exempt
         )
+    app.add_middleware(DrainGate, drain=service.drain)
     app.add_middleware(AccessLog, service=service, routes=app.router)
     return app
 

@@ -103,64 +103,150 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(setting_flag(name), **kwargs)
 
 
+#: every serve option also reads EMTRANSFER_<DEST> when it is not on the command line
+SERVE_ENV = {
+    "role": "EMTRANSFER_ROLE",
+    "config": "EMTRANSFER_CONFIG",
+    "http_host": "EMTRANSFER_HTTP_HOST",
+    "port": "EMTRANSFER_HTTP_PORT",
+    "encoder": "EMTRANSFER_ENCODER",
+    "encoder_addr": "EMTRANSFER_ENCODER_ADDR",
+    "patch_size": "EMTRANSFER_PATCH_SIZE",
+    "retry_interval": "EMTRANSFER_RETRY_INTERVAL",
+    "shutdown_timeout": "EMTRANSFER_SHUTDOWN_TIMEOUT",
+    "log_level": "EMTRANSFER_LOG_LEVEL",
+    "log_json": "EMTRANSFER_LOG_JSON",
+    "api_key": "EMTRANSFER_API_KEY",
+    "api_key_exempt": "EMTRANSFER_API_KEY_EXEMPT",
+    "access_log": "EMTRANSFER_ACCESS_LOG",
+}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def env_default(dest: str, default: Any, kind: Any = str) -> Any:
+    """The option's default: its environment variable, converted, or ``default``."""
+    name = SERVE_ENV[dest]
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        if kind is bool:
+            if text.strip().lower() not in _TRUE | _FALSE:
+                raise ValueError("use 1/0, true/false, yes/no or on/off")
+            return text.strip().lower() in _TRUE
+        if kind is list:
+            return [text]
+        return kind(text)
+    except ValueError as exc:
+        raise ConfigError(f"invalid {name}={text!r}: {exc}") from None
+
+
+def _help(text: str, dest: str) -> str:
+    return f"{text} (env {SERVE_ENV[dest]})"
+
+
 def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run an encode or a language node behind an HTTP API",
         description="Runs one node behind an HTTP API (FastAPI on uvicorn with uvloop; the "
-        "schema is at /openapi.json). Both roles: GET /health, GET /metrics. Encode: POST "
-        "/v1/encode computes a job with the encoder and holds it until a language node pulls "
-        "it. Language: POST /v1/embeddings asks an encode node (round-robin over "
-        "--encoder-addr, skipping dead ones) to compute a job and receives the result; POST "
-        "/v1/receive pulls a payload an encode node holds.",
+        "schema is at /openapi.json, browsable at /docs). Both roles: GET /health (readiness: "
+        "200 or 503), GET /live, GET /version, GET /metrics. Encode: POST /v1/encode computes "
+        "a job with the encoder and holds it until a language node pulls it. Language: POST "
+        "/v1/embeddings asks an encode node (round-robin over --encoder-addr, skipping dead "
+        "ones) to compute a job and receives the result; POST /v1/receive pulls a payload an "
+        "encode node holds. SIGTERM drains: new requests get 503, open ones finish within "
+        "--shutdown-timeout. Every option also reads its environment variable (named in its "
+        "help); a flag wins over it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--role", required=True, choices=["encode", "language"], help="node role")
+    role = env_default("role", None)
     serve.add_argument(
-        "--config", help="TOML settings file (else $EMTRANSFER_CONFIG, else the defaults)"
+        "--role",
+        required=role is None,
+        default=role,
+        choices=["encode", "language"],
+        help=_help("node role", "role"),
     )
     serve.add_argument(
-        "--http-host", help="address the HTTP server binds (default: the --host setting)"
+        "--config",
+        help="TOML settings file (env EMTRANSFER_CONFIG; else the defaults)",
+    )
+    serve.add_argument(
+        "--http-host",
+        default=env_default("http_host", None),
+        help=_help("address the HTTP server binds (default: the --host setting)", "http_host"),
     )
     serve.add_argument(
         "--port",
         type=int,
-        help="HTTP port (default 8100 for encode, 8000 for language; 0 picks a free one)",
+        default=env_default("port", None, int),
+        help=_help(
+            "HTTP port (default 8100 for encode, 8000 for language; 0 picks a free one)", "port"
+        ),
     )
     serve.add_argument(
         "--encoder",
-        default="auto",
-        help=f"encode role: {', '.join(BUILTIN)} (see emtransfer.encoders) or module:factory, "
-        "where factory(settings) returns a callable job -> tensors | (tensors, meta) (default auto)",
+        default=env_default("encoder", "auto"),
+        help=_help(
+            f"encode role: {', '.join(BUILTIN)} (see emtransfer.encoders) or module:factory, "
+            "where factory(settings) returns a callable job -> tensors | (tensors, meta) "
+            "(default auto)",
+            "encoder",
+        ),
     )
     serve.add_argument(
         "--encoder-addr",
         action="append",
-        default=[],
+        default=None,
         metavar="HOST:PORT",
-        help="language role: an encode node's bootstrap address; repeat or comma-separate for "
-        "several (round-robin). Default: --host:--bootstrap-port when bootstrap_port is set",
+        help=_help(
+            "language role: an encode node's bootstrap address; repeat or comma-separate for "
+            "several (round-robin). Default: --host:--bootstrap-port when bootstrap_port is set",
+            "encoder_addr",
+        ),
     )
     serve.add_argument(
         "--patch-size",
         type=int,
-        default=DEFAULT_PATCH_SIZE,
-        help=f"encode role: patch size of the built-in vision encoder (default {DEFAULT_PATCH_SIZE})",
+        default=env_default("patch_size", DEFAULT_PATCH_SIZE, int),
+        help=_help(
+            f"encode role: patch size of the built-in vision encoder (default "
+            f"{DEFAULT_PATCH_SIZE})",
+            "patch_size",
+        ),
     )
     serve.add_argument(
         "--retry-interval",
         type=float,
-        default=1.0,
-        help="language role: seconds between reconnection attempts to an encode node that is "
-        "down (default 1.0)",
+        default=env_default("retry_interval", 1.0, float),
+        help=_help(
+            "language role: seconds between reconnection attempts to an encode node that is "
+            "down (default 1.0)",
+            "retry_interval",
+        ),
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=env_default("shutdown_timeout", 30.0, float),
+        metavar="SECONDS",
+        help=_help(
+            "on SIGTERM, seconds the open requests have to finish; those still open then are "
+            "answered 503 (default 30)",
+            "shutdown_timeout",
+        ),
     )
     serve.add_argument(
         "--log-level",
         default=argparse.SUPPRESS,
-        help="debug, info, warning, error (default info)",
+        help="debug, info, warning, error (default info; env EMTRANSFER_LOG_LEVEL)",
     )
     serve.add_argument(
-        "--log-json", action="store_true", default=argparse.SUPPRESS, help="JSON log lines"
+        "--log-json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="JSON log lines (env EMTRANSFER_LOG_JSON=1)",
     )
     serve.add_argument(
         "--api-key",
@@ -170,15 +256,23 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--api-key-exempt",
-        default="/health,/live,/metrics",
+        default=env_default("api_key_exempt", "/health,/live,/metrics"),
         metavar="PATHS",
-        help="comma-separated paths served without the API key (default /health,/live,/metrics; '' "
-        "for none)",
+        help=_help(
+            "comma-separated paths served without the API key (default /health,/live,/metrics; "
+            "'' for none)",
+            "api_key_exempt",
+        ),
     )
     serve.add_argument(
         "--access-log",
-        action="store_true",
-        help="one concise line per HTTP request (at info; /health and /metrics at debug)",
+        action=argparse.BooleanOptionalAction,
+        default=env_default("access_log", False, bool),
+        help=_help(
+            "one concise line per HTTP request: method, path, status, time, rid and client (at "
+            "info; /health, /live and /metrics at debug)",
+            "access_log",
+        ),
     )
     add_settings_flags(serve)
     return serve
@@ -197,6 +291,8 @@ class ServeOptions:
     max_tokens: int = DEFAULT_MAX_TOKENS
     patch_size: int = DEFAULT_PATCH_SIZE
     retry_interval: float = 1.0
+    #: on SIGTERM, seconds open requests have to finish before they are answered 503
+    shutdown_timeout: float = 30.0
     access_log: bool = False
     #: required as a bearer token on every HTTP request but ``api_key_exempt``; None: open
     api_key: str | None = None
@@ -209,13 +305,17 @@ def resolve_serve(args: argparse.Namespace) -> ServeOptions:
     settings = Settings.load(args.config, **overrides)
     if args.patch_size <= 0:
         raise ConfigError(f"invalid --patch-size={args.patch_size}: must be > 0")
+    if args.role not in DEFAULT_HTTP_PORT:
+        raise ConfigError(f"invalid --role={args.role!r}: encode or language")
     if args.retry_interval <= 0:
         raise ConfigError(f"invalid --retry-interval={args.retry_interval}: must be > 0")
+    if args.shutdown_timeout < 0:
+        raise ConfigError(f"invalid --shutdown-timeout={args.shutdown_timeout}: must be >= 0")
     port = DEFAULT_HTTP_PORT[args.role] if args.port is None else args.port
     if not 0 <= port <= 65535:
         raise ConfigError(f"invalid --port={port}: must be 0..65535")
     addrs: list[str] = []
-    for item in args.encoder_addr:
+    for item in args.encoder_addr or env_default("encoder_addr", [], list):
         addrs += [a.strip() for a in item.split(",") if a.strip()]
     if args.role == "language":
         if not addrs and settings.bootstrap_port:
@@ -254,6 +354,7 @@ def resolve_serve(args: argparse.Namespace) -> ServeOptions:
         max_tokens=settings.max_tokens,
         patch_size=args.patch_size,
         retry_interval=args.retry_interval,
+        shutdown_timeout=args.shutdown_timeout,
         access_log=args.access_log,
         api_key=api_key,
         api_key_exempt=exempt,

@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..logs import configure_logging, get_logger
 from .common import NodeService
+from .drain import DrainingServer
 from .options import ServeOptions
 
 log = get_logger("emtransfer.server")
@@ -85,10 +86,11 @@ async def _serve(options: ServeOptions, stop: list[int]) -> None:
             log_config=None,
             access_log=False,
             lifespan="on",
-            timeout_graceful_shutdown=5,
+            # the drain has answered every request by then: this only bounds closing them
+            timeout_graceful_shutdown=2,
             server_header=False,
         )
-        await uvicorn.Server(config).serve(sockets=[sock])
+        await DrainingServer(config, service.drain).serve(sockets=[sock])
     finally:
         await service.close()
         sock.close()

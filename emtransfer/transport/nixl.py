@@ -87,11 +87,30 @@ def _nixl_logging() -> None:
         lg.setLevel(logging.NOTSET)
 
 
+#: where the kernel lists RDMA devices; none there: UCX's InfiniBand module has nothing to drive
+RDMA_DEVICES = "/sys/class/infiniband"
+
+
+def _ucx_defaults() -> None:
+    """On a host without RDMA devices, keep UCX from loading its InfiniBand module (unless the
+    user chose ``UCX_MODULES``): with ``libibverbs`` installed (other engines need it) but no
+    device, that module crashes the process as it exits (UCX 1.19 in nixl 1.5.1)."""
+    if "UCX_MODULES" in os.environ:
+        return
+    try:
+        devices = os.listdir(RDMA_DEVICES)
+    except OSError:
+        devices = []
+    if not devices:
+        os.environ["UCX_MODULES"] = "^ib"
+
+
 def new_agent(name: str, params: Mapping[str, str], *, delay_us: int, thread: bool = True) -> Any:
     """A ``nixl_agent`` with the UCX backend, RW locking (loop and executor threads share it) and
     an idle progress thread that waits ``delay_us`` (UCX: >= 1 ms; events wake it) per poll.
     nixl 1.5's wrapper hard-codes a delay of 0 (an idle agent spins a core) with no knob: its core
     agent is swapped, before any backend exists, for one built from the binding's config."""
+    _ucx_defaults()
     _nixl_logging()
     import nixl._bindings as bind
     from nixl._api import nixl_agent, nixl_agent_config
