@@ -11,17 +11,21 @@ TORCH_SPEC ?= torch==2.13.0
 
 venv: $(VENV)/.stamp
 
-# system tools the tests use: openssl (certificates for the TLS tests), iproute2 (network
-# namespaces for the two-host tests); installed once on a fresh Debian machine (as root)
-SYSTOOLS := openssl ip
+# system packages the tests use: openssl (certificates for the TLS tests), iproute2 (network
+# namespaces for the two-host tests), libibverbs1 (loaded by the Mooncake engine, even for
+# TCP); only the missing ones are installed, once on a fresh Debian machine (as root)
 sysdeps:
-	@for t in $(SYSTOOLS); do command -v $$t >/dev/null || missing=1; done; \
-	if [ -n "$$missing" ]; then apt-get update && apt-get install -y --no-install-recommends openssl iproute2; fi
+	@pkgs=""; \
+	command -v openssl >/dev/null || pkgs="$$pkgs openssl"; \
+	command -v ip >/dev/null || pkgs="$$pkgs iproute2"; \
+	(ldconfig -p 2>/dev/null || /sbin/ldconfig -p) | grep -q libibverbs.so.1 || pkgs="$$pkgs libibverbs1"; \
+	if [ -n "$$pkgs" ]; then apt-get update && apt-get install -y --no-install-recommends $$pkgs; fi
 
-$(VENV)/.stamp: pyproject.toml
+$(VENV)/.stamp: pyproject.toml config/engines-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install '$(TORCH_SPEC)'
-	$(PIP) install -e '.[dev,nixl,bench]'
+	$(PIP) install -e '.[dev,nixl,mooncake,bench]'
+	$(PIP) install --no-deps -r config/engines-cpu.txt  # vLLM, SGLang: no CUDA torch pulled
 	touch $@
 
 test: sysdeps venv

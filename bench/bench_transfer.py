@@ -1,6 +1,6 @@
 """emtransfer against the raw transport it drives, in one run, on the same registered pools.
 
-    torchrun --nproc-per-node 2 bench/bench_transfer.py --transport nixl|torch|tcp
+    torchrun --nproc-per-node 2 bench/bench_transfer.py --transport nixl|torch|tcp|mooncake
              [--sizes 256,1024,2048,8192] [--reps 20] [--reps-large 10] [--warmup 3]
              [--small-n 400] [--small-conc 1,32] [--json PATH] [--plot PATH]
              [--trace PATH] [--switch-interval MS]     (profiling aids, off by default)
@@ -72,6 +72,7 @@ LABELS = {
 }
 TORCH_RAW_TAG = 100  # + slot; the torch transport's tags are >= 1000 (see transport/torch.py)
 NIXL_RAW_PREFIX = b"bench/"  # raw notification: b"bench/<tag>\0<nbytes>" (emtransfer's format)
+MOONCAKE_RAW_PREFIX = "bench/"  # the same, as the Mooncake engine's notification text
 TCP_HDR = struct.Struct("!QQQ")  # raw tcp: tag, dst offset, nbytes
 TCP_ACK = b"\x06"
 
@@ -284,6 +285,106 @@ class NixlRawReceiver(RawReceiver):
                 swept = [k for k in keys if bucket.pop(k, None) is not None]
                 self.via_transport += len(swept)
                 found += swept
+            if not found:
+                time.sleep(self.poll_s)
+                continue
+            with self.cv:
+                futs = [self.pending.pop(k) for k in found if k in self.pending]
+            for fut in futs:
+                self.loop.call_soon_threadsafe(_resolve, fut)
+
+    async def close(self) -> None:
+        with self.cv:
+            self.stop = True
+            self.cv.notify()
+        await asyncio.to_thread(self.thread.join, 5)
+
+
+class MooncakeRawSender(RawSender):
+    """The node's own Mooncake engine, the peer's session and pool base from the transport's
+    peer record; one ``batch_transfer_sync`` with a notification per write (it returns once the
+    target applied the bytes and took the notification), in one executor thread (writes to the
+    peer are serialized, the loop stays live)."""
+
+    def __init__(self, node: Any, peer_tid: str) -> None:
+        from mooncake.engine import TransferNotify, TransferOpcode
+
+        tr = node.transport
+        self.engine, self.name = tr._engine, tr._name
+        peer = tr._peers[peer_tid]
+        self.session, self.rbase = peer.session, peer.pools["embeddings"][0]
+        self.lbase = node.registry.byte_view("embeddings").data_ptr()
+        self.notify, self.op = TransferNotify, TransferOpcode.Write
+        self.pool = cf.ThreadPoolExecutor(1, "bench-mooncake-raw")
+
+    def _write(self, src: int, dst: int, nbytes: int, msg: str) -> None:
+        rc = self.engine.batch_transfer_sync(
+            self.session, [self.lbase + src], [self.rbase + dst], [nbytes], self.op,
+            self.notify(self.name, msg),
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"raw mooncake write returned {rc}")
+
+    async def write(self, src: int, dst: int, nbytes: int, tag: int, slot: int) -> None:
+        msg = f"{MOONCAKE_RAW_PREFIX}{tag}\0{nbytes}"
+        await asyncio.get_running_loop().run_in_executor(
+            self.pool, self._write, src, dst, nbytes, msg
+        )
+
+    async def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class MooncakeRawReceiver(RawReceiver):
+    """One poller thread polls the engine's notifications (``get_notifies``) with ``poll_s``
+    sleeps while anything is expected. emtransfer's MooncakeTransport drains the same engine
+    (its 1 s sweep and ``wait_landed``): a raw notification it took first is in its
+    ``_landed`` map under our tag, so the poller checks there too; one of emtransfer's that the
+    poller takes is handed back to that map on the loop (its waiters re-check it)."""
+
+    def __init__(self, node: Any, peer_tid: str, poll_s: float) -> None:
+        self.tr = node.transport
+        self.engine, self.remote = self.tr._engine, self.tr._peers[peer_tid].name
+        self.poll_s = poll_s
+        self.loop = asyncio.get_running_loop()
+        self.pending: dict[str, asyncio.Future[None]] = {}
+        self.via_transport = 0  # raw notifications found in the transport's map (its sweep won)
+        self.cv = threading.Condition()
+        self.stop = False
+        self.thread = threading.Thread(target=self._poll, name="bench-mooncake-poll", daemon=True)
+        self.thread.start()
+
+    def expect(self, tag: int, slot: int, dst: int, nbytes: int) -> asyncio.Future[None]:
+        fut = self.loop.create_future()
+        with self.cv:
+            self.pending[f"{MOONCAKE_RAW_PREFIX}{tag}"] = fut
+            self.cv.notify()
+        return fut
+
+    def _hand_back(self, name: str, msg: str) -> None:  # on the loop, like the transport's drain
+        self.stray += 1
+        tag, _, count = msg.rpartition("\0")
+        entry = self.tr._landed.setdefault((name, tag), [0, time.monotonic()])
+        entry[0] += int(count) if count.isdigit() else 0
+
+    def _poll(self) -> None:
+        while True:
+            with self.cv:
+                self.cv.wait_for(lambda: self.pending or self.stop)
+                if self.stop:
+                    return
+                keys = list(self.pending)
+            found = []
+            for note in self.engine.get_notifies():
+                name, msg = str(note.name), str(note.msg)
+                key = msg.rpartition("\0")[0]
+                if name == self.remote and key in keys:
+                    found.append(key)
+                else:
+                    self.loop.call_soon_threadsafe(self._hand_back, name, msg)
+            swept = [k for k in keys if self.tr._landed.pop((self.remote, k), None) is not None]
+            self.via_transport += len(swept)
+            found += swept
             if not found:
                 time.sleep(self.poll_s)
                 continue
@@ -566,6 +667,9 @@ class EncodeSide:
         if self.args.transport == "nixl":
             self.raw[pair] = NixlRawSender(node, tid, self.args.poll_us * 1e-6)
             return {}
+        if self.args.transport == "mooncake":
+            self.raw[pair] = MooncakeRawSender(node, tid)
+            return {}
         if self.args.transport == "torch":
             self.raw[pair] = TorchRawSender(node, peer_rank=1)
             return {}
@@ -713,6 +817,9 @@ class LanguageSide:
         tr = self.args.transport
         if tr == "nixl":
             self.raw[pair] = NixlRawReceiver(node, peer.transport_id, self.args.poll_us * 1e-6)
+        elif tr == "mooncake":
+            poll_s = self.args.poll_us * 1e-6
+            self.raw[pair] = MooncakeRawReceiver(node, peer.transport_id, poll_s)
         elif tr == "torch":
             self.raw[pair] = TorchRawReceiver(node, peer_rank=0)
         else:
@@ -1276,7 +1383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--transport", choices=("nixl", "torch", "tcp"), required=True)
+    ap.add_argument("--transport", choices=("nixl", "torch", "tcp", "mooncake"), required=True)
     ap.add_argument("--sizes", default="256,1024,2048,8192", help="payload tokens, comma-separated")
     ap.add_argument("--reps", type=int, default=20, help="timed reps per payload <= 16 MiB")
     ap.add_argument("--reps-large", type=int, default=10, help="timed reps per payload > 16 MiB")
@@ -1290,7 +1397,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--poll-us",
         type=float,
         default=30.0,
-        help="raw nixl: sleep between polls of transfer state / notifications",
+        help="raw nixl / mooncake: sleep between polls of transfer state / notifications",
     )
     ap.add_argument(
         "--raw-tcp-sockbuf",
@@ -1356,12 +1463,15 @@ def main() -> int:
         return 0
     started, load_before = time.time(), os.getloadavg()
     result = uvloop.run(run_language(args))
-    nixl_version = None
-    if args.transport == "nixl":
-        from importlib.metadata import version
+    nixl_version = mooncake_version = None
+    from importlib.metadata import version
 
+    if args.transport == "nixl":
         with contextlib.suppress(Exception):
             nixl_version = version("nixl")
+    if args.transport == "mooncake":
+        with contextlib.suppress(Exception):
+            mooncake_version = version("mooncake-transfer-engine-non-cuda")
     result["config"] = {
         "transport": args.transport,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -1372,6 +1482,8 @@ def main() -> int:
         "torch": torch.__version__,
         "git": git_describe(),
         "nixl": nixl_version,
+        "mooncake": mooncake_version,
+        "mc_env": {k: v for k, v in os.environ.items() if k.startswith("MC_")},
         "sizes": args.sizes,
         "reps": args.reps,
         "reps_large": args.reps_large,

@@ -20,6 +20,7 @@ from .errors import (
 from .logs import configure_logging
 from .runtime import EncodeNode, LanguageNode, Peer, Received, SendStats, Staged
 from .settings import FieldSpec, Settings
+from .transport import GrantExpired, TransportError
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "EncodeNode",
     "EncoderFailed",
     "FieldSpec",
+    "GrantExpired",
     "InvalidRequest",
     "JobRefused",
     "LanguageNode",
@@ -46,6 +48,7 @@ __all__ = [
     "TransferAborted",
     "TransferError",
     "TransferTimeout",
+    "TransportError",
     "Unavailable",
     "configure_logging",
 ]

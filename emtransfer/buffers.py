@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .allocator import Allocation, Run
-from .errors import PayloadError
+from .errors import ConfigError, PayloadError
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -41,6 +41,26 @@ class FieldLayout:
     shape: tuple[int, ...]
     dtype: torch.dtype
     token_nbytes: int
+
+
+def check_device(device: str) -> None:
+    """A CUDA device this torch can use, or :class:`ConfigError` saying why not."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return
+    if not torch.backends.cuda.is_built():
+        raise ConfigError(
+            f"invalid setting device={device!r}: this torch ({torch.__version__}) is built "
+            "without CUDA; install a CUDA build of torch or use device='cpu'"
+        )
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ConfigError(f"invalid setting device={device!r}: no CUDA device is visible")
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(
+            f"invalid setting device={device!r}: only {count} CUDA device(s) visible "
+            f"(cuda:0..cuda:{count - 1})"
+        )
 
 
 class BufferRegistry:
@@ -71,6 +91,7 @@ class BufferRegistry:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BufferRegistry:
+        check_device(settings.device)
         return cls(
             settings.field_specs(),
             num_blocks=settings.num_blocks,

@@ -2,10 +2,12 @@
 
 An encoder is a callable ``encoder(job) -> tensors | (tensors, meta)`` (it may be a coroutine
 function); ``tensors`` maps every field of the settings (``embeddings`` first, then the extra
-fields) to a tensor of ``num_tokens`` rows. A job is a JSON object; the servers send
+fields) to a tensor of ``num_tokens`` rows. A job is a dict; the servers send
 
 * ``{"rid": ..., "num_tokens": n}`` -- for the ``synthetic`` encoder,
-* ``{"rid": ..., "image": "<base64 PNG or JPEG>"}`` -- for the ``vision`` encoder.
+* ``{"rid": ..., "image": <bytes>, "image_type": "image/jpeg"}`` -- an image's own bytes and
+  their media type (nothing decodes it on the way), for the ``vision`` encoder (PNG, JPEG,
+  WebP, GIF) or yours.
 
 Built-in encoders (``--encoder NAME``):
 
@@ -41,11 +43,17 @@ from .settings import Settings
 
 #: how the encode node's "encode failed: ..." abort reason marks the input's fault
 JOB_ERROR_PREFIX = "bad job: "
-#: a base64 image travels inside one control message (1 MiB frame limit): stay well below
-MAX_IMAGE_B64 = 900_000
 DEFAULT_MAX_TOKENS = 32768
 DEFAULT_PATCH_SIZE = 16
-IMAGE_FORMATS = ("PNG", "JPEG")
+#: what the built-in vision encoder decodes (through Pillow)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+#: the media type of an image, from its first bytes
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
 BUILTIN = ("synthetic", "vision", "auto")
 
 Encoder = Callable[[dict[str, Any]], Any]
@@ -80,40 +88,60 @@ def _job_rid(job: dict[str, Any]) -> str:
 
 
 # -- images --------------------------------------------------------------------------------------
-def image_bytes(data: object, max_b64: int = MAX_IMAGE_B64) -> bytes:
-    """The raw bytes of a base64 image (a ``data:image/...;base64,`` prefix is allowed)."""
-    if not isinstance(data, str) or not data:
-        raise JobError("image must be a non-empty base64 string")
+def image_type(raw: bytes) -> str:
+    """The media type of an image from its first bytes (``application/octet-stream`` when
+    unknown: the encoder decides what it takes)."""
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "image/webp"
+    return next((t for magic, t in _MAGIC if raw.startswith(magic)), "application/octet-stream")
+
+
+def decode_image_field(data: str) -> tuple[bytes, str]:
+    """An HTTP request's ``image`` (base64, a ``data:image/...;base64,`` URL allowed) as raw
+    bytes and their media type: the type the data URL names, else the one the bytes show.
+    Nothing is decoded as an image here: that is the encoder's business."""
+    declared = ""
     if data.startswith("data:"):
-        _, sep, data = data.partition(",")
+        head, sep, data = data.partition(",")
         if not sep:
             raise JobError("image data URL has no ',' before the base64 data")
-    if len(data) > max_b64:
-        raise JobError(
-            f"image is {len(data)} characters of base64, above the limit of {max_b64} "
-            "(one image must fit in one control message)"
-        )
+        declared = head.removeprefix("data:").split(";", 1)[0]
     try:
-        return base64.b64decode(data, validate=True)
+        raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise JobError(f"image is not valid base64: {exc}") from None
+    if not raw:
+        raise JobError("image is empty")
+    return raw, declared or image_type(raw)
+
+
+def image_bytes(data: object) -> bytes:
+    """The raw bytes of a job's image: bytes as they are, or a base64 string (a
+    ``data:image/...;base64,`` prefix is allowed)."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        if not data:
+            raise JobError("image is empty")
+        return bytes(data)
+    if not isinstance(data, str) or not data:
+        raise JobError("image must be bytes or a non-empty base64 string")
+    return decode_image_field(data)[0]
 
 
 def open_image(raw: bytes) -> Any:
-    """Open (lazily: the header only) a PNG or JPEG; JobError when it is neither."""
+    """Open (lazily: the header only) a PNG, JPEG, WebP or GIF; JobError when it is none."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         return Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
     except UnidentifiedImageError:
-        raise JobError("image cannot be decoded: not a PNG or JPEG") from None
+        raise JobError("image cannot be decoded: not a PNG, JPEG, WebP or GIF") from None
     except (OSError, ValueError) as exc:
         raise JobError(f"image cannot be decoded: {exc}") from None
 
 
-def check_image(data: object, max_b64: int = MAX_IMAGE_B64) -> tuple[int, int]:
-    """Cheap validation (base64, format, Pillow's ``verify``); returns (width, height)."""
-    img = open_image(image_bytes(data, max_b64))
+def check_image(data: object) -> tuple[int, int]:
+    """Cheap validation (format, Pillow's ``verify``); returns (width, height)."""
+    img = open_image(image_bytes(data))
     try:
         size = img.size
         img.verify()
@@ -284,14 +312,16 @@ __all__ = [
     "BUILTIN",
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_PATCH_SIZE",
+    "IMAGE_FORMATS",
     "JOB_ERROR_PREFIX",
-    "MAX_IMAGE_B64",
     "AutoEncoder",
     "Encoder",
     "JobError",
     "SyntheticEncoder",
     "VisionEncoder",
     "check_image",
+    "decode_image_field",
+    "image_type",
     "load_encoder",
     "patch_grid",
 ]

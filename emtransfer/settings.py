@@ -35,6 +35,8 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 FIELD_DTYPES = (*FLOAT_DTYPES, "int64", "int32", "int16", "int8", "uint8", "bool")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
 _DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")
+_RDMA_DEVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+_LOCATION_RE = re.compile(r"(cpu|cuda):\d+")
 #: Legacy SGLang variable names, read when the EMTRANSFER_* variable is not set.
 SGLANG_ALIASES = {
     "block_size": "SGLANG_MULTIMODAL_BLOCK_SIZE",
@@ -139,7 +141,7 @@ class Settings(BaseSettings):
     """Pool device: cpu, cuda or cuda:N."""
     fields: dict[str, FieldSpec] = Field(default_factory=dict)
     """Extra per-token fields besides the (reserved) embeddings, in order."""
-    transport: Literal["auto", "nixl", "torch", "tcp", "local"] = "auto"
+    transport: Literal["auto", "nixl", "torch", "tcp", "local", "mooncake"] = "auto"
     host: str = "127.0.0.1"
     bootstrap_port: int = Field(0, ge=0, le=65535)
     """Control channel port; 0 picks a free port."""
@@ -167,6 +169,9 @@ class Settings(BaseSettings):
     max_inflight_per_peer: PosInt = 64
     max_connections: PosInt = 1024
     """Encode node: control connections at most, handshakes included; more are refused."""
+    max_job_bytes: PosInt = 32 << 20
+    """The largest Encode job (an image's bytes and the rest of the job) a language node sends
+    and an encode node accepts; a large job travels in pieces, so a 3 MB photo is ordinary."""
     max_pending_handshakes: PosInt = 64
     """Encode node: connections still in their handshake at most; more are refused at once."""
     max_waiting_inits_per_peer: PosInt = 16
@@ -184,6 +189,17 @@ class Settings(BaseSettings):
     tcp_advertise: str | None = None
     """host:port peers use to reach this node's tcp data port, when that is not the bound
     address (behind NAT, a port mapping or a proxy)."""
+    mooncake_protocol: Literal["tcp", "rdma"] = "tcp"
+    """mooncake transport: the engine's data protocol, tcp (any IP network) or rdma
+    (InfiniBand/RoCE NICs; refused where the machine lists no RDMA device)."""
+    mooncake_devices: str | None = None
+    """mooncake transport over rdma: the RDMA devices to use, comma-separated (e.g.
+    mlx5_0,mlx5_1); unset: every device the engine discovers. Refused with tcp."""
+    mooncake_location: str | None = None
+    """mooncake transport: where the pools are registered as living, cpu:N (NUMA node N) or
+    cuda:N (GPU N), which the engine matches to its NICs; unset: cuda:N for pools on cuda:N,
+    else the engine finds out. A CUDA pool needs the engine's CUDA build
+    (mooncake-transfer-engine, not -non-cuda)."""
     tls_cert: Path | None = None
     """PEM certificate (chain) this node presents on the control connection: the encode node's
     server certificate, or the language node's client certificate for mutual TLS."""
@@ -240,6 +256,23 @@ class Settings(BaseSettings):
             raise ValueError("an empty token authenticates nobody: set a secret or leave it unset")
         return v
 
+    @field_validator("mooncake_devices")
+    @classmethod
+    def _check_devices(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        names = [d.strip() for d in v.split(",")]
+        if not all(_RDMA_DEVICE_RE.fullmatch(d) for d in names):
+            raise ValueError("must be RDMA device names, comma-separated (e.g. mlx5_0,mlx5_1)")
+        return ",".join(names)
+
+    @field_validator("mooncake_location")
+    @classmethod
+    def _check_location(cls, v: str | None) -> str | None:
+        if v is not None and not _LOCATION_RE.fullmatch(v := v.strip().lower()):
+            raise ValueError("must be cpu:N or cuda:N")
+        return v
+
     @field_validator("fields")
     @classmethod
     def _check_fields(cls, v: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
@@ -257,6 +290,7 @@ class Settings(BaseSettings):
             host, sep, port = self.tcp_advertise.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"tcp_advertise={self.tcp_advertise!r} must be host:port")
+        self._check_mooncake()
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
         for name in ("tls_cert", "tls_key", "tls_ca"):
@@ -264,6 +298,18 @@ class Settings(BaseSettings):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}={str(path)!r} is not a readable file")
         return self
+
+    def _check_mooncake(self) -> None:
+        if self.mooncake_devices is not None and self.mooncake_protocol != "rdma":
+            raise ValueError(
+                f"mooncake_devices={self.mooncake_devices!r} names RDMA devices: it needs "
+                "mooncake_protocol='rdma'"
+            )
+        if (loc := self.mooncake_location) is not None and loc.split(":")[0] != self.device_kind:
+            raise ValueError(
+                f"mooncake_location={loc!r} does not match device={self.device!r}: the pools "
+                "live where device says"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -297,6 +343,13 @@ class Settings(BaseSettings):
     def field_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Per-token shape and dtype of every field, ``embeddings`` first."""
         return {n: (shape, _torch_dtype(dt)) for n, (shape, dt) in self._field_names().items()}
+
+    @property
+    def encode_timeout(self) -> float:
+        """How long a receiver waits for round 0 of an Encode job: the encode node may hold
+        its Init for ``data_timeout`` while the encoder runs, then writes within
+        ``chunk_timeout``."""
+        return self.data_timeout + self.chunk_timeout
 
     def fingerprint(self) -> dict[str, Any]:
         """What two peers must agree on: block size, device kind, fields' shapes and dtypes."""

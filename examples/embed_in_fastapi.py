@@ -30,6 +30,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 import emtransfer as et
+from emtransfer.encoders import decode_image_field
 
 
 @asynccontextmanager
@@ -50,7 +51,7 @@ app = FastAPI(title="my multimodal app", lifespan=lifespan)
 
 class Describe(BaseModel):
     num_tokens: int | None = Field(None, ge=1, le=32768)
-    image: str | None = None  # base64 PNG or JPEG, for an encode server's vision encoder
+    image: str | None = None  # a base64 image (PNG, JPEG, WebP, GIF for the vision encoder)
 
 
 def _status(exc: et.TransferError) -> HTTPException:
@@ -79,9 +80,12 @@ async def describe(body: Describe) -> dict[str, Any]:
         raise HTTPException(400, "give exactly one of num_tokens or image")
     rid = f"describe-{uuid.uuid4().hex[:12]}"
     job: dict[str, Any] = {"rid": rid}  # the encode server's encoders read rid and one of:
-    job.update({"num_tokens": body.num_tokens} if body.image is None else {"image": body.image})
     lang: et.LanguageNode = app.state.lang
     try:
+        if body.image is None:
+            job["num_tokens"] = body.num_tokens
+        else:  # the image's own bytes and their type: large ones travel in pieces
+            job["image"], job["image_type"] = decode_image_field(body.image)
         got = await lang.encode(rid, app.state.encoder, job)
     except et.TransferError as exc:
         raise _status(exc) from exc

@@ -33,8 +33,8 @@ from emtransfer.protocol.events import (
 from emtransfer.protocol.machine import GRANT_EXPIRY, Machine
 from emtransfer.settings import Settings
 
-#: the guarantee combinations the transports declare (nixl; tcp and torch; local), and none at
-#: all: the receiver machine is tested under each
+#: the guarantee combinations the transports declare (nixl and mooncake; tcp and torch; local),
+#: and none at all: the receiver machine is tested under each
 GUARANTEES: dict[str, Guarantees] = {
     "nixl": Guarantees(remote_completion=True, fences_tag=False, remove_stops_inbound=False),
     "tcp": Guarantees(

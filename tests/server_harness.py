@@ -108,6 +108,15 @@ class ServerProc:
             time.sleep(0.05)  # bounded poll of another process
         raise AssertionError(f"{self.name}: /health never satisfied: {last}\n{self.log()}")
 
+    def wait_log(self, text: str, timeout: float = 20.0) -> str:
+        """Poll the process's log (bounded) until it holds ``text``; the log then."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in (log := self.log()):
+                return log
+            time.sleep(0.05)  # bounded poll of another process's output
+        raise AssertionError(f"{self.name}: no {text!r} in the log:\n{self.log()}")
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -171,5 +180,28 @@ def gated_encoder(settings: Any) -> Any:
         if rid.startswith("boom-"):
             raise RuntimeError("kaboom: the test encoder failed")
         return synthetic(job)
+
+    return encode
+
+
+def bytes_encoder(settings: Any) -> Any:
+    """An encoder of the user's own that takes any bytes (no image decoding anywhere): it
+    answers with a synthetic payload and says what it got (length, media type, digest)."""
+    import hashlib
+
+    from emtransfer.encoders import SyntheticEncoder
+
+    synthetic = SyntheticEncoder(settings)
+
+    def encode(job: dict[str, Any]) -> Any:
+        raw = job["image"]
+        assert isinstance(raw, bytes), type(raw)
+        tensors, _ = synthetic({"rid": job["rid"], "num_tokens": 64})
+        meta = {
+            "image_bytes": len(raw),
+            "image_type": job.get("image_type"),
+            "image_sha256": hashlib.sha256(raw).hexdigest(),
+        }
+        return tensors, meta
 
     return encode

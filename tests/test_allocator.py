@@ -3,7 +3,7 @@
 The design note this project grew from addressed an allocation as the single region
 ``[min(blocks) * B, min(blocks) * B + n)``. With a scrambled free list that region covers blocks
 owned by other requests and skips blocks the request owns. The tests at the end of this file
-rebuild the two block lists from DESIGN.md through the public API and prove that per-block
+rebuild the two block lists of docs/design.md through the public API and prove that per-block
 addressing (``Allocation.slot`` / ``segments`` / ``BufferRegistry.write``) keeps every request's
 bytes intact, while the shortcut corrupts a neighbour.
 """
@@ -616,7 +616,7 @@ async def test_many_concurrent_allocs_all_served_and_pool_full_after() -> None:
 
 # -- the design note's scrambled free lists ---------------------------------------------------
 SCRAMBLED = [
-    # (pool blocks, target blocks): the two lists from DESIGN.md and the original design note
+    # (pool blocks, target blocks): the two lists of docs/design.md (from the original design note)
     pytest.param(24, [15, 16, 17, 18, 19, 14, 13, 12, 11, 10, 4, 3, 2, 1, 0], id="15-blocks"),
     pytest.param(12, [9, 3, 4, 5, 0], id="9-3-4-5-0"),
 ]
@@ -694,8 +694,8 @@ def scrambled_with_victim(
     num_blocks: int, blocks: list[int]
 ) -> tuple[BlockAllocator, Allocation, list[Allocation]]:
     """``blocks`` for request A; the blocks below ``max(blocks)`` that A does not own are handed
-    to other live requests (DESIGN.md: "free blocks 1 and 2, owned by nobody yet, soon by
-    someone else")."""
+    to other live requests (docs/design.md: "free blocks 1 and 2 (owned by nobody yet, soon
+    by another request)")."""
     a = BlockAllocator(num_blocks, B)
     target, singles = allocation_with_blocks(a, blocks, rid="A")
     gaps = [b for b in range(max(blocks)) if b not in blocks]

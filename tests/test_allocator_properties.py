@@ -1,5 +1,5 @@
 """Property tests: any interleaving of allocs, frees and quarantines keeps every request's bytes
-intact and disjoint (DESIGN.md, "Addressing"), and runs between two scrambled allocations are
+intact and disjoint (docs/design.md, "Addressing"), and runs between two scrambled allocations are
 exact and maximal.
 """
 

@@ -19,7 +19,7 @@ POOL_TOKENS = BASE_SETTINGS["num_blocks"] * BASE_SETTINGS["block_size"]
 LOSS_S = BASE_SETTINGS["heartbeat_timeout"] + 5
 
 
-TRANSPORTS = transport_params("tcp", "nixl", "torch")
+TRANSPORTS = transport_params("tcp", "nixl", "torch", "mooncake")
 
 
 def _env(transport: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -70,8 +70,9 @@ def _transfer(
     return got, sent
 
 
-#: a one-sided engine (nixl) cannot prove that a killed peer's writes stopped: the blocks of its
-#: last grant are released at the grant's expiry (chunk_timeout + write_timeout after it)
+#: a one-sided engine (nixl, mooncake) cannot prove that a killed peer's writes stopped: the
+#: blocks of its last grant are released at the grant's expiry (chunk_timeout + write_timeout
+#: after it)
 EXPIRY_S = BASE_SETTINGS["chunk_timeout"] + BASE_SETTINGS["write_timeout"] + 5
 
 

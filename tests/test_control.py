@@ -330,8 +330,8 @@ async def test_tcp_handshake_lists_each_other_as_peers() -> None:
 @pytest.mark.parametrize(
     ("override", "named"),
     [
-        ({"hidden_size": 2 * HIDDEN}, "fields.embeddings.shape"),
-        ({"dtype": "float16"}, "fields.embeddings.dtype"),
+        ({"hidden_size": 2 * HIDDEN}, f"hidden_size={2 * HIDDEN} on the "),
+        ({"dtype": "float16"}, "dtype='float16' on the "),
         ({"block_size": 2 * BLOCK}, "block_size"),
         (
             {"fields": {"mrope_positions": {"shape": [3], "dtype": "int64"}}},

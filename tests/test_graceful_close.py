@@ -43,3 +43,33 @@ def test_closing_right_after_the_sends_returned_loses_nothing(transport: str) ->
         assert failures == [], failures
     finally:
         lang.kill()
+
+
+@pytest.mark.timeout(30)
+async def test_closing_with_a_peer_still_connected_leaves_no_socket_open() -> None:
+    """tcp: the data connection finish_writes half-closed is closed too (it used to stay open
+    until the garbage collector found it: "unclosed StreamWriter")."""
+    import asyncio
+    import gc
+    import warnings
+
+    from helpers_runtime import make_payload, make_settings
+
+    import emtransfer as et
+
+    s = make_settings(transport="tcp")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", ResourceWarning)
+        async with et.LanguageNode(s) as lang:
+            enc = et.EncodeNode(s, control="tcp")
+            await enc.start()
+            peer = await lang.connect(enc.address)
+            send = asyncio.create_task(enc.send("r", make_payload(50)))
+            got = await lang.receive("r", peer)
+            await send
+            assert got.num_tokens == 50
+            await enc.close()  # the language node is still connected
+            del enc, send
+            gc.collect()
+    unclosed = [w for w in seen if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, [str(w.message) for w in unclosed]

@@ -71,6 +71,8 @@ SAMPLES: list[m.Message] = [
     m.Heartbeat(),
     m.Heartbeat(seq=12345),
     m.Encode(rid="req-1", job={"num_tokens": 300, "image": None}),
+    m.Encode(rid="req-2", job={"image_type": "image/jpeg"}, session="s1", parts=3),
+    m.JobPart(rid="req-2", key="image", data=b"\xff\xd8\xff" * 100, session="s1"),
     m.Error(reason="bad frame"),
     m.Challenge(version=m.PROTOCOL_VERSION, nonce=b"\x00" * 16),
 ]
@@ -121,7 +123,7 @@ def test_encoding_is_tagged_with_type() -> None:
     tags = {as_dict(s)["type"] for s in SAMPLES}
     assert tags == {
         "hello", "hello_ack", "init", "chunk", "resume", "abort", "abort_ack",
-        "heartbeat", "encode", "error", "challenge",
+        "heartbeat", "job_part", "encode", "error", "challenge",
     }  # fmt: skip
 
 

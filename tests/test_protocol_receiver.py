@@ -537,7 +537,7 @@ CASES: list[Case] = [
         R.QUARANTINED,
         give_up(
             abort=AbortWith("receiver timeout"),
-            fail=FailWith(TT, "no ChunkDone for round 0"),
+            fail=FailWith(TT, "has no payload for this rid after chunk_timeout"),
         ),
     ),
     Case(
@@ -830,11 +830,12 @@ def test_transition(case: Case, kind: str) -> None:
 
 def test_guarantee_kinds_are_the_transports_declared_ones() -> None:
     from emtransfer.transport.local import LocalTransport
+    from emtransfer.transport.mooncake import MooncakeTransport
     from emtransfer.transport.nixl import NixlTransport
     from emtransfer.transport.tcp import TcpTransport
     from emtransfer.transport.torch import TorchTransport
 
-    assert GUARANTEES["nixl"] == NixlTransport.GUARANTEES
+    assert GUARANTEES["nixl"] == NixlTransport.GUARANTEES == MooncakeTransport.GUARANTEES
     assert GUARANTEES["tcp"] == TcpTransport.GUARANTEES == TorchTransport.GUARANTEES
     assert GUARANTEES["local"] == LocalTransport.GUARANTEES
     assert GUARANTEES["none"] == NONE
@@ -1390,3 +1391,42 @@ def test_an_abort_s_kind_picks_the_caller_s_error(kind: str, cls: str) -> None:
     assert tell.kind == "unavailable"
     (fail,) = [a for a in acts if isinstance(a, ev.Fail)]
     assert type(fail.error).__name__ == "Unavailable"
+
+
+@pytest.mark.parametrize("job", [False, True], ids=["receive", "encode-job"])
+def test_round_0_of_an_encode_job_also_waits_for_the_encoder(job: bool) -> None:
+    """The sender may hold an Encode job's Init for its data_timeout while the encoder runs:
+    round 0 of a job waits encode_timeout (data_timeout + chunk_timeout), every later round
+    and every plain receive waits chunk_timeout; each timeout says what did not come, in
+    words, with its seconds and its setting."""
+    waits = {"chunk_timeout": 30.0, "encode_timeout": 90.0}
+    m = ReceiverMachine(
+        RID, block_size=B, default_tokens=DEFAULT, guarantees=NONE, waits=waits,
+        peer="encode node e-1",
+    )  # fmt: skip
+    assert feed(m, Start(None, False, job)) == [Alloc(DEFAULT, DEFAULT)]
+    assert m.timeout_name == "alloc_timeout"
+    feed(m, AllocGranted(BLOCKS0, DEFAULT))
+    assert m.timeout_name == ("encode_timeout" if job else "chunk_timeout")
+    t = Settings()
+    assert t.encode_timeout == t.data_timeout + t.chunk_timeout
+    gave_up = ReceiverMachine(
+        RID, block_size=B, default_tokens=DEFAULT, guarantees=NONE, waits=waits,
+        peer="encode node e-1",
+    )  # fmt: skip
+    feed(gave_up, Start(None, False, job), AllocGranted(BLOCKS0, DEFAULT))
+    (fail,) = [a for a in feed(gave_up, Timeout()) if isinstance(a, ev.Fail)]
+    if job:
+        assert "encode node e-1 computed and sent nothing within 90s (encode_timeout)" in str(
+            fail.error
+        )
+    else:
+        assert "encode node e-1 has no payload for this rid after 30s (chunk_timeout)" in str(
+            fail.error
+        )
+    # round 1 waits chunk_timeout, job or not
+    feed(m, chunk(0, 0, DEFAULT, 20, False), AllocGranted(BLOCKS1, 12))
+    assert m.round == 1 and m.state is R.WAIT_CHUNK
+    assert m.timeout_name == "chunk_timeout"
+    (fail,) = [a for a in feed(m, Timeout()) if isinstance(a, ev.Fail)]
+    assert "encode node e-1 sent no data for round 1 within 30s (chunk_timeout)" in str(fail.error)

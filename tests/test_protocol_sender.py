@@ -351,7 +351,10 @@ CASES: list[Case] = [
         S.WAIT_DATA,
         Timeout(),
         S.FAILED,
-        [SendAbort("sender timeout"), FailWith(TT, "WAIT_DATA")],
+        [
+            SendAbort("sender timeout: the payload was not ready in time (data_timeout)"),
+            FailWith(TT, "WAIT_DATA"),
+        ],
     ),
     Case(
         "wait-data-abort",
@@ -416,7 +419,10 @@ CASES: list[Case] = [
         S.STAGING,
         Timeout(),
         S.FAILED,
-        [SendAbort("sender timeout"), FailWith(AllocationTimeout, "STAGING")],
+        [
+            SendAbort("sender timeout: no blocks to stage the payload in time (alloc_timeout)"),
+            FailWith(AllocationTimeout, "STAGING"),
+        ],
     ),
     Case(
         "staging-abort",
@@ -568,7 +574,10 @@ CASES: list[Case] = [
         S.WAIT_RESUME,
         Timeout(),
         S.FAILED,
-        [SendAbort("sender timeout"), FailWith(TT, "WAIT_RESUME")],
+        [
+            SendAbort("sender timeout: no Resume for the next round in time (resume_timeout)"),
+            FailWith(TT, "WAIT_RESUME"),
+        ],
     ),
     Case(
         "wait-resume-abort",
@@ -1047,7 +1056,8 @@ def test_late_resume_after_abort_in_wait_resume_is_ignored(cause: Event) -> None
     # Abort while the receiver's Resume is already in flight. The Abort already tells the
     # receiver to give that allocation up, so the late Resume is simply ignored.
     m = wait_resume(20, 12)
-    assert feed(m, cause)[0] == SendAbort(getattr(cause, "reason", "sender timeout"))
+    want = "sender timeout: no Resume for the next round in time (resume_timeout)"
+    assert feed(m, cause)[0] == SendAbort(getattr(cause, "reason", want))
     assert m.state is S.FAILED
     assert m.handle(ResumeReceived(1, (5, 6), 8, 12, D1)) == []
     assert m.state is S.FAILED

@@ -258,7 +258,7 @@ async def test_receive_expecting_more_than_the_pool_still_completes() -> None:
     ("override", "named"),
     [
         ({"block_size": 2 * BLOCK}, "block_size"),
-        ({"hidden_size": 2 * HIDDEN}, "embeddings"),
+        ({"hidden_size": 2 * HIDDEN}, f"hidden_size={2 * HIDDEN} on the language node"),
         ({"dtype": "bfloat16"}, "dtype"),
         ({"fields": {"mrope_positions": {"shape": [4], "dtype": "int64"}}}, "mrope_positions"),
         ({"fields": {}}, "mrope_positions"),

@@ -102,3 +102,36 @@ async def test_an_encode_jobs_result_belongs_to_the_connection_that_asked() -> N
             await theirs
         await wait_until(lambda: not enc.senders, what="encode side sessions gone")
         await wait_pools_clean(enc, lang, other)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("transport", ["local", "tcp"])
+async def test_an_encoder_slower_than_chunk_timeout_but_within_data_timeout(transport: str) -> None:
+    """The encode node holds the job's Init for up to data_timeout while the encoder runs:
+    the receiver waits that long too (encode_timeout), so a 1 s encode succeeds with
+    chunk_timeout=0.3; one that never finishes fails with the sender's words, at its
+    data_timeout; a receive of a rid nobody sends says so, at chunk_timeout."""
+    s = make_settings(transport=transport, chunk_timeout=0.3, data_timeout=4.0)
+    never = asyncio.Event()
+
+    async def slow(job: dict[str, Any]) -> Any:
+        if job.get("hold"):
+            await never.wait()  # an encoder that never finishes
+        await asyncio.sleep(1.0)  # the model's own time: longer than chunk_timeout
+        return encoder(job)
+
+    async with et.EncodeNode(s, encoder=slow) as enc, et.LanguageNode(s) as lang:
+        peer = await lang.connect(enc.address)
+        got = await lang.encode("slow", peer, {"num_tokens": 100, "seed": 1})
+        assert got.num_tokens == 100 and got.meta == {"seed": 1}
+        with pytest.raises(et.TransferTimeout, match=r"has no payload for this rid after 0\.3s"):
+            await lang.receive("nobody-sends-this", peer)
+        short = make_settings(transport=transport, chunk_timeout=2.0, data_timeout=0.5)
+        async with et.EncodeNode(short, encoder=slow) as enc2, et.LanguageNode(short) as lang2:
+            peer2 = await lang2.connect(enc2.address)
+            with pytest.raises(
+                et.TransferError, match=r"payload was not ready in time \(data_timeout\)"
+            ):
+                await lang2.encode("held", peer2, {"hold": True})
+            await wait_pools_clean(enc2, lang2)
+        await wait_pools_clean(enc, lang)

@@ -19,17 +19,6 @@ pytestmark = pytest.mark.timeout(90)
 GATED = "tests.server_harness:gated_encoder"
 
 
-async def _wait_log(proc: ServerProc, text: str, timeout: float = 20.0) -> str:
-    """Poll the process's log (bounded) until it holds ``text``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = proc.log()
-        if text in log:
-            return log
-        await asyncio.sleep(0.05)  # bounded poll of another process's output
-    raise AssertionError(f"{proc.name}: no {text!r} in the log:\n{proc.log()}")
-
-
 async def test_sigterm_drains_then_answers_what_is_left_with_503(tmp_path: Path) -> None:
     bport = free_port()
     addr = f"127.0.0.1:{bport}"
@@ -50,7 +39,7 @@ async def test_sigterm_drains_then_answers_what_is_left_with_503(tmp_path: Path)
             await asyncio.to_thread(lang.wait_health, lambda h: h["inflight"] == 2)
             assert lang.proc is not None
             lang.proc.send_signal(signal.SIGTERM)
-            log = await _wait_log(lang, "draining")
+            log = await asyncio.to_thread(lang.wait_log, "draining")
             assert "requests=2" in log.split("draining", 1)[1].splitlines()[0]
             refused = await client.post(url, json={"num_tokens": 8})
             assert refused.status_code == 503
@@ -108,7 +97,7 @@ async def test_a_second_signal_stops_without_waiting_out_the_drain(tmp_path: Pat
             await asyncio.to_thread(lang.wait_health, lambda h: h["inflight"] == 1)
             assert lang.proc is not None
             lang.proc.send_signal(signal.SIGTERM)
-            await _wait_log(lang, "draining")
+            await asyncio.to_thread(lang.wait_log, "draining")
             t0 = time.monotonic()
             lang.proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(lang.proc.wait, 30) == 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 import emtransfer as et
 from emtransfer.buffers import payload_digest
@@ -55,3 +56,21 @@ async def test_embed_in_fastapi(monkeypatch: pytest.MonkeyPatch) -> None:
                 synthetic_payload(settings, "again", 5)
             )
         assert lang.leak_report() == {}
+
+
+@pytest.mark.timeout(60)
+async def test_the_qwen2_5_vl_example_moves_its_shapes() -> None:
+    """examples/qwen2_5_vl.py: 3584-wide bfloat16 embeddings with their M-RoPE positions and
+    meta arrive bit-exact, for an ordinary photo and for one larger than the pool (resumed)."""
+    path = EXAMPLE.parent / "qwen2_5_vl.py"
+    spec = importlib.util.spec_from_file_location("qwen2_5_vl", path)
+    assert spec is not None and spec.loader is not None
+    qwen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qwen)
+    got = await qwen.run(1092, 1456)  # checks every byte itself
+    assert got.tensors["embeddings"].shape == (39 * 52, 3584)
+    assert got.tensors["embeddings"].dtype == torch.bfloat16
+    assert got.tensors["mrope_positions"].shape == (39 * 52, 3)
+    assert got.meta["grid_thw"] == [1, 39, 52]
+    big = await qwen.run(2800, 2800)  # 10,000 tokens through a pool of 8,192
+    assert big.num_tokens == 10_000 and big.rounds >= 2

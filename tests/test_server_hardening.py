@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from emtransfer.errors import ConfigError
-from emtransfer.server.common import BodyLimit
 from emtransfer.server.options import add_serve_parser, resolve_serve
 from emtransfer.server.run import build_service
 
@@ -97,10 +96,9 @@ async def test_a_chunked_body_is_held_to_the_limit() -> None:
         yield b'"}'
 
     json_type = {"Content-Type": "application/json"}
-    async with client() as c:
-        r = await c.post(
-            "/v1/encode", content=chunks(BodyLimit.MAX_BODY + (1 << 20)), headers=json_type
-        )
+    limit = 1 << 20
+    async with client("--max-body-bytes", str(limit)) as c:
+        r = await c.post("/v1/encode", content=chunks(limit + (1 << 20)), headers=json_type)
         assert r.status_code == 413, r.text
         assert "above the limit" in r.json()["detail"]
         small = await c.post("/v1/encode", content=chunks(1 << 16), headers=json_type)  # parsed

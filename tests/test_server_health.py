@@ -67,3 +67,42 @@ async def test_version_on_the_command_line_and_over_http(tmp_path: Path) -> None
         }  # fmt: skip
     finally:
         enc.kill()
+
+
+async def test_the_first_request_waits_for_the_first_connection_under_way(tmp_path: Path) -> None:
+    """A request that comes while the first connection to the encode node is still being made
+    (a slow network: the proxy delays every chunk) waits for it instead of answering 503 "not
+    connected yet"; an encode node that cannot be reached still gives 503, at once after its
+    first attempt failed."""
+    from fault_proxy import FaultProxy
+
+    bport = free_port()
+    enc = ServerProc("encode", tmp_path, "--bootstrap-port", str(bport)).start()
+    proxy = FaultProxy(f"127.0.0.1:{bport}")
+    proxy.delay_s = 0.4  # every chunk of the handshake: ~2 s before the encoder is up
+    lang = ServerProc(
+        "language", tmp_path, "--encoder-addr", proxy.address, "--bootstrap-timeout", "10"
+    )
+    try:
+        await asyncio.to_thread(enc.wait_health)
+        lang.start()
+        async with httpx.AsyncClient(timeout=30) as client:
+            await asyncio.to_thread(lang.wait_health)  # answers (503: connecting)
+            assert lang.health()["encoders"][0]["up"] is False  # still under way
+            r = await client.post(lang.url + "/v1/embeddings", json={"num_tokens": 40})
+            assert r.status_code == 200, r.text
+            assert r.json()["num_tokens"] == 40
+    finally:
+        lang.kill()
+        enc.kill()
+        proxy.close()
+    dead = ServerProc("language", tmp_path, "--encoder-addr", f"127.0.0.1:{free_port()}")
+    try:
+        dead.start()
+        await asyncio.to_thread(dead.wait_health)
+        async with httpx.AsyncClient(timeout=30) as client:
+            r = await client.post(dead.url + "/v1/embeddings", json={"num_tokens": 40})
+        assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
+        assert "connection refused" in r.json()["detail"].lower(), r.text
+    finally:
+        dead.kill()

@@ -23,8 +23,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPr
     bport = free_port()
     enc = ServerProc("encode", logs, "--bootstrap-port", str(bport), "--max-tokens", "4096")
     lang = ServerProc(
-        "language", logs, "--encoder-addr", f"127.0.0.1:{bport}", "--max-tokens", "8192"
-    )
+        "language", logs, "--encoder-addr", f"127.0.0.1:{bport}", "--max-tokens", "8192",
+        "--max-body-bytes", str(2 << 20),
+    )  # fmt: skip
     enc.start()
     lang.start()
     try:
@@ -150,7 +151,7 @@ BAD_INPUT: list[tuple[Any, str]] = [
     ({"num_tokens": 5000}, "above the maximum 4096"),  # the encode server's limit
     ({"num_tokens": 5, "image": "AAAA"}, "exactly one of num_tokens or image"),
     ({"image": "not base64!"}, "not valid base64"),
-    ({"image": base64.b64encode(b"hello world").decode()}, "not a PNG or JPEG"),
+    ({"image": base64.b64encode(b"hello world").decode()}, "not a PNG, JPEG, WebP or GIF"),
     ({"image": ""}, "image"),
     ({"num_tokens": 5, "frobnicate": 1}, "unknown field 'frobnicate'"),
     ({"num_tokens": 5, "expected_tokens": -1}, "expected_tokens must be >= 1"),
@@ -247,3 +248,90 @@ async def test_metrics_health_openapi(servers: tuple[ServerProc, ServerProc]) ->
         ]:
             schema = (await client.get(proc.url + "/openapi.json")).json()
             assert paths <= set(schema["paths"]), schema["paths"].keys()
+
+
+async def test_openapi_says_400_and_docs_need_no_internet(
+    servers: tuple[ServerProc, ServerProc],
+) -> None:
+    """The schema promises what the servers answer (400 for bad input, never 422), and /docs
+    loads its script and stylesheet from the server itself, not from a CDN."""
+    import re
+
+    enc, lang = servers
+    async with httpx.AsyncClient(timeout=30) as client:
+        for proc in (enc, lang):
+            schema = (await client.get(proc.url + "/openapi.json")).json()
+            text = json.dumps(schema)
+            assert '"422"' not in text and "HTTPValidationError" not in text
+            posts = [ops["post"] for ops in schema["paths"].values() if "post" in ops]
+            assert posts and all("400" in op["responses"] for op in posts)
+            bad = await client.post(
+                proc.url + ("/v1/encode" if proc is enc else "/v1/embeddings"), json={"x": 1}
+            )
+            assert bad.status_code == 400
+            page = await client.get(proc.url + "/docs")
+            assert page.status_code == 200
+            assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+            assert assets and not [a for a in assets if "://" in a], assets
+            for asset in assets:
+                got = await client.get(proc.url + asset)
+                assert got.status_code == 200 and len(got.content) > 500, asset
+
+
+@pytest.fixture(scope="module")
+def mooncake_servers(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ServerProc, ServerProc]]:
+    """Both servers with ``--transport mooncake`` (the Mooncake engine over TCP)."""
+    from emtransfer.transport import transport_unavailable
+
+    if (why := transport_unavailable("mooncake")) is not None:
+        pytest.skip(f"the mooncake transport cannot run here: {why}")
+    logs = tmp_path_factory.mktemp("mooncake-logs")
+    bport = free_port()
+    enc = ServerProc("encode", logs, "--transport", "mooncake", "--bootstrap-port", str(bport))
+    lang = ServerProc(
+        "language", logs, "--transport", "mooncake", "--encoder-addr", f"127.0.0.1:{bport}"
+    )
+    enc.start()
+    lang.start()
+    try:
+        enc.wait_health()
+        lang.wait_health(lambda h: h["ready"])
+        yield enc, lang
+    finally:
+        rcs = (lang.stop(), enc.stop())
+    assert rcs == (0, 0), f"unclean exit {rcs}:\n{lang.log()}\n{enc.log()}"
+    for proc in (enc, lang):
+        assert "Traceback" not in proc.log(), proc.log()
+        assert "blocks still held" not in proc.log(), proc.log()
+
+
+async def test_transfers_verified_over_mooncake(
+    mooncake_servers: tuple[ServerProc, ServerProc],
+) -> None:
+    """The HTTP path end to end on the Mooncake engine: every length (one round, resumed,
+    larger than the pool), known and unknown, concurrently, and an image; every digest is
+    checked against the payload computed here."""
+    enc, lang = mooncake_servers
+    assert enc.health()["transport"] == lang.health()["transport"] == "mooncake"
+    jobs = [(f"m{i}-{n}", n, n if i % 2 else None) for i in range(2) for n in LENGTHS]
+    async with httpx.AsyncClient(base_url=lang.url, timeout=60) as client:
+
+        async def one(rid: str, n: int, expected: int | None) -> dict[str, Any]:
+            body: dict[str, Any] = {"rid": rid, "num_tokens": n}
+            if expected:
+                body["expected_tokens"] = expected
+            r = await client.post("/v1/embeddings", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()  # type: ignore[no-any-return]
+
+        results = await asyncio.gather(*(one(*j) for j in jobs))
+        img = await client.post("/v1/embeddings", json={"image": image_b64("PNG", 64, 48)})
+    for (rid, n, expected), got in zip(jobs, results, strict=True):
+        assert got["sha256"] == got["sender_sha256"] == expected_digest(rid, n), rid
+        if n > 2048 or (expected is None and n > 512):
+            assert got["rounds"] >= 2, got  # resumed: the pool, or the default allocation
+    assert img.status_code == 200 and img.json()["sha256"] == img.json()["sender_sha256"]
+    for proc in (lang, enc):
+        assert settled(proc)["pool"]["blocks_quarantined"] == 0

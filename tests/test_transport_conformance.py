@@ -20,7 +20,7 @@ from emtransfer.buffers import WriteOp
 
 def available_transports() -> list[Any]:
     params: list[Any] = []
-    for name in ("tcp", "nixl", "torch"):
+    for name in ("tcp", "nixl", "torch", "mooncake"):
         reason = _unavailable(name)
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(name, marks=marks, id=name))
@@ -32,9 +32,9 @@ TWO_HOSTS = "two-hosts"
 
 def placed_transports() -> list[Any]:
     """Every transport in one host (loopback), and the network ones (tcp, nixl with UCX over
-    TCP) also between two hosts: network namespaces joined by a veth pair."""
+    TCP, mooncake over TCP) also between two hosts: network namespaces joined by a veth pair."""
     params = [pytest.param(p.values[0], "", marks=p.marks, id=p.id) for p in available_transports()]
-    for name in ("tcp", "nixl"):
+    for name in ("tcp", "nixl", "mooncake"):
         reason = _unavailable(name) or netns.unavailable()
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(name, TWO_HOSTS, marks=marks, id=f"{name}-{TWO_HOSTS}"))
@@ -353,5 +353,5 @@ def test_writes_outside_grants_land_nowhere_where_declared(
     _, outside = run_pair(name, scenario_authorization, timeout=100, hosts=_hosts(request, where))
     if transport_class(name).GUARANTEES.authorizes_writes:
         assert outside == [], f"bytes outside the receiver's grants landed: {outside}"
-    else:  # the engine declares it cannot stop them (nixl: one-sided): and indeed they land
+    else:  # the engine declares it cannot stop them (nixl, mooncake: one-sided): and they land
         assert outside, "an engine that declares no authorization refused the writes"

@@ -15,7 +15,10 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("nixl", reason="nixl is not installed (pip install 'emtransfer[nixl]')")
+from emtransfer.transport import transport_unavailable
+
+if (_why := transport_unavailable("nixl")) is not None:
+    pytest.skip(f"nixl cannot run here: {_why}", allow_module_level=True)
 
 import msgspec
 import torch

@@ -1,9 +1,10 @@
 """The two-process suites' core cases with the nodes on two "hosts": network namespaces joined
-by a veth pair, no loopback between them (nixl with UCX limited to TCP, and tcp). The control
-connection runs through a userspace fault proxy on the language node's host (this kernel has no
-netem): added latency, a bandwidth cap, resets, a blackhole (a partition without FIN) and
-healing. Each fault gives typed errors within the deadlines, nothing corrupted, and service
-back after healing without a restart. The namespaces are created and removed by the tests."""
+by a veth pair, no loopback between them (nixl with UCX limited to TCP, mooncake over TCP, and
+tcp). The control connection runs through a userspace fault proxy on the language node's host
+(this kernel has no netem): added latency, a bandwidth cap, resets, a blackhole (a partition
+without FIN) and healing. Each fault gives typed errors within the deadlines, nothing corrupted,
+and service back after healing without a restart. The namespaces are created and removed by the
+tests."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def hosts() -> Iterator[netns.TwoHosts]:
     h.close()
 
 
-@pytest.fixture(scope="module", params=transport_params("tcp", "nixl"))
+@pytest.fixture(scope="module", params=transport_params("tcp", "nixl", "mooncake"))
 def pair(request: pytest.FixtureRequest, hosts: netns.TwoHosts) -> Iterator[Pair]:
     transport = str(request.param)
     env = {"UCX_TLS": "tcp"} if transport == "nixl" else {}

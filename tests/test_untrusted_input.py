@@ -423,8 +423,8 @@ async def test_a_flood_of_inits_is_bounded_per_peer() -> None:
     # BUG: EncodeNode._on_init creates a SenderSession (a task, a queue, a data_timeout of 60 s)
     # for every Init of an unknown rid, with no limit: max_inflight_per_peer is enforced only
     # by the language node on itself (Peer.inflight in LanguageNode.receive), so one client can
-    # make the encode node hold any number of sessions (DESIGN.md, Runtime behaviour: "a bounded
-    # number of requests in flight per peer"). Here 12 Inits with max_inflight_per_peer=4 all
+    # make the encode node hold any number of sessions (docs/design.md, Runtime:
+    # "max_inflight_per_peer bounds the requests in flight per connection"). Here 12 Inits with max_inflight_per_peer=4 all
     # create sessions and none is refused. Fix: in _on_init, when len(peer.sessions) >=
     # settings.max_inflight_per_peer and the Init would create or bind a session, answer
     # Abort(rid, "too many requests in flight") and log it instead of binding the session.

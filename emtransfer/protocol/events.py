@@ -66,6 +66,8 @@ class Start(Event):
 
     expected_tokens: int | None = None
     whole: bool = False
+    #: the sender computes the payload (an Encode job): round 0 also waits for the encoder
+    job: bool = False
 
 
 @dataclass(frozen=True, slots=True)

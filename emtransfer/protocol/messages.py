@@ -13,9 +13,11 @@ import msgspec
 
 from ..errors import AbortKind, ProtocolError
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_RID_LEN = 256
 MAX_BLOCKS = 1 << 16
+#: a large value of an Encode job (an image's bytes) travels in JobParts of at most this
+PART_BYTES = 256 << 10
 
 Rid = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_RID_LEN)]
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
@@ -131,13 +133,25 @@ class Heartbeat(Message, tag="heartbeat", frozen=True):
     stamp: Stamp = 0
 
 
+class JobPart(Message, tag="job_part", frozen=True):
+    """A piece of a large value of an Encode job, sent before its Encode: ``data`` is appended
+    to the value of ``key`` in the job of (rid, session)."""
+
+    rid: Rid
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    data: Annotated[bytes, msgspec.Meta(min_length=1, max_length=PART_BYTES)]
+    session: SessionTag = ""
+
+
 class Encode(Message, tag="encode", frozen=True):
     """Language asks its encoder to compute the embedding for ``rid``; the result belongs to
-    the sending peer's attempt ``session`` (its Init carries the same tag)."""
+    the sending peer's attempt ``session`` (its Init carries the same tag). ``parts``: how many
+    JobParts of this attempt came before it (their values join ``job``)."""
 
     rid: Rid
     job: dict[str, Any]
     session: SessionTag = ""
+    parts: NonNeg = 0
 
 
 class Error(Message, tag="error", frozen=True):
@@ -163,7 +177,18 @@ def reason(text: str) -> str:
 
 
 AnyMessage = Union[  # noqa: UP007 - msgspec needs a runtime Union of the tagged structs
-    Challenge, Hello, HelloAck, Init, ChunkDone, Resume, Abort, AbortAck, Heartbeat, Encode, Error
+    Challenge,
+    Hello,
+    HelloAck,
+    Init,
+    ChunkDone,
+    Resume,
+    Abort,
+    AbortAck,
+    Heartbeat,
+    JobPart,
+    Encode,
+    Error,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -28,6 +28,7 @@ round accepts a partial grant, but not below ``min_grant_tokens`` (or the rest, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import Enum, auto
 
 from ..errors import (
@@ -73,8 +74,13 @@ class ReceiverMachine(Machine[ReceiverState]):
         max_tokens: int | None = None,
         pool_tokens: int | None = None,
         min_grant_tokens: int = 1,
+        waits: Mapping[str, float] | None = None,
+        peer: str = "",
     ) -> None:
         super().__init__(rid, R.NEW)
+        #: the seconds of each timeout this machine names (for its errors' words)
+        self.waits = dict(waits or {})
+        self.peer = peer or "the encode node"
         self.block_size = block_size
         self.default_tokens = default_tokens
         self.g = guarantees
@@ -87,6 +93,15 @@ class ReceiverMachine(Machine[ReceiverState]):
         self.capacity = 0
         self.whole = False
         self.expected: int | None = None
+        self.job = False
+
+    @property
+    def timeout_name(self) -> str | None:
+        """Round 0 of an Encode job waits for the encoder too: the sender may hold our Init
+        for up to its ``data_timeout`` before it writes (``encode_timeout``)."""
+        if self.state is R.WAIT_CHUNK and self.round == 0 and self.job:
+            return "encode_timeout"
+        return self.TIMEOUTS.get(self.state)
 
     def least(self, want: int) -> int:
         """The grant policy: the fewest tokens the next round's allocation accepts."""
@@ -107,6 +122,7 @@ class ReceiverMachine(Machine[ReceiverState]):
             raise ProtocolError(f"rid={self.rid!r}: expected_tokens must be > 0")
         self.whole = e.whole
         self.expected = e.expected_tokens
+        self.job = e.job
         return self._alloc_next(e.expected_tokens or self.default_tokens)
 
     def _granted(self, e: ev.AllocGranted) -> Result:
@@ -178,7 +194,15 @@ class ReceiverMachine(Machine[ReceiverState]):
         return self._give_up_allocating(abort_error(e.kind, f"rid={self.rid!r}: {e.reason}"))
 
     def _chunk_timeout(self, e: ev.Timeout) -> Result:
-        err = TransferTimeout(f"rid={self.rid!r}: no ChunkDone for round {self.round} in time")
+        name = self.timeout_name or "chunk_timeout"
+        after = f"{self.waits[name]:g}s ({name})" if name in self.waits else f"{name}"
+        if self.round > 0:
+            why = f"{self.peer} sent no data for round {self.round} within {after}"
+        elif self.job:
+            why = f"{self.peer} computed and sent nothing within {after}"
+        else:  # it writes at once when it holds the payload: it does not
+            why = f"{self.peer} has no payload for this rid after {after}"
+        err = TransferTimeout(f"rid={self.rid!r}: {why}")
         return self._abandon(err, tell="receiver timeout")
 
     def _chunk_local_abort(self, e: ev.LocalAbort) -> Result:

@@ -168,9 +168,16 @@ class SenderMachine(Machine[SenderState]):
 
     def _timeout(self, e: ev.Timeout) -> Result:
         kind = AllocationTimeout if self.state is S.STAGING else TransferTimeout
-        err = kind(f"rid={self.rid!r}: timed out in sender state {self.state.name}")
+        err = kind(
+            f"rid={self.rid!r}: timed out in sender state {self.state.name} "
+            f"({self.TIMEOUTS.get(self.state, 'a timeout')})"
+        )
         # before Init the receiver holds nothing of ours: no Abort needed
-        acts: list[Action] = [] if self.state is S.WAIT_INIT else [ev.SendAbort("sender timeout")]
+        name = self.TIMEOUTS.get(self.state, "a timeout")
+        what = _WAITED_FOR.get(self.state, "the next step")
+        acts: list[Action] = (
+            [] if self.state is S.WAIT_INIT else [ev.SendAbort(f"sender timeout: {what} ({name})")]
+        )
         return S.FAILED, [*acts, ev.Fail(err)]
 
     def _aborted(self, e: ev.AbortReceived) -> Result:
@@ -266,6 +273,15 @@ def _few(blocks: tuple[int, ...] | list[int]) -> str:
     head = ", ".join(map(str, blocks[:8]))
     return f"[{head}{', ...' if len(blocks) > 8 else ''}]"
 
+
+#: what a sender that timed out was waiting for, in the words its Abort carries
+_WAITED_FOR = {
+    S.WAIT_DATA: "the payload was not ready in time",
+    S.STAGING: "no blocks to stage the payload in time",
+    S.WAIT_RESUME: "no Resume for the next round in time",
+    S.WRITING: "a write did not end in time",
+    S.DRAINING: "no AbortAck in time",
+}
 
 _F = frozenset
 _M = SenderMachine

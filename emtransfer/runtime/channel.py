@@ -29,6 +29,10 @@ class Channel(ABC):
         :class:`~emtransfer.protocol.messages.InvalidMessage` for one malformed message (the
         stream goes on), :class:`~emtransfer.errors.ProtocolError` for a broken stream."""
 
+    async def drain(self) -> None:
+        """Wait until what was queued is handed to the network (a sender of many messages,
+        such as the pieces of a large job, pauses here instead of growing the queue)."""
+
     @abstractmethod
     def close(self) -> None:
         """Close both directions; the peer's ``recv`` raises :class:`PeerLost`."""

@@ -46,6 +46,15 @@ class TcpChannel(Channel):
             raise PeerLost(f"peer {self._desc} stopped reading its control connection")
         self._writer.write(frame(msg))
 
+    async def drain(self) -> None:
+        if self._closed:
+            raise PeerLost(f"control connection {self._desc} closed")
+        try:
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self.close()
+            raise PeerLost(f"control connection {self._desc} failed: {exc}") from None
+
     async def recv(self) -> m.AnyMessage:
         while not self._ready:
             if self._closed:
@@ -74,9 +83,16 @@ class TcpChannel(Channel):
 def parse_address(address: str) -> tuple[str, int]:
     """``host:port`` or ``tcp://host:port`` (``[v6]:port`` too) -> (host, port)."""
     addr = address.removeprefix("tcp://")
+    if "://" in addr:
+        raise InvalidRequest(
+            f"invalid address {address!r}: expected host:port without a scheme (the encode "
+            "node's bootstrap address, not its HTTP URL)"
+        )
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise InvalidRequest(f"invalid address {address!r}: expected host:port")
+    if not 0 < int(port) < 65536:
+        raise InvalidRequest(f"invalid address {address!r}: port must be 1..65535")
     return host.strip("[]"), int(port)
 
 
@@ -108,26 +124,23 @@ async def connect(
     tls: ssl.SSLContext | None = None,
     server_name: str | None = None,
 ) -> TcpChannel:
-    """Connect, retrying with backoff while the peer is not up yet, for at most ``timeout``.
-    With ``tls``, the server's certificate must name ``server_name`` (default: the host)."""
+    """Connect within ``timeout``. A refusal (nothing listens there), an unknown host or an
+    unreachable network is reported at once, as :class:`PeerLost`; whoever wants to wait for
+    a peer that is starting retries (the language server's encoder pool does). With ``tls``,
+    the server's certificate must name ``server_name`` (default: the host)."""
     host, port = parse_address(address)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    delay = 0.02
     name = (server_name or host) if tls else None
-    while True:
-        try:
-            async with asyncio.timeout_at(deadline):
-                reader, writer = await asyncio.open_connection(
-                    host, port, limit=_READ_CHUNK, ssl=tls, server_hostname=name
-                )
-            return TcpChannel(reader, writer)
-        except TimeoutError:
-            raise PeerLost(f"could not connect to {address} within {timeout}s") from None
-        except ssl.SSLError as exc:  # a certificate problem does not go away by retrying
-            raise ConfigError(f"TLS handshake with {address} failed: {exc}") from None
-        except OSError as exc:
-            if loop.time() + delay >= deadline:
-                raise PeerLost(f"could not connect to {address}: {exc}") from None
-            await asyncio.sleep(delay)  # backoff between connection attempts, not a sync point
-            delay = min(delay * 2, 0.5)
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(
+                host, port, limit=_READ_CHUNK, ssl=tls, server_hostname=name
+            )
+        return TcpChannel(reader, writer)
+    except TimeoutError:
+        raise PeerLost(f"could not connect to {address} within {timeout}s") from None
+    except ssl.SSLError as exc:  # a certificate problem does not go away by retrying
+        raise ConfigError(f"TLS handshake with {address} failed: {exc}") from None
+    except ConnectionRefusedError:
+        raise PeerLost(f"could not connect to {address}: connection refused") from None
+    except OSError as exc:
+        raise PeerLost(f"could not connect to {address}: {exc.strerror or exc}") from None

@@ -33,8 +33,12 @@ from ..protocol import messages as m
 from . import control, tls
 from .channel import Channel
 from .directory import register_local, unregister_local
+from .jobs import JobPieces
 from .node import OFFLOAD_BYTES, Node, Peer, check_rid, data_tag, now_stamp
 from .session import Session, StateObserver, _Granted
+
+#: in Peer.job_pieces: a job refused while its pieces arrived (the rest are dropped)
+_REFUSED = object()
 
 #: who may claim a payload: one connection, the node id a peer presents, or any peer
 Owner = Peer | str | None
@@ -524,6 +528,7 @@ class EncodeNode(Node):
         The blocks are freed when the send ends, or at exit if it never started; the
         tensors must not be used after that."""
         check_rid(rid)
+        self.check_started()
         if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens <= 0:
             raise InvalidRequest(f"num_tokens must be a positive integer, got {num_tokens!r}")
         if num_tokens > self.settings.max_tokens:
@@ -568,6 +573,7 @@ class EncodeNode(Node):
         An Init from anyone else is refused. ``observer`` watches the request's session
         (:meth:`Session.watch`)."""
         check_rid(rid)
+        self.check_started()
         staged = None
         if isinstance(tensors, Staged):
             staged, tensors = tensors, tensors.tensors
@@ -716,7 +722,10 @@ class EncodeNode(Node):
                 )
                 self._to_session(peer, msg.rid, event)
             case m.Abort():
+                peer.job_pieces.pop((msg.rid, msg.session), None)
                 self._to_session(peer, msg.rid, ev.AbortReceived(msg.reason, msg.kind), msg.session)
+            case m.JobPart():
+                self._on_job_part(peer, msg)
             case m.Encode():
                 self._on_encode(peer, msg)
             case m.Heartbeat():
@@ -740,9 +749,35 @@ class EncodeNode(Node):
             return f"too many requests in flight from this peer (max_inflight_per_peer={limit})"
         return None
 
+    def _on_job_part(self, peer: Peer, msg: m.JobPart) -> None:
+        """A piece of a large job. A peer has at most ``max_inflight_per_peer`` jobs arriving
+        (a newer one evicts the oldest), each at most ``max_job_bytes``: bounded memory."""
+        key = (msg.rid, msg.session)
+        pieces = peer.job_pieces.get(key)
+        if pieces is _REFUSED:
+            return  # the rest of a job refused already
+        if pieces is None:
+            while len(peer.job_pieces) >= self.settings.max_inflight_per_peer:
+                del peer.job_pieces[next(iter(peer.job_pieces))]
+            pieces = peer.job_pieces[key] = JobPieces(self.settings.max_job_bytes)
+        if why := pieces.add(msg.key, msg.data):
+            peer.job_pieces[key] = _REFUSED  # its further pieces are dropped, not answered
+            self._refuse_rid(peer, msg.rid, msg.session, why, "refused")
+
     def _on_encode(self, peer: Peer, msg: m.Encode) -> None:
         """An Encode job: its result belongs to this connection's attempt ``msg.session``, and
         it counts against the peer's in-flight limit from now on."""
+        pieces = peer.job_pieces.pop((msg.rid, msg.session), None)
+        if pieces is _REFUSED:
+            return  # refused while its pieces arrived
+        if msg.parts or pieces is not None:
+            try:
+                if pieces is None:
+                    raise InvalidRequest(f"the Encode names {msg.parts} pieces, none arrived")
+                msg = msgspec.structs.replace(msg, job=pieces.join(msg.job, msg.parts), parts=0)
+            except InvalidRequest as exc:
+                self._refuse_rid(peer, msg.rid, msg.session, str(exc), "refused")
+                return
         kind: AbortKind = "unavailable"
         why = self._over_limit(peer)
         if why is None and msg.rid in peer.sessions:

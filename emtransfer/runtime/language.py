@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from ..protocol import messages as m
 from . import control, tls
 from .channel import LocalChannel
 from .directory import lookup_local
+from .jobs import split_job
 from .node import OFFLOAD_BYTES, Node, Peer, check_rid, data_tag
 from .session import Session, StateObserver
 
@@ -64,6 +66,8 @@ class ReceiverSession(Session):
             max_tokens=s.max_tokens,
             pool_tokens=s.capacity_tokens,
             min_grant_tokens=s.min_grant_tokens,
+            waits={"chunk_timeout": s.chunk_timeout, "encode_timeout": s.encode_timeout},
+            peer=f"encode node {peer.node_id}" if peer.node_id else "",
         )
         super().__init__(node, machine, peer)
         self.current: Allocation | None = None
@@ -83,7 +87,7 @@ class ReceiverSession(Session):
         """After this (loop time) no write for the current grant can land: the sender posts
         none after ``stamp + ttl`` (a moment before we sent the grant), and a posted one ends
         within the engine's post bound."""
-        ttl = self.settings.chunk_timeout
+        ttl = self._grant_ttl()
         bound = self.node.transport.guarantees.post_bound
         return self._grant_sent_at + ttl * 1.001 + bound + GRANT_MARGIN_S
 
@@ -112,7 +116,15 @@ class ReceiverSession(Session):
         assert self.peer is not None
         now = self._grant_sent_at = asyncio.get_running_loop().time()
         age = min(max(0.0, now - self.peer.stamp_at), 3600.0)
-        return {"stamp": self.peer.stamp, "ttl_ms": int((self.settings.chunk_timeout + age) * 1000)}
+        return {"stamp": self.peer.stamp, "ttl_ms": int((self._grant_ttl() + age) * 1000)}
+
+    def _grant_ttl(self) -> float:
+        """A grant lasts as long as the receiver waits for its round (round 0 of an Encode
+        job waits for the encoder too)."""
+        m = self.machine
+        if m.round == 0 and m.job:
+            return self.settings.encode_timeout
+        return self.settings.chunk_timeout
 
     def _granted(self, allocation: Allocation) -> ev.Event:
         self.current = allocation
@@ -323,6 +335,8 @@ class ReceiverSession(Session):
         }
         node.metrics.bytes_in.inc(nbytes)
         node.metrics.tokens_in.inc(action.total_tokens)
+        node.metrics.rounds.inc(self.machine.round + 1)
+        node.metrics.resumes.inc(self.machine.round)
         node.metrics.transfers_ok.inc()
         node.metrics.duration.observe(stats["elapsed_s"])
         self._set_result(
@@ -402,6 +416,7 @@ class LanguageNode(Node):
         """The live connection to the encode node at ``address`` (``host:port`` or
         ``local://...``), connecting -- or reconnecting after a restart -- when needed.
         Single-flight: concurrent callers for one address share one connection attempt."""
+        self.check_started()
         for peer in self.peers.values():
             if peer.address == address and peer.alive:
                 return peer
@@ -436,6 +451,7 @@ class LanguageNode(Node):
         return await self._client_handshake(channel, "encode", address)
 
     async def _resolve(self, peer: Peer | str) -> Peer:
+        self.check_started()
         if self._closing:  # not a reconnect through a transport that is gone
             raise Unavailable("node is closing")
         if isinstance(peer, str):
@@ -479,16 +495,24 @@ class LanguageNode(Node):
         receive the result as :meth:`receive` does."""
         check_rid(rid)
         _check_expected(expected_tokens, self.settings.max_tokens)
+        inline, pieces = split_job(rid, job, self.settings.max_job_bytes)
         peer = await self._resolve(peer)
         self._check_new(rid, peer)
         async with peer.inflight:
             session = self._open(rid, peer, observer)  # registered first: an early Abort finds it
+            tag = session.session_tag
             try:
-                peer.send(m.Encode(rid=rid, job=job, session=session.session_tag))
+                for key, data in pieces:  # a large job: its bytes in pieces, paced by the socket
+                    peer.send(m.JobPart(rid=rid, key=key, data=data, session=tag))
+                    await peer.channel.drain()
+                peer.send(m.Encode(rid=rid, job=inline, session=tag, parts=len(pieces)))
             except BaseException:
                 session._forget()
+                if pieces and peer.alive:  # the encode node drops what arrived of the job
+                    with contextlib.suppress(PeerLost):
+                        peer.send(m.Abort(rid=rid, reason="job cancelled", session=tag))
                 raise
-            result: Received = await self._run(session, expected_tokens, whole=False)
+            result: Received = await self._run(session, expected_tokens, whole=False, job=True)
             return result
 
     @asynccontextmanager
@@ -531,8 +555,10 @@ class LanguageNode(Node):
         session.watch(observer)
         return session
 
-    async def _run(self, session: ReceiverSession, expected: int | None, *, whole: bool) -> Any:
-        session.feed(ev.Start(expected, whole))
+    async def _run(
+        self, session: ReceiverSession, expected: int | None, *, whole: bool, job: bool = False
+    ) -> Any:
+        session.feed(ev.Start(expected, whole, job))
         session.start()
         try:
             return await asyncio.shield(session.result)

@@ -189,6 +189,22 @@ class Metrics:
         self.transfers_ok = self._ended["ok"]
         self._collector = _NoCreated(r)
 
+    def totals(self) -> dict[str, float]:
+        """Running totals: requests ended by outcome (``ok``, ``timeout``, ...), ``rounds``,
+        ``resumes``, ``bytes_in``, ``bytes_out`` (what a periodic summary subtracts)."""
+        out: dict[str, float] = {}
+        for counter, label in ((self.transfers, "outcome"), (self.bytes, "direction")):
+            for family in counter.collect():
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        key = sample.labels[label]
+                        out[key if label == "outcome" else f"bytes_{key}"] = sample.value
+        for name, counter in (("rounds", self.rounds), ("resumes", self.resumes)):
+            out[name] = sum(
+                x.value for f in counter.collect() for x in f.samples if x.name.endswith("_total")
+            )
+        return out
+
     def failed(self, error: BaseException) -> None:
         """A request ended with ``error``."""
         self._ended[outcome_of(error)].inc()

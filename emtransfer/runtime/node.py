@@ -73,6 +73,8 @@ class Peer:
     lingering: dict[str, Session] = field(default_factory=dict)
     #: set once the peer is lost
     gone: asyncio.Event = field(default_factory=asyncio.Event)
+    #: encode side: pieces of large Encode jobs still arriving, by (rid, session)
+    job_pieces: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     async def lost_soon(self) -> bool:
         """After a data-plane failure: whether the peer turns out to be gone (so the caller
@@ -130,6 +132,8 @@ class Node:
         #: quarantined allocations released by a timer (grant expiry), not by a session
         self._expiries: dict[int, tuple[Allocation, asyncio.TimerHandle]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        #: handshake refusals by reason (how often each was seen)
+        self._refusals: dict[str, int] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def __aenter__(self) -> Any:
@@ -208,6 +212,15 @@ class Node:
             handle.cancel()
             self.allocator.release_quarantine(allocation)
         self._expiries.clear()
+
+    def check_started(self) -> None:
+        """A call on a node that was never started fails at once, saying so."""
+        if not self._started and not self._closing:
+            cls = type(self).__name__
+            raise ConfigError(
+                f"this {cls} was never started: await node.start() first, or use "
+                f"'async with {cls}(...) as node'"
+            )
 
     def spawn(self, coro: Any) -> None:
         """Run a short piece of bookkeeping in the background, keeping a reference to it."""
@@ -294,8 +307,12 @@ class Node:
         ours = self.settings.fingerprint()
         diff = _first_difference(ours, hello.fingerprint)
         if diff is not None:
-            path, mine, theirs = diff
-            raise ConfigError(f"settings mismatch on {path}: ours {mine!r}, peer's {theirs!r}")
+            name, mine, theirs = _setting_of(*diff)
+            # by role, not "ours" and "theirs": the refusal reaches the other side verbatim
+            raise ConfigError(
+                f"settings mismatch: {name}={mine!r} on the {self.role} node, "
+                f"{name}={theirs!r} on the {hello.role} node (both must use the same {name})"
+            )
 
     async def _recv_within_bootstrap(self, channel: Channel, want: type[m.Message]) -> Any:
         try:
@@ -331,7 +348,14 @@ class Node:
         except TransferError as exc:
             if tid:
                 await self.transport.remove_peer(tid)
-            self.log.warning("handshake refused", error=str(exc), via=channel.description)
+            # a peer that retries a refused handshake must not flood the log: the first
+            # refusal of each kind is a warning, its repeats are debug lines
+            seen = self._refusals.get(str(exc), 0)
+            self._refusals[str(exc)] = seen + 1
+            if len(self._refusals) > 1024:
+                self._refusals.clear()
+            log = self.log.warning if seen == 0 else self.log.debug
+            log("handshake refused", error=str(exc), via=channel.description, times=seen + 1)
             try:
                 kind = "config" if isinstance(exc, ConfigError) else ""
                 channel.send(m.Error(reason=m.reason(f"handshake refused: {exc}"), kind=kind))
@@ -530,6 +554,20 @@ def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | 
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
         a, b = list(a), list(b)
     return None if a == b else (path or "fingerprint", a, b)
+
+
+def _setting_of(path: str, mine: Any, theirs: Any) -> tuple[str, Any, Any]:
+    """A fingerprint difference as the setting a user sets: ``fields.embeddings.shape``
+    ``[512]`` is ``hidden_size`` 512, ``device_kind`` is ``device``."""
+    if path == "fields.embeddings.shape" and len(mine or ()) == len(theirs or ()) == 1:
+        return "hidden_size", mine[0], theirs[0]
+    if path == "fields.embeddings.dtype":
+        return "dtype", mine, theirs
+    if path == "device_kind":
+        return "device", mine, theirs
+    if path.startswith("fields.") and path.count(".") == 1:  # a field one side lacks
+        return path, "present" if mine else "absent", "present" if theirs else "absent"
+    return path, mine, theirs
 
 
 def _loopback(host: str) -> bool:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..encoders import JOB_ERROR_PREFIX, JobError
 from ..errors import JobRefused, PeerLost, TransferError
 from ..logs import get_logger
-from ..runtime.metrics import duration_buckets
+from ..runtime.metrics import OUTCOMES, duration_buckets
 from ..runtime.node import Node
 from .drain import Drain, DrainGate
 from .options import ServeOptions
@@ -72,8 +73,20 @@ def error_response(f: HTTPFailure) -> JSONResponse:
     return JSONResponse({"error": f.kind, "detail": f.detail}, status_code=f.status)
 
 
+#: what the access log learns from the handler of the request it times (the rid)
+_ACCESS: ContextVar[dict[str, Any] | None] = ContextVar("emtransfer_access", default=None)
+
+
+def note_rid(rid: str | None) -> None:
+    """Name the request's rid in its access-log line."""
+    seen = _ACCESS.get()
+    if seen is not None and rid:
+        seen["rid"] = rid
+
+
 async def guarded(rid: str | None, call: Awaitable[Any]) -> Any:
     """Await ``call``; any exception becomes an :class:`HTTPFailure`, logged by severity."""
+    note_rid(rid)
     try:
         return await call
     except HTTPFailure:
@@ -154,6 +167,7 @@ class NodeService:
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="emtransfer-http")
         self._started = False
         self._closed = False
+        self._summary: asyncio.Task[None] | None = None
         #: the open requests, and the shutdown that waits for them (SIGTERM)
         self.drain = Drain(options.shutdown_timeout)
 
@@ -162,12 +176,41 @@ class NodeService:
             self._started = True
             await self.node.start()
             self._register_metrics()
+            if self.options.log_summary_interval > 0:
+                self._summary = asyncio.create_task(
+                    self._summarize(self.options.log_summary_interval)
+                )
 
     async def close(self) -> None:
         if self._started and not self._closed:
             self._closed = True
+            if self._summary is not None:
+                self._summary.cancel()
             await self.node.close()
             self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _summarize(self, interval: float) -> None:
+        """Every ``interval`` seconds with traffic, one info line: what ended, how."""
+        last = self.node.metrics.totals()
+        while True:
+            await asyncio.sleep(interval)  # a periodic report, not a synchronisation
+            now = self.node.metrics.totals()
+            delta = {k: now[k] - last[k] for k in now}
+            last = now
+            ended = {k: int(v) for k, v in delta.items() if k in OUTCOMES and v}
+            if not ended:
+                continue
+            log.info(
+                "summary",
+                interval_s=interval,
+                requests=sum(ended.values()),
+                ok=ended.pop("ok", 0),
+                failed=ended or None,
+                resumes=int(delta["resumes"]),
+                mib_in=round(delta["bytes_in"] / 2**20, 1),
+                mib_out=round(delta["bytes_out"] / 2**20, 1),
+                inflight=self.node.inflight_requests(),
+            )
 
     def _register_metrics(self) -> None:
         r = self.node.metrics.registry
@@ -215,8 +258,16 @@ def make_app(service: NodeService, title: str, description: str) -> FastAPI:
 
     from .. import __version__
 
-    app = FastAPI(title=title, description=description, version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title=title,
+        description=description,
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,  # served below from local files, not a CDN
+        redoc_url=None,
+    )
     install_error_handlers(app)
+    install_docs(app)
 
     async def health() -> JSONResponse:
         body = service.health()
@@ -250,7 +301,7 @@ def make_app(service: NodeService, title: str, description: str) -> FastAPI:
     async def metrics() -> Response:
         return Response(service.node.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, limit=service.options.body_limit)
     if service.options.api_key is not None:
         app.add_middleware(
             ApiKey, key=service.options.api_key, exempt=service.options.api_key_exempt
@@ -258,6 +309,42 @@ def make_app(service: NodeService, title: str, description: str) -> FastAPI:
     app.add_middleware(DrainGate, drain=service.drain)
     app.add_middleware(AccessLog, service=service, routes=app.router)
     return app
+
+
+def install_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) from the files of the swagger-ui-bundle package, so it works on
+    a cluster without internet access; the schema says 400 where FastAPI would say 422,
+    because bad input is answered 400 here."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs/static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title}: API",
+            swagger_js_url="/docs/static/swagger-ui-bundle.js",
+            swagger_css_url="/docs/static/swagger-ui.css",
+            swagger_favicon_url="/docs/static/favicon-32x32.png",
+        )
+
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema.get("paths", {}).values():
+                for op in operations.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class ApiKey:
@@ -282,17 +369,19 @@ class ApiKey:
 
 
 class BodyLimit:
-    """Refuse (413) a request whose body is above ``MAX_BODY``, however it is framed: at once
-    when its Content-Length says so; a body without one (chunked) is read here up to the limit
-    before the app sees any of it, and refused as soon as it passes."""
+    """Refuse (413) a request whose body is above ``limit`` bytes, however it is framed: at
+    once when its Content-Length says so; a body without one (chunked) is read here up to the
+    limit before the app sees any of it, and refused as soon as it passes."""
 
-    MAX_BODY = 2 << 20  # an image is at most ~0.9 MB of base64 (one control message)
-
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, limit: int) -> None:
         self.app = app
+        self.MAX_BODY = limit
 
     def _too_large(self, n: int | str) -> JSONResponse:
-        detail = f"request body of {n} bytes is above the limit of {self.MAX_BODY}"
+        detail = (
+            f"request body of {n} bytes is above the limit of {self.MAX_BODY} "
+            "(--max-body-bytes; by default it follows max_job_bytes)"
+        )
         return error_response(HTTPFailure(413, "too_large", detail))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -341,6 +430,8 @@ class AccessLog:
             return
         t0 = time.perf_counter()
         status = 500
+        seen: dict[str, Any] = {}
+        token = _ACCESS.set(seen)  # the dict is shared with the handler's (copied) context
 
         async def send_status(message: Any) -> None:
             nonlocal status
@@ -351,6 +442,7 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_status)
         finally:
+            _ACCESS.reset(token)
             elapsed = time.perf_counter() - t0
             path = scope["path"]
             if self._paths is None:  # the routes are all added by the first request
@@ -362,10 +454,13 @@ class AccessLog:
                 svc.http_seconds.labels(label).observe(elapsed)
             if svc.options.access_log:
                 emit = log.debug if path in self.QUIET else log.info
+                client = scope.get("client")
                 emit(
                     "http",
                     method=scope["method"],
                     path=path,
                     status=status,
                     ms=round(elapsed * 1e3, 1),
+                    rid=seen.get("rid"),
+                    client=f"{client[0]}:{client[1]}" if client else None,
                 )

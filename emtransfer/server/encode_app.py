@@ -11,7 +11,7 @@ import torch
 from fastapi import FastAPI
 
 from ..buffers import payload_digest
-from ..encoders import Encoder, check_image, load_encoder
+from ..encoders import Encoder, load_encoder
 from ..errors import InvalidRequest, PayloadError
 from ..runtime import EncodeNode
 from .common import ERROR_RESPONSES, HTTPFailure, NodeService, guarded, log, make_app
@@ -86,9 +86,8 @@ class EncodeService(NodeService):
                 f"num_tokens={req.num_tokens} is above the maximum {self.options.max_tokens} "
                 "(--max-tokens)",
             )
-        if req.image is not None:
-            await guarded(req.rid, self.offload(check_image, req.image))
-        tensors, meta = await guarded(req.rid, self._compute(req.job(req.rid)))
+        job = await guarded(req.rid, self.offload(req.job, req.rid))  # base64 off the loop
+        tensors, meta = await guarded(req.rid, self._compute(job))
         stats = await guarded(req.rid, self.node.send(req.rid, tensors, meta, peer=req.receiver))
         return EncodeResponse(
             rid=req.rid,

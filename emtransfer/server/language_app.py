@@ -11,9 +11,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from ..buffers import payload_digest
-from ..encoders import check_image
 from ..runtime import LanguageNode, Peer, Received
-from .common import ERROR_RESPONSES, HTTPFailure, NodeService, guarded, make_app
+from .common import ERROR_RESPONSES, HTTPFailure, NodeService, guarded, make_app, note_rid
 from .options import ServeOptions
 from .pool import EncoderPool, EncoderState
 from .schemas import EmbeddingsRequest, EmbeddingsResponse, ReceiveRequest
@@ -48,6 +47,7 @@ class LanguageService(NodeService):
     async def embeddings(self, req: EmbeddingsRequest) -> EmbeddingsResponse:
         t0 = time.perf_counter()
         rid = req.rid or f"emb-{uuid.uuid4().hex}"
+        note_rid(rid)
         if req.num_tokens is not None and req.num_tokens > self.options.max_tokens:
             raise HTTPFailure(
                 400,
@@ -55,9 +55,7 @@ class LanguageService(NodeService):
                 f"num_tokens={req.num_tokens} is above the maximum {self.options.max_tokens} "
                 "(--max-tokens)",
             )
-        if req.image is not None:  # refuse an undecodable image before it costs a block
-            await guarded(rid, self.offload(check_image, req.image))
-        job = req.job(rid)
+        job = await guarded(rid, self.offload(req.job, rid))  # base64 off the loop
 
         def call(peer: Peer) -> Any:
             return self.node.encode(rid, peer, job, expected_tokens=req.expected_tokens)
@@ -67,6 +65,7 @@ class LanguageService(NodeService):
 
     async def receive(self, req: ReceiveRequest) -> EmbeddingsResponse:
         t0 = time.perf_counter()
+        note_rid(req.rid)
         addresses = [s.address for s in self.pool.states]
         address = req.encoder
         if address is None:

@@ -114,6 +114,8 @@ SERVE_ENV = {
     "patch_size": "EMTRANSFER_PATCH_SIZE",
     "retry_interval": "EMTRANSFER_RETRY_INTERVAL",
     "shutdown_timeout": "EMTRANSFER_SHUTDOWN_TIMEOUT",
+    "log_summary_interval": "EMTRANSFER_LOG_SUMMARY_INTERVAL",
+    "max_body_bytes": "EMTRANSFER_MAX_BODY_BYTES",
     "log_level": "EMTRANSFER_LOG_LEVEL",
     "log_json": "EMTRANSFER_LOG_JSON",
     "api_key": "EMTRANSFER_API_KEY",
@@ -238,6 +240,29 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         ),
     )
     serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=env_default("max_body_bytes", None, int),
+        metavar="N",
+        help=_help(
+            "largest HTTP request body; larger ones are answered 413 (default: room for a job "
+            "of max_job_bytes in base64)",
+            "max_body_bytes",
+        ),
+    )
+    serve.add_argument(
+        "--log-summary-interval",
+        type=float,
+        default=env_default("log_summary_interval", 60.0, float),
+        metavar="SECONDS",
+        help=_help(
+            "one info line per interval with the requests that ended in it, by outcome, and "
+            "the rounds, resumes and bytes (per-request lines are debug); 0 for none "
+            "(default 60)",
+            "log_summary_interval",
+        ),
+    )
+    serve.add_argument(
         "--log-level",
         default=argparse.SUPPRESS,
         help="debug, info, warning, error (default info; env EMTRANSFER_LOG_LEVEL)",
@@ -293,22 +318,45 @@ class ServeOptions:
     retry_interval: float = 1.0
     #: on SIGTERM, seconds open requests have to finish before they are answered 503
     shutdown_timeout: float = 30.0
+    #: seconds between summary log lines (0: none)
+    log_summary_interval: float = 60.0
+    #: largest HTTP request body (None: room for a job of max_job_bytes in base64)
+    max_body_bytes: int | None = None
     access_log: bool = False
     #: required as a bearer token on every HTTP request but ``api_key_exempt``; None: open
     api_key: str | None = None
     api_key_exempt: frozenset[str] = frozenset({"/health", "/live", "/metrics"})
+
+    @property
+    def body_limit(self) -> int:
+        """The HTTP body limit: ``max_body_bytes``, else a job of ``max_job_bytes`` in base64
+        (4/3 of it) with room for the rest of the JSON."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return self.settings.max_job_bytes * 4 // 3 + (64 << 10)
 
 
 def resolve_serve(args: argparse.Namespace) -> ServeOptions:
     """Turn parsed arguments into options; ConfigError names the bad option or setting."""
     overrides = {n: getattr(args, n) for n in Settings.model_fields if hasattr(args, n)}
     settings = Settings.load(args.config, **overrides)
+    if settings.transport == "local":
+        raise ConfigError(
+            "invalid setting transport='local': it moves data inside one process, and serve "
+            "runs one role per process; use nixl, tcp, torch or auto"
+        )
     if args.patch_size <= 0:
         raise ConfigError(f"invalid --patch-size={args.patch_size}: must be > 0")
     if args.role not in DEFAULT_HTTP_PORT:
         raise ConfigError(f"invalid --role={args.role!r}: encode or language")
     if args.retry_interval <= 0:
         raise ConfigError(f"invalid --retry-interval={args.retry_interval}: must be > 0")
+    if args.max_body_bytes is not None and args.max_body_bytes <= 0:
+        raise ConfigError(f"invalid --max-body-bytes={args.max_body_bytes}: must be > 0")
+    if args.log_summary_interval < 0:
+        raise ConfigError(
+            f"invalid --log-summary-interval={args.log_summary_interval}: must be >= 0"
+        )
     if args.shutdown_timeout < 0:
         raise ConfigError(f"invalid --shutdown-timeout={args.shutdown_timeout}: must be >= 0")
     port = DEFAULT_HTTP_PORT[args.role] if args.port is None else args.port
@@ -355,6 +403,8 @@ def resolve_serve(args: argparse.Namespace) -> ServeOptions:
         patch_size=args.patch_size,
         retry_interval=args.retry_interval,
         shutdown_timeout=args.shutdown_timeout,
+        log_summary_interval=args.log_summary_interval,
+        max_body_bytes=args.max_body_bytes,
         access_log=args.access_log,
         api_key=api_key,
         api_key_exempt=exempt,

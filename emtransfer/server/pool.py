@@ -7,16 +7,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import PeerLost, TransferError
+from ..errors import ConfigError, PeerLost, TransferError
 from ..logs import get_logger
 from ..runtime import LanguageNode, Peer
 from .common import HTTPFailure
 
 log = get_logger("emtransfer.server")
 T = TypeVar("T")
+#: the longest wait between attempts to reach an encode node that refused our settings
+CONFIG_BACKOFF_MAX = 60.0
 
 
 @dataclass(eq=False)
@@ -27,6 +29,9 @@ class EncoderState:
     since: float = 0.0
     served: int = 0
     task: asyncio.Task[None] | None = None
+    #: set once the first connection attempt ended, either way: a request that comes while
+    #: it is still under way waits for it rather than finding the node "not connected yet"
+    tried: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def up(self) -> bool:
@@ -46,6 +51,8 @@ class EncoderState:
 class EncoderPool:
     def __init__(self, lang: LanguageNode, addresses: tuple[str, ...], retry_interval: float):
         self.lang = lang
+        #: how long a request waits for first connection attempts still under way
+        self.first_wait = lang.settings.bootstrap_timeout
         self.states = [EncoderState(a, since=time.time()) for a in addresses]
         self.retry_interval = retry_interval
         self._next = 0
@@ -76,6 +83,7 @@ class EncoderPool:
             )
 
     async def _connect_loop(self, state: EncoderState) -> None:
+        delay = self.retry_interval
         while not self._closing:
             try:
                 peer = await self.lang.connect(state.address)
@@ -87,13 +95,24 @@ class EncoderPool:
                     level = log.info if isinstance(exc, PeerLost) else log.error
                     level("encode node unreachable", encoder=state.address, error=error)
                     state.error = error
-                await asyncio.sleep(self.retry_interval)  # back off before the next attempt
+                state.tried.set()
+                # a node that is down comes back by itself: try again soon. A refusal (other
+                # settings, TLS) needs someone to act: back off, up to CONFIG_BACKOFF_MAX
+                if isinstance(exc, ConfigError):
+                    delay = min(max(delay, self.retry_interval) * 2, CONFIG_BACKOFF_MAX)
+                else:
+                    delay = self.retry_interval
+                await self._pause(delay)
                 continue
             state.peer, state.error, state.since = peer, "", time.time()
+            state.tried.set()
             log.info("encode node up", encoder=state.address, peer=peer.node_id)
             if peer.reader is not None:  # the reader ends when the peer is lost, for any reason
                 peer.reader.add_done_callback(self._on_reader_done(state, peer))
             return
+
+    async def _pause(self, delay: float) -> None:
+        await asyncio.sleep(delay)  # back off before the next attempt, not a sync point
 
     def _on_reader_done(self, state: EncoderState, peer: Peer) -> Callable[[Any], None]:
         return lambda _task: self._lost(state, peer)
@@ -115,12 +134,36 @@ class EncoderPool:
                 self._lost(s, s.peer)
         return [s for s in order if s.up]
 
+    async def _first_attempts(self) -> list[EncoderState]:
+        """None is up: wait (bounded by ``bootstrap_timeout``) for the first connection
+        attempts still under way; the candidates once one succeeds or all have ended."""
+        pending = [s for s in self.states if not s.tried.is_set()]
+        if not pending:
+            return []
+        waits = {asyncio.ensure_future(s.tried.wait()) for s in pending}
+        deadline = asyncio.get_running_loop().time() + self.first_wait
+        try:
+            while waits:
+                timeout = deadline - asyncio.get_running_loop().time()
+                done, waits = await asyncio.wait(
+                    waits, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done or any(s.up for s in self.states):
+                    break
+        finally:
+            for w in waits:
+                w.cancel()
+        return self.candidates()
+
     # -- forwarding ----------------------------------------------------------------------------
     async def run(self, call: Callable[[Peer], Awaitable[T]]) -> tuple[EncoderState, T]:
         """``call(peer)`` on the next encode node that is up; a node lost during the call is
         marked down and the next one is tried. 503 when none is left."""
         problems: list[str] = []
-        for state in self.candidates():
+        candidates = self.candidates()
+        if not candidates:
+            candidates = await self._first_attempts()
+        for state in candidates:
             peer = state.peer
             if peer is None or not peer.alive:
                 continue

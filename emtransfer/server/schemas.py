@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
+from ..encoders import decode_image_field
 from ..protocol.messages import MAX_RID_LEN
 
 Rid = Annotated[StrictStr, Field(min_length=1, max_length=MAX_RID_LEN)]
@@ -19,7 +20,10 @@ class _Job(BaseModel):
         None, description="synthetic job: this many tokens, deterministic from (rid, num_tokens)"
     )
     image: StrictStr | None = Field(
-        None, description="vision job: a base64 PNG or JPEG (a data: URL is accepted)"
+        None,
+        description="vision job: a base64 image (a data: URL is accepted). It reaches the "
+        "encoder as bytes with their media type (image_type); the built-in vision encoder "
+        "decodes PNG, JPEG, WebP and GIF",
     )
 
     @model_validator(mode="after")
@@ -29,9 +33,11 @@ class _Job(BaseModel):
         return self
 
     def job(self, rid: str) -> dict[str, Any]:
-        """What the encoder gets."""
+        """What the encoder gets: an image as raw bytes and their media type (base64 is
+        decoded here, the image itself is not: that is the encoder's business)."""
         if self.image is not None:
-            return {"rid": rid, "image": self.image}
+            raw, kind = decode_image_field(self.image)
+            return {"rid": rid, "image": raw, "image_type": kind}
         return {"rid": rid, "num_tokens": self.num_tokens}
 
 

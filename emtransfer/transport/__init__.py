@@ -1,7 +1,8 @@
 """Data-plane engines behind one small interface (:class:`Transport`).
 
 One module per engine: ``local`` (in-process), ``tcp`` (asyncio sockets, the fallback),
-``nixl`` (NIXL/UCX), ``torch`` (torch.distributed: gloo for CPU pools, NCCL for CUDA pools).
+``nixl`` (NIXL/UCX), ``torch`` (torch.distributed: gloo for CPU pools, NCCL for CUDA pools),
+``mooncake`` (the Mooncake Transfer Engine over TCP or RDMA).
 Engines with optional dependencies are imported only when chosen.
 """
 
@@ -19,7 +20,13 @@ if TYPE_CHECKING:
     from ..buffers import BufferRegistry
     from ..settings import Settings
 
-_MODULES = {"local": "local", "tcp": "tcp", "nixl": "nixl", "torch": "torch"}
+_MODULES = {
+    "local": "local",
+    "tcp": "tcp",
+    "nixl": "nixl",
+    "torch": "torch",
+    "mooncake": "mooncake",
+}
 _log = get_logger("emtransfer.transport")
 
 

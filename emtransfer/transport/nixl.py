@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import functools
+import importlib
 import logging
 import os
 import time
@@ -47,7 +48,18 @@ class _Peer:
     agent: str
     mem: str
     pools: dict[str, tuple[int, int, int]]
-    inflight: set[cf.Future[Any]] = field(default_factory=set)
+    #: every write from its first step to its end (posted or not): remove_peer waits for them
+    #: all, so no completion is still outstanding when the peer's agent goes
+    inflight: set[asyncio.Future[None]] = field(default_factory=set)
+
+
+def _forget_write(inflight: set[asyncio.Future[None]]) -> Any:
+    def done(task: asyncio.Future[None]) -> None:
+        inflight.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that was cancelled does not see it
+
+    return done
 
 
 def parse_backend_params(text: str | None = None) -> dict[str, str]:
@@ -57,6 +69,29 @@ def parse_backend_params(text: str | None = None) -> dict[str, str]:
     if any(not sep or not key.strip() for key, sep, _ in items):
         raise ConfigError(f"invalid {PARAMS_ENV}={text!r}: expected k=v,k=v")
     return {key.strip(): value.strip() for key, _, value in items}
+
+
+#: where nixl's Python API lives: the ``nixl`` loader package (which needs every build wheel
+#: installed), or one build wheel alone (emtransfer's extras install one: nixl-cu13 or -cu12)
+NIXL_PACKAGES = ("nixl", "nixl_cu13", "nixl_cu12")
+
+
+@functools.cache
+def nixl_modules() -> tuple[Any, Any]:
+    """nixl's ``_api`` and ``_bindings`` modules, from the first package that has them."""
+    problems = []
+    for pkg in NIXL_PACKAGES:
+        try:
+            api = importlib.import_module(f"{pkg}._api")
+            bind = importlib.import_module(f"{pkg}._bindings")
+        except ImportError as exc:  # not installed, or the loader found no build wheel
+            problems.append(f"{pkg}: {exc}")
+            continue
+        return api, bind
+    raise ImportError(
+        "nixl is not installed (pip install 'emtransfer[nixl]' for CUDA 13 and CPU hosts, "
+        "'emtransfer[nixl-cu12]' for CUDA 12): " + "; ".join(problems)
+    )
 
 
 #: Python logging levels -> NIXL_LOG_LEVEL's names (its C++ and Python halves read it once)
@@ -79,7 +114,7 @@ def _nixl_logging() -> None:
         level = _log.logger.getEffectiveLevel()
         name = next((v for k, v in sorted(_NIXL_LEVELS.items()) if level <= k), "ERROR")
         os.environ["NIXL_LOG_LEVEL"] = name
-    import nixl._api  # noqa: F401  (configures the "nixl" logger on import)
+    nixl_modules()  # its API configures the "nixl" logger on import
 
     if not user_set:
         lg = logging.getLogger("nixl")
@@ -112,8 +147,8 @@ def new_agent(name: str, params: Mapping[str, str], *, delay_us: int, thread: bo
     agent is swapped, before any backend exists, for one built from the binding's config."""
     _ucx_defaults()
     _nixl_logging()
-    import nixl._bindings as bind
-    from nixl._api import nixl_agent, nixl_agent_config
+    api, bind = nixl_modules()
+    nixl_agent, nixl_agent_config = api.nixl_agent, api.nixl_agent_config
 
     agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=thread, backends=[]))
     cfg = bind.nixlAgentConfig()
@@ -272,8 +307,7 @@ class NixlTransport(Transport):
         if peer is None:
             return
         if peer.inflight:
-            futures = [asyncio.wrap_future(f) for f in list(peer.inflight)]
-            await asyncio.gather(*futures, return_exceptions=True)
+            await asyncio.gather(*list(peer.inflight), return_exceptions=True)
         if self._agent is not None and all(p.agent != peer.agent for p in self._peers.values()):
             self._landed.pop(peer.agent, None)
             if peer.pools:  # a peer that publishes no pools was never loaded
@@ -288,6 +322,22 @@ class NixlTransport(Transport):
             raise TransportError(
                 f"nixl: peer {peer_id!r} accepts no writes (it published no pools)"
             )
+        # the write runs to its real end even if the caller is cancelled (a posted transfer
+        # cannot be called back): remove_peer and close wait for it
+        task = asyncio.ensure_future(self._write(agent, peer_id, peer, ops, tag, deadline))
+        peer.inflight.add(task)
+        task.add_done_callback(_forget_write(peer.inflight))
+        await asyncio.shield(task)
+
+    async def _write(
+        self,
+        agent: Any,
+        peer_id: str,
+        peer: _Peer,
+        ops: Sequence[WriteOp],
+        tag: str,
+        deadline: float,
+    ) -> None:
         local, remote, total = self._descs(peer, ops)
         if total == 0:
             return
@@ -299,10 +349,7 @@ class NixlTransport(Transport):
         notif = tag.encode() + b"\0" + str(total).encode()
         args = (agent, peer_id, peer, local, remote, notif, deadline)
         if total >= self.inline_max_bytes:
-            post = self._pool.submit(self._post, *args)
-            peer.inflight.add(post)  # remove_peer waits for a post under way too
-            post.add_done_callback(peer.inflight.discard)
-            handle, state = await asyncio.wrap_future(post)
+            handle, state = await asyncio.wrap_future(self._pool.submit(self._post, *args))
         else:
             handle, state = self._post(*args)
         if state != "PROC":
@@ -311,10 +358,7 @@ class NixlTransport(Transport):
                 raise TransportError(f"nixl: write to {peer.agent} failed ({state})")
             return
         assert self._poller is not None
-        fut = self._poller.watch(handle, self.xfer_timeout, peer.agent)
-        peer.inflight.add(fut)
-        fut.add_done_callback(peer.inflight.discard)
-        await asyncio.wrap_future(fut)
+        await asyncio.wrap_future(self._poller.watch(handle, self.xfer_timeout, peer.agent))
 
     async def wait_landed(self, peer_id: str, tag: str, nbytes: int) -> None:
         """Consume ``tag``'s notifications once they account for ``nbytes``; polls with a 20 us

@@ -593,7 +593,9 @@ async def _finish(
             while await reader.read(1 << 16):
                 pass
     except (OSError, TimeoutError, RuntimeError):
-        pass  # the peer is gone or slow: remove_peer aborts what is left
+        pass  # the peer is gone or slow: what it did not read is lost with the connection
+    finally:
+        writer.transport.abort()  # the stream left the peer table: nothing else closes it
 
 
 TRANSPORT = TcpTransport

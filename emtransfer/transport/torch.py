@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import queue
 import secrets
 import threading
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..buffers import BufferRegistry, WriteOp
+from ..errors import ConfigError
 from ..guarantees import Guarantees
 from ..logs import get_logger
 from .base import MAX_TAG_BYTES, Transport, TransportError, check_deadline
@@ -70,6 +72,10 @@ class _Link:
     waiters: dict[str, tuple[int, asyncio.Future[None]]] = field(default_factory=dict)
 
 
+#: what torch.distributed's env:// rendezvous reads (torchrun sets them)
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 class TorchTransport(Transport):
     name = "torch"
     #: a completed isend is not yet in the peer's pool; but the receiver's thread reads every
@@ -106,6 +112,14 @@ class TorchTransport(Transport):
 
     @classmethod
     def from_settings(cls, settings: Settings, registry: BufferRegistry) -> TorchTransport:
+        if not dist.is_initialized():  # fail now, not at start() with torch's own words
+            missing = [v for v in _RENDEZVOUS if v not in os.environ]
+            if missing:
+                raise ConfigError(
+                    "invalid setting transport='torch': it runs inside a torch.distributed "
+                    f"job; start the processes with torchrun (or set {', '.join(_RENDEZVOUS)}); "
+                    f"not set here: {', '.join(missing)}"
+                )
         return cls(
             registry,
             grace=settings.abort_ack_timeout,
