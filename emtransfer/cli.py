@@ -72,7 +72,7 @@ def _main(argv: list[str] | None) -> int:
     demo.add_argument("--requests", type=int, default=64, help="number of requests (default 64)")
     demo.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
     demo.add_argument(
-        "--transport", choices=["auto", "nixl", "tcp"], help="data plane (default auto)"
+        "--transport", choices=["auto", "nixl", "tcp", "mooncake"], help="data plane (default auto)"
     )
     demo.add_argument("--hidden-size", type=int, help="embedding width (default from settings)")
     demo.add_argument("--seed", type=int, default=0, help="workload seed")
