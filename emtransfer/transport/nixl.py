@@ -271,7 +271,7 @@ class NixlTransport(Transport):
             holder = [agent]
             del agent
             await asyncio.get_running_loop().run_in_executor(self._pool, _dispose, holder, reg)
-        self._pool.shutdown(wait=False)
+        await asyncio.to_thread(self._pool.shutdown, True)  # its threads end with close
 
     async def add_peer(self, peer_id: str, metadata: bytes, *, secret: bytes = b"") -> None:
         agent = self._require()
