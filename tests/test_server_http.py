@@ -7,6 +7,7 @@ import base64
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,15 +18,14 @@ from server_harness import ServerProc, blocks_free, expected_digest, free_port, 
 LENGTHS = [1, 127, 128, 129, 1024, 1025, 2000, 3000]  # the pool holds 16 * 128 = 2048 tokens
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProc, ServerProc]]:
-    logs = tmp_path_factory.mktemp("server-logs")
+def _serving(
+    logs: Path, enc_args: list[str], lang_args: list[str]
+) -> Iterator[tuple[ServerProc, ServerProc]]:
+    """An encode and a language server, ready; both must exit cleanly, without a traceback or
+    a block still held."""
     bport = free_port()
-    enc = ServerProc("encode", logs, "--bootstrap-port", str(bport), "--max-tokens", "4096")
-    lang = ServerProc(
-        "language", logs, "--encoder-addr", f"127.0.0.1:{bport}", "--max-tokens", "8192",
-        "--max-body-bytes", str(2 << 20),
-    )  # fmt: skip
+    enc = ServerProc("encode", logs, "--bootstrap-port", str(bport), *enc_args)
+    lang = ServerProc("language", logs, "--encoder-addr", f"127.0.0.1:{bport}", *lang_args)
     enc.start()
     lang.start()
     try:
@@ -38,6 +38,15 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPr
     for proc in (enc, lang):
         assert "Traceback" not in proc.log(), proc.log()
         assert "blocks still held" not in proc.log(), proc.log()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProc, ServerProc]]:
+    yield from _serving(
+        tmp_path_factory.mktemp("server-logs"),
+        ["--max-tokens", "4096"],
+        ["--max-tokens", "8192", "--max-body-bytes", str(2 << 20)],
+    )
 
 
 def image_b64(fmt: str, width: int, height: int) -> str:
@@ -287,24 +296,8 @@ def mooncake_servers(
 
     if (why := transport_unavailable("mooncake")) is not None:
         pytest.skip(f"the mooncake transport cannot run here: {why}")
-    logs = tmp_path_factory.mktemp("mooncake-logs")
-    bport = free_port()
-    enc = ServerProc("encode", logs, "--transport", "mooncake", "--bootstrap-port", str(bport))
-    lang = ServerProc(
-        "language", logs, "--transport", "mooncake", "--encoder-addr", f"127.0.0.1:{bport}"
-    )
-    enc.start()
-    lang.start()
-    try:
-        enc.wait_health()
-        lang.wait_health(lambda h: h["ready"])
-        yield enc, lang
-    finally:
-        rcs = (lang.stop(), enc.stop())
-    assert rcs == (0, 0), f"unclean exit {rcs}:\n{lang.log()}\n{enc.log()}"
-    for proc in (enc, lang):
-        assert "Traceback" not in proc.log(), proc.log()
-        assert "blocks still held" not in proc.log(), proc.log()
+    mooncake = ["--transport", "mooncake"]
+    yield from _serving(tmp_path_factory.mktemp("mooncake-logs"), mooncake, mooncake)
 
 
 async def test_transfers_verified_over_mooncake(
