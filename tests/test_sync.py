@@ -599,3 +599,23 @@ async def test_the_runtime_tells_an_observer_each_state_and_drops_one_that_raise
             await enc.send("b", make_payload(10))
             assert (await receiving).num_tokens == 10
         assert [e["event"] for e in events].count("state observer failed; dropped") == 1
+
+
+def test_wait_for_change_wakes_on_each_new_state_and_on_the_end() -> None:
+    """A scheduler sleeps in wait_for_change instead of polling: it wakes when a handle moves
+    on (a new PollState) or ends, and times out, returning the same count, when nothing
+    moved."""
+    with language_side() as (lang, enc):
+        seen = lang.changes()
+        assert lang.wait_for_change(seen, 0.05) == seen  # nothing in flight: nothing moves
+        h = lang.receive("watched", enc.address)
+        while h.poll() is not P.TRANSFERRING:  # its Init goes out: each step wakes us
+            assert lang.wait_for_change(seen, WAIT) != seen
+            seen = lang.changes()
+        assert lang.wait_for_change(seen, 0.05) == seen  # no payload yet: nothing moves
+        send = send_soon(lang, enc, "watched", make_payload(5))
+        while not h.done():
+            seen = lang.wait_for_change(seen, WAIT)
+        assert h.poll() is P.SUCCESS and h.result().num_tokens == 5
+        send.result(WAIT)
+        h.release()

@@ -9,8 +9,8 @@ dying, mid-transfer or before the payload was ready, makes every survivor end FA
 collective raises, ``agree`` says FAILED), and the encode side ends with every send over,
 every block free and nothing held.
 
-No sleeps, no polling loops: a rank ticks when its handle changes (the handles' hooks notify
-a condition), or right away once its own transfer ended (then the tick's collective waits
+No sleeps, no polling loops: a rank ticks when its handle changes (``wait_for_change`` of its
+node), or right away once its own transfer ended (then the tick's collective waits
 for the others); the encode side polls its fan-out when one of its handles changed.
 """
 
@@ -21,7 +21,6 @@ import datetime
 import multiprocessing as mp
 import os
 import socket
-import threading
 import time
 import traceback
 from typing import Any
@@ -36,41 +35,6 @@ WAIT = 20.0
 TOKENS = 1500  # past the 1024-token default allocation: resumes once
 
 
-class Ticks:
-    """Wakes a loop when any transfer handle of this process changes."""
-
-    def __init__(self) -> None:
-        from emtransfer.sync import TransferHandle
-
-        self.cond = threading.Condition()
-        self.version = 0
-        observe, finish = TransferHandle._observe, TransferHandle._finish
-
-        def observed(h: Any, session: Any) -> None:
-            observe(h, session)
-            self.bump()
-
-        def finished(h: Any, *a: Any, **kw: Any) -> None:
-            finish(h, *a, **kw)
-            self.bump()
-
-        TransferHandle._observe = observed  # type: ignore[method-assign]
-        TransferHandle._finish = finished  # type: ignore[method-assign]
-
-    def bump(self) -> None:
-        with self.cond:
-            self.version += 1
-            self.cond.notify_all()
-
-    def seen(self) -> int:
-        with self.cond:
-            return self.version
-
-    def wait(self, seen: int, timeout: float) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.version != seen, max(timeout, 0.0))
-
-
 # -- the processes ---------------------------------------------------------------------------------
 def encode_main(conn: Any) -> None:
     try:
@@ -81,7 +45,6 @@ def encode_main(conn: Any) -> None:
         from emtransfer.sync import SyncEncodeNode
 
         torch.set_num_threads(1)
-        ticks = Ticks()
         enc = SyncEncodeNode(et.Settings(**SETTINGS))
         conn.send(("ready", enc.address))
         fans: dict[str, Any] = {}
@@ -111,12 +74,12 @@ def encode_main(conn: Any) -> None:
                 fan = fans[msg[1]]
                 deadline = time.monotonic() + WAIT
                 while True:
-                    seen = ticks.seen()
+                    seen = enc.changes()
                     group = fan.poll()  # aborts the other ranks once one failed
                     if fan.done():
                         break
                     assert time.monotonic() < deadline, f"sends still running: {fan.handles}"
-                    ticks.wait(seen, deadline - time.monotonic())
+                    enc.wait_for_change(seen, deadline - time.monotonic())
                 errors = {r: f"{type(e).__name__}: {e}" for r, e in fan.errors().items()}
                 fan.release()
                 pool = asyncio.run_coroutine_threadsafe(settle(enc.node), enc.loop).result(WAIT)
@@ -150,7 +113,6 @@ def rank_main(conn: Any, rank: int, world: int, port: int, address: str) -> None
         from emtransfer.sync import PollState, SyncLanguageNode
 
         torch.set_num_threads(1)
-        ticks = Ticks()
         lang = SyncLanguageNode(et.Settings(**SETTINGS))
         dist.init_process_group(
             "gloo",
@@ -176,7 +138,7 @@ def rank_main(conn: Any, rank: int, world: int, port: int, address: str) -> None
                 agreed: list[int] = []
                 deadline = time.monotonic() + WAIT
                 while True:
-                    seen = ticks.seen()
+                    seen = lang.changes()
                     if die and h.poll() >= PollState.TRANSFERRING:
                         os._exit(17)  # mid-transfer: its Init has left
                     (group,) = rx.agree([h])  # a collective: every rank ticks it
@@ -186,7 +148,7 @@ def rank_main(conn: Any, rank: int, world: int, port: int, address: str) -> None
                         break
                     assert time.monotonic() < deadline, f"rank {rank}: no agreement: {agreed}"
                     if not h.done():
-                        ticks.wait(seen, deadline - time.monotonic())
+                        lang.wait_for_change(seen, max(deadline - time.monotonic(), 0))
                 verified = broadcast = None
                 if group is PollState.SUCCESS:
                     got, want = h.result(), payload(seed, TOKENS, HIDDEN)

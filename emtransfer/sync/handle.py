@@ -135,6 +135,7 @@ class TransferHandle(Generic[T]):
         shown = progress(state)
         if shown is not None and shown > self._state and not self._done.is_set():
             self._state = shown
+            self._owner._changed()
 
     def _finish(self, value: Any = None, error: BaseException | None = None) -> None:
         if self._done.is_set():
@@ -147,6 +148,7 @@ class TransferHandle(Generic[T]):
         self._session = None  # ended: the handle keeps nothing of the request's session
         self._done.set()  # before the state: a final poll() implies a result() that won't wait
         self._state = PollState.FAILED if error is not None else PollState.SUCCESS
+        self._owner._changed()
 
     def _abort_on_loop(self, reason: str) -> None:
         if self._done.is_set():

@@ -50,6 +50,9 @@ class SyncNode:
         self._closing = False  # no new requests; set once, under the lock
         self._stopped = False  # the loop takes no more callbacks; set once, under the lock
         self._closed = threading.Event()
+        #: grows each time one of this node's handles moves on or ends (wait_for_change)
+        self._changes = 0
+        self._changed_cond = threading.Condition()
         self._loop = (loop_factory or default_loop_factory)()
         self._thread = threading.Thread(
             target=self._run_loop, name=f"emtransfer-sync-{self.role}", daemon=True
@@ -147,6 +150,25 @@ class SyncNode:
             handle._finish(error=handle._cancel_error or _cancelled(handle))
         with self._lock:
             self._handles.discard(handle)
+
+    def changes(self) -> int:
+        """A count that grows each time one of this node's handles moves on (a new
+        :class:`PollState`) or ends: read it, poll the handles, then
+        :meth:`wait_for_change` with it to sleep until there is something new to see."""
+        with self._changed_cond:
+            return self._changes
+
+    def wait_for_change(self, seen: int, timeout: float | None = None) -> int:
+        """Block (at most ``timeout`` seconds) until :meth:`changes` differs from ``seen``;
+        returns it. For a scheduler that would rather sleep than poll when nothing moves."""
+        with self._changed_cond:
+            self._changed_cond.wait_for(lambda: self._changes != seen, timeout)
+            return self._changes
+
+    def _changed(self) -> None:
+        with self._changed_cond:
+            self._changes += 1
+            self._changed_cond.notify_all()
 
     def open_handles(self) -> list[TransferHandle[Any]]:
         """Handles whose request still runs here: in flight, or a lease not yet released."""
