@@ -51,6 +51,7 @@ class FaultProxy:
         self._flowing = asyncio.Event()  # used on the proxy's loop only
         self._loop.call_soon_threadsafe(self._flowing.set)
         self._conns: set[Any] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
         self._server = self._call(self._start())
         port = self._server.sockets[0].getsockname()[1]
         self.address = f"{listen}:{port}"
@@ -62,6 +63,10 @@ class FaultProxy:
         return await asyncio.start_server(self._handle, self.listen, 0)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         try:
             up_r, up_w = await asyncio.open_connection(*self.target)
         except OSError:
@@ -120,8 +125,14 @@ class FaultProxy:
             for a, b in list(self._conns):
                 a.transport.abort()
                 b.transport.abort()
+            handlers = list(self._handlers)  # their pumps end with the connections
+            for task in handlers:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
 
         self.heal()
         self._call(stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()  # else the collector finds it unclosed, in another test
