@@ -12,7 +12,7 @@ from typing import Any
 
 import netns
 import pytest
-from transport_harness import BLOCK_SIZE, enforce, run_pair
+from transport_harness import BLOCK_SIZE, enforce, fill_random, run_pair
 
 from emtransfer.allocator import Allocation
 from emtransfer.buffers import WriteOp
@@ -79,15 +79,6 @@ def _cases(registry: Any) -> list[list[WriteOp]]:
     return [registry.write_ops(runs) for runs in cases]
 
 
-def _fill(registry: Any, seed: int) -> None:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    for name in registry.layouts:
-        view = registry.byte_view(name)
-        view.copy_(torch.randint(0, 256, (view.numel(),), dtype=torch.uint8, generator=g))
-
-
 def _expected(registry: Any, seed: int) -> Any:
     import torch
 
@@ -133,12 +124,12 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
     cases = _cases(registry)
     if role == "sender":
         for i, ops in enumerate(cases):
-            _fill(registry, seed=i)
+            fill_random(registry, seed=i)
             await transport.write("peer", ops, tag=f"case{i}")
             conn.send(("check", i, f"case{i}", _raw(ops)))
             assert (await _recv(conn))[0] == "checked"
         # 16 concurrent writes to disjoint destinations, one tag each
-        _fill(registry, seed=99)
+        fill_random(registry, seed=99)
         batches = [_alloc([k]).runs_to(_alloc([63 - k]), BLOCK_SIZE) for k in range(16)]
         ops_list = [registry.write_ops(r) for r in batches]
         await asyncio.gather(
@@ -149,7 +140,7 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
             assert (await _recv(conn))[0] == "checked"
         # the fence: a write under a tag the receiver discarded first, then one under a fresh tag
         if _fences(transport):
-            _fill(registry, seed=77)
+            fill_random(registry, seed=77)
             dropped = registry.write_ops(_alloc([1, 2, 3]).runs_to(_alloc([10, 11, 12]), 48))
             fresh = registry.write_ops(_alloc([4, 5]).runs_to(_alloc([20, 21]), 32))
             conn.send(("discard", "dropped"))
@@ -167,7 +158,7 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
             pass
         # remote completion: once write() returned, the bytes are in the peer's pool
         if transport.GUARANTEES.remote_completion:
-            _fill(registry, seed=55)
+            fill_random(registry, seed=55)
             now = registry.write_ops(_alloc([30]).runs_to(_alloc([40]), BLOCK_SIZE))
             await transport.write("peer", now, tag="now")
             conn.send(("check-now", 55, _raw(now)))
@@ -185,7 +176,7 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
         if transport.GUARANTEES.remove_stops_inbound:
             conn.send(("remove-me",))
             assert (await _recv(conn))[0] == "removed"
-            _fill(registry, seed=66)
+            fill_random(registry, seed=66)
             gone = registry.write_ops(_alloc([50]).runs_to(_alloc([51]), BLOCK_SIZE))
             try:
                 await asyncio.wait_for(transport.write("peer", gone, tag="gone"), 30)
@@ -312,7 +303,7 @@ async def scenario_authorization(role: str, transport: Any, registry: Any, conn:
     if role == "sender":
         assert (await _recv(conn))[0] == "granted"
         for seed, tag in ((5, "ok"), (6, "never")):
-            _fill(registry, seed=seed)
+            fill_random(registry, seed=seed)
             try:
                 await asyncio.wait_for(transport.write("peer", ops, tag=tag), 30)
             except (TransportError, TimeoutError):

@@ -23,9 +23,8 @@ from typing import Any
 import msgspec
 import pytest
 import torch
-from transport_harness import BLOCK_SIZE, make_registry
+from transport_harness import BLOCK_SIZE, block_ops, fill_random, landed, make_registry
 
-from emtransfer.allocator import Allocation
 from emtransfer.buffers import WriteOp
 from emtransfer.errors import ConfigError
 from emtransfer.settings import Settings
@@ -296,27 +295,6 @@ def test_the_engine_s_log_follows_the_host_s_level() -> None:
 
 
 # -- two real engines in this process --------------------------------------------------------
-def _ops(registry: Any, src: list[int], dst: list[int], count: int) -> list[WriteOp]:
-    a, b = Allocation("r", tuple(src), BLOCK_SIZE, 0), Allocation("r", tuple(dst), BLOCK_SIZE, 0)
-    ops: list[WriteOp] = registry.write_ops(a.runs_to(b, count))
-    return ops
-
-
-def _fill(registry: Any, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for name in registry.layouts:
-        view = registry.byte_view(name)
-        view.copy_(torch.randint(0, 256, (view.numel(),), dtype=torch.uint8, generator=g))
-
-
-def _landed(src: Any, dst: Any, ops: list[WriteOp]) -> bool:
-    return all(
-        torch.equal(
-            dst.byte_view(o.field)[o.dst_offset : o.dst_offset + o.nbytes],
-            src.byte_view(o.field)[o.src_offset : o.src_offset + o.nbytes],
-        )
-        for o in ops
-    )
 
 
 class Spy:
@@ -345,7 +323,7 @@ async def _pair(**kw: Any) -> AsyncIterator[tuple[MooncakeTransport, MooncakeTra
         await b.start()
         await a.add_peer("b", b.metadata())
         await b.add_peer("a", a.metadata())
-        _fill(ra, seed=1)
+        fill_random(ra, seed=1)
         yield a, b, ra, rb
     finally:
         await a.close()
@@ -356,7 +334,7 @@ async def _pair(**kw: Any) -> AsyncIterator[tuple[MooncakeTransport, MooncakeTra
 async def test_one_batch_per_write_off_the_loop_and_notified() -> None:
     async with _pair() as (a, b, ra, rb):
         spy = a._engine = Spy(a._engine)
-        scrambled = _ops(ra, [9, 3, 4, 5, 0], [40, 41, 50, 7, 8], 5 * BLOCK_SIZE - 3)
+        scrambled = block_ops(ra, [9, 3, 4, 5, 0], [40, 41, 50, 7, 8], 5 * BLOCK_SIZE - 3)
         assert len(scrambled) > 4
         tag = "r/\U0001f600" * 100  # a long tag of 4-byte characters travels whole
         await asyncio.wait_for(a.write("b", scrambled[:3], tag=tag), WAIT)
@@ -365,16 +343,16 @@ async def test_one_batch_per_write_off_the_loop_and_notified() -> None:
         assert threading.get_ident() not in spy.threads  # never on the event loop's thread
         nbytes = sum(o.nbytes for o in scrambled)
         await asyncio.wait_for(b.wait_landed("a", tag, nbytes), WAIT)  # summed over both
-        assert _landed(ra, rb, scrambled)
+        assert landed(ra, rb, scrambled)
         # a waiter that comes first is woken by the notification when it arrives
-        _fill(ra, seed=2)
-        late = _ops(ra, [20, 21], [30, 31], 2 * BLOCK_SIZE)
+        fill_random(ra, seed=2)
+        late = block_ops(ra, [20, 21], [30, 31], 2 * BLOCK_SIZE)
         waiter = asyncio.create_task(b.wait_landed("a", "late", sum(o.nbytes for o in late)))
         await asyncio.sleep(0)  # one turn of the loop: the waiter is registered (not a delay)
         assert not waiter.done()
         await asyncio.wait_for(a.write("b", late, tag="late"), WAIT)
         await asyncio.wait_for(waiter, WAIT)
-        assert _landed(ra, rb, late)
+        assert landed(ra, rb, late)
         assert b.pending_notifs() == 0
 
 
@@ -386,14 +364,16 @@ async def test_an_encode_node_publishes_nothing_and_takes_no_write() -> None:
         meta = msgspec.msgpack.decode(a.metadata(), type=_Meta)
         assert (meta.session, meta.pools) == ("", {})
         with pytest.raises(TransportError, match="accepts no writes"):
-            await b.write("a", _ops(rb, [0], [0], BLOCK_SIZE), tag="t")
+            await b.write("a", block_ops(rb, [0], [0], BLOCK_SIZE), tag="t")
         view = ra.byte_view("embeddings")
         pools = {n: (ra.byte_view(n).data_ptr(), ra.byte_view(n).numel()) for n in ra.layouts}
         forged = _Meta(1, "x", f"127.0.0.1:{a._engine.get_rpc_port()}", "tcp", pools)
         await b.add_peer("forged", msgspec.msgpack.encode(forged))
         before = view.clone()
         with pytest.raises(TransportError, match="failed"):
-            await asyncio.wait_for(b.write("forged", _ops(rb, [0], [0], BLOCK_SIZE), tag="t"), WAIT)
+            await asyncio.wait_for(
+                b.write("forged", block_ops(rb, [0], [0], BLOCK_SIZE), tag="t"), WAIT
+            )
         assert torch.equal(view, before)
 
 
@@ -410,10 +390,10 @@ async def test_refusals_before_anything_is_posted_and_failures() -> None:
             with pytest.raises(TransportError):
                 await a.write("b", bad, tag="bad")
         with pytest.raises(TransportError, match="unknown peer"):
-            await a.write("nobody", _ops(ra, [0], [0], BLOCK_SIZE), tag="t")
+            await a.write("nobody", block_ops(ra, [0], [0], BLOCK_SIZE), tag="t")
         with pytest.raises(GrantExpired):
             await a.write(
-                "b", _ops(ra, [0], [0], BLOCK_SIZE), tag="late", deadline=time.monotonic()
+                "b", block_ops(ra, [0], [0], BLOCK_SIZE), tag="late", deadline=time.monotonic()
             )
         assert spy.batches == []  # nothing reached the engine
         b._drain()
@@ -432,11 +412,11 @@ async def test_refusals_before_anything_is_posted_and_failures() -> None:
         assert spy.batches == []
         a._engine = FakeEngine(write_rc=-1)  # and a write the engine fails raises
         with pytest.raises(TransportError, match="engine returned -1"):
-            await a.write("b", _ops(ra, [0], [0], BLOCK_SIZE), tag="t")
+            await a.write("b", block_ops(ra, [0], [0], BLOCK_SIZE), tag="t")
         a._engine = spy
         await a.remove_peer("b")
         with pytest.raises(TransportError):
-            await a.write("b", _ops(ra, [0], [0], BLOCK_SIZE), tag="gone")
+            await a.write("b", block_ops(ra, [0], [0], BLOCK_SIZE), tag="gone")
         assert spy.batches == []
 
 
@@ -453,7 +433,7 @@ async def test_remove_peer_waits_for_writes_and_fails_waiters() -> None:
                 return super().batch_transfer_sync(*args)
 
         a._engine = Held(real)
-        ops = _ops(ra, [1], [2], BLOCK_SIZE)
+        ops = block_ops(ra, [1], [2], BLOCK_SIZE)
         write = asyncio.create_task(a.write("b", ops, tag="held"))
         assert await asyncio.to_thread(started.wait, WAIT)
         order: list[str] = []
@@ -479,7 +459,7 @@ async def test_notifications_nobody_waits_for_are_dropped() -> None:
         for task in b._tasks:
             task.cancel()  # no background sweep: this test prunes by hand
         for tag in ("x", "y"):
-            await asyncio.wait_for(a.write("b", _ops(ra, [3], [4], BLOCK_SIZE), tag=tag), WAIT)
+            await asyncio.wait_for(a.write("b", block_ops(ra, [3], [4], BLOCK_SIZE), tag=tag), WAIT)
         b._drain()
         assert len(b._landed) == 2
         await b.discard("a", "x")
@@ -503,7 +483,7 @@ async def scenario_stopped_receiver(role: str, transport: Any, registry: Any, co
         await transport.close()
         conn.send(("ok", None))
         return
-    ops = _ops(registry, [0, 1], [2, 3], 2 * BLOCK_SIZE)
+    ops = block_ops(registry, [0, 1], [2, 3], 2 * BLOCK_SIZE)
     await transport.write("peer", ops, tag="alive")
     os.kill(pid, signal.SIGSTOP)
     t0 = time.monotonic()

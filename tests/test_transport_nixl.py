@@ -22,9 +22,8 @@ if (_why := transport_unavailable("nixl")) is not None:
 
 import msgspec
 import torch
-from transport_harness import BLOCK_SIZE, make_registry, run_pair
+from transport_harness import BLOCK_SIZE, block_ops, fill_random, landed, make_registry, run_pair
 
-from emtransfer.allocator import Allocation
 from emtransfer.buffers import WriteOp
 from emtransfer.errors import ConfigError
 from emtransfer.settings import Settings
@@ -39,29 +38,6 @@ pytestmark = pytest.mark.timeout(60)
 WAIT = 10.0  # seconds any single wait in these tests may take
 
 
-def _ops(registry: Any, src: list[int], dst: list[int], count: int) -> list[WriteOp]:
-    a, b = Allocation("r", tuple(src), BLOCK_SIZE, 0), Allocation("r", tuple(dst), BLOCK_SIZE, 0)
-    ops: list[WriteOp] = registry.write_ops(a.runs_to(b, count))
-    return ops
-
-
-def _fill(registry: Any, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for name in registry.layouts:
-        view = registry.byte_view(name)
-        view.copy_(torch.randint(0, 256, (view.numel(),), dtype=torch.uint8, generator=g))
-
-
-def _landed(src: Any, dst: Any, ops: list[WriteOp]) -> bool:
-    return all(
-        torch.equal(
-            dst.byte_view(o.field)[o.dst_offset : o.dst_offset + o.nbytes],
-            src.byte_view(o.field)[o.src_offset : o.src_offset + o.nbytes],
-        )
-        for o in ops
-    )
-
-
 @asynccontextmanager
 async def _pair(**kw: Any) -> AsyncIterator[tuple[NixlTransport, NixlTransport, Any, Any]]:
     """Sender ``a`` and receiver ``b``, started and peered both ways (peer ids "b" and "a")."""
@@ -72,7 +48,7 @@ async def _pair(**kw: Any) -> AsyncIterator[tuple[NixlTransport, NixlTransport, 
         await b.start()
         await a.add_peer("b", b.metadata())
         await b.add_peer("a", a.metadata())
-        _fill(ra, seed=1)
+        fill_random(ra, seed=1)
         yield a, b, ra, rb
     finally:
         await a.close()
@@ -135,10 +111,10 @@ async def test_metadata_round_trip() -> None:
 @pytest.mark.parametrize("inline_max_bytes", [1, 1 << 40], ids=["executor", "loop"])
 async def test_scattered_write_lands(inline_max_bytes: int) -> None:
     async with _pair(inline_max_bytes=inline_max_bytes) as (a, b, ra, rb):
-        ops = _ops(ra, [9, 3, 4, 5, 0], [40, 41, 50, 7, 8], 5 * BLOCK_SIZE - 3)
+        ops = block_ops(ra, [9, 3, 4, 5, 0], [40, 41, 50, 7, 8], 5 * BLOCK_SIZE - 3)
         await asyncio.wait_for(a.write("b", ops, tag="t"), WAIT)
         await asyncio.wait_for(b.wait_landed("a", "t", sum(o.nbytes for o in ops)), WAIT)
-        assert _landed(ra, rb, ops)
+        assert landed(ra, rb, ops)
         assert b.pending_notifs() == 0
 
 
@@ -164,7 +140,7 @@ async def test_out_of_bounds_refused_before_posting() -> None:
 
 async def test_unknown_and_removed_peers_refused() -> None:
     async with _pair() as (a, b, ra, _):
-        ops = _ops(ra, [0], [1], BLOCK_SIZE)
+        ops = block_ops(ra, [0], [1], BLOCK_SIZE)
         with pytest.raises(TransportError, match="unknown peer"):
             await a.write("nobody", ops, tag="t")
         await a.remove_peer("b")
@@ -180,7 +156,7 @@ async def test_unknown_and_removed_peers_refused() -> None:
 
 async def test_remove_peer_waits_for_writes_in_flight() -> None:
     async with _pair(inline_max_bytes=1) as (a, _, ra, rb):
-        batches = [_ops(ra, [k], [63 - k], BLOCK_SIZE) for k in range(8)]
+        batches = [block_ops(ra, [k], [63 - k], BLOCK_SIZE) for k in range(8)]
         tasks = [
             asyncio.create_task(a.write("b", ops, tag=f"w{k}")) for k, ops in enumerate(batches)
         ]
@@ -203,13 +179,15 @@ async def test_remove_peer_waits_for_writes_in_flight() -> None:
 async def test_notifications_drained() -> None:
     async with _pair() as (a, b, ra, _):
         for k in range(20):
-            ops = _ops(ra, [k % 64], [(k * 7) % 64], BLOCK_SIZE)
+            ops = block_ops(ra, [k % 64], [(k * 7) % 64], BLOCK_SIZE)
             await asyncio.wait_for(a.write("b", ops, tag=f"r{k}/0"), WAIT)
             await asyncio.wait_for(b.wait_landed("a", f"r{k}/0", sum(o.nbytes for o in ops)), WAIT)
         assert b.pending_notifs() == 0
         # aborted requests: written, never waited for; kept until discarded or notif_ttl
         for k in range(5):
-            await asyncio.wait_for(a.write("b", _ops(ra, [k], [k], 1), tag=f"aborted{k}"), WAIT)
+            await asyncio.wait_for(
+                a.write("b", block_ops(ra, [k], [k], 1), tag=f"aborted{k}"), WAIT
+            )
         await _until(lambda: b.pending_notifs() == 5)
         await b.discard("a", "aborted0")  # the runtime discards an abandoned round's tag
         assert b.pending_notifs() == 4
@@ -228,11 +206,11 @@ async def _two_process_scenario(role: str, transport: Any, registry: Any, conn: 
     cases = [(f"r{k}/0", [k], [n - 1 - k], BLOCK_SIZE) for k in range(16)]
     cases.append(("big/0", list(range(n)), list(reversed(range(n))), n * BLOCK_SIZE))
     if role == "sender":
-        _fill(registry, seed=3)
+        fill_random(registry, seed=3)
         for tag, src, dst, count in cases:
-            await transport.write("peer", _ops(registry, src, dst, count), tag=tag)
+            await transport.write("peer", block_ops(registry, src, dst, count), tag=tag)
         for k in range(3):  # aborted: the receiver never waits for these
-            await transport.write("peer", _ops(registry, [k], [k], 1), tag=f"aborted{k}")
+            await transport.write("peer", block_ops(registry, [k], [k], 1), tag=f"aborted{k}")
         conn.send(("written",))
         await loop.run_in_executor(None, conn.recv)
         await transport.close()

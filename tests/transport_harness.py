@@ -36,6 +36,38 @@ def make_registry(num_blocks: int = NUM_BLOCKS) -> Any:
     return BufferRegistry(fields, num_blocks=num_blocks, block_size=BLOCK_SIZE)
 
 
+def block_ops(registry: Any, src: list[int], dst: list[int], count: int) -> list[Any]:
+    """The write descriptors of ``count`` tokens from blocks ``src`` to blocks ``dst``."""
+    from emtransfer.allocator import Allocation
+
+    a, b = Allocation("r", tuple(src), BLOCK_SIZE, 0), Allocation("r", tuple(dst), BLOCK_SIZE, 0)
+    ops: list[Any] = registry.write_ops(a.runs_to(b, count))
+    return ops
+
+
+def fill_random(registry: Any, seed: int) -> None:
+    """Every byte of every pool, from a seeded generator."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for name in registry.layouts:
+        view = registry.byte_view(name)
+        view.copy_(torch.randint(0, 256, (view.numel(),), dtype=torch.uint8, generator=g))
+
+
+def landed(src: Any, dst: Any, ops: list[Any]) -> bool:
+    """Whether every op's bytes in ``dst`` equal its source bytes in ``src``."""
+    import torch
+
+    return all(
+        torch.equal(
+            dst.byte_view(o.field)[o.dst_offset : o.dst_offset + o.nbytes],
+            src.byte_view(o.field)[o.src_offset : o.src_offset + o.nbytes],
+        )
+        for o in ops
+    )
+
+
 def trust_all(transport: Any) -> Any:
     """Turn the receiver's grant check off on ``transport``, for a test about something else:
     every byte of a known peer lands wherever it points (the check itself has its own tests:

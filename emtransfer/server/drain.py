@@ -105,7 +105,9 @@ class DrainGate:
 
     @staticmethod
     def _unavailable(detail: str) -> JSONResponse:
-        return JSONResponse({"error": "unavailable", "detail": detail}, status_code=503)
+        from .common import HTTPFailure, error_response  # common installs this middleware
+
+        return error_response(HTTPFailure(503, "unavailable", detail))
 
 
 class DrainingServer(uvicorn.Server):

@@ -86,7 +86,10 @@ class EncodeService(NodeService):
                 f"num_tokens={req.num_tokens} is above the maximum {self.options.max_tokens} "
                 "(--max-tokens)",
             )
-        job = await guarded(req.rid, self.offload(req.job, req.rid))  # base64 off the loop
+        if req.image is None:  # a token count: nothing to decode, not worth a thread hop
+            job = req.job(req.rid)
+        else:  # an image's base64, decoded off the loop
+            job = await guarded(req.rid, self.offload(req.job, req.rid))
         tensors, meta = await guarded(req.rid, self._compute(job))
         stats = await guarded(req.rid, self.node.send(req.rid, tensors, meta, peer=req.receiver))
         return EncodeResponse(

@@ -55,7 +55,10 @@ class LanguageService(NodeService):
                 f"num_tokens={req.num_tokens} is above the maximum {self.options.max_tokens} "
                 "(--max-tokens)",
             )
-        job = await guarded(rid, self.offload(req.job, rid))  # base64 off the loop
+        if req.image is None:  # a token count: nothing to decode, not worth a thread hop
+            job = req.job(rid)
+        else:  # an image's base64, decoded off the loop
+            job = await guarded(rid, self.offload(req.job, rid))
 
         def call(peer: Peer) -> Any:
             return self.node.encode(rid, peer, job, expected_tokens=req.expected_tokens)
