@@ -120,27 +120,55 @@ async def connected(
 
 
 def scramble(allocator: BlockAllocator, order: Sequence[int] | None = None, seed: int = 0) -> None:
-    """Make the free list hand out blocks in ``order`` (default: a random permutation), by
-    allocating every block on its own and freeing them in reverse of that order."""
+    """Make ``allocator`` hand out blocks in ``order`` (default: a random permutation), one
+    block at a time, and take freed blocks back on top, as a plain LIFO free list would --
+    a test hook: the real allocator keeps runs together, so a scrambled, non-contiguous
+    allocation only comes from a fragmented pool. The hook replaces the instance's
+    ``_take`` (placement) and wraps ``_give_back``, keeping the allocator's free runs exact."""
     n = allocator.num_blocks
     assert allocator.num_free == n, "scramble needs a full pool"
     if order is None:
         order = list(range(n))
         random.Random(seed).shuffle(order)
     assert sorted(order) == list(range(n))
-    singles: dict[int, Allocation] = {}
-    for _ in range(n):
-        a = allocator.try_alloc(allocator.block_size, "scramble")
-        assert a is not None
-        singles[a.blocks[0]] = a
-    for b in reversed(order):
-        allocator.free(singles[b])
-    assert allocator.num_free == n and not allocator.leak_report()
+    a: Any = allocator
+    stack = list(reversed(order))  # pop() hands out order[0] first
+    a._scripted = stack
+    real_give_back = a._give_back
+
+    def give_back(start: int, length: int) -> None:
+        real_give_back(start, length)
+        stack.extend(reversed(range(start, start + length)))
+
+    def carve_block(b: int) -> None:
+        start, length = next((s, k) for s, k in a._runs.items() if s <= b < s + k)
+        a._del_run(start, length)
+        if b > start:
+            a._add_run(start, b - start)
+        if b + 1 < start + length:
+            a._add_run(b + 1, start + length - b - 1)
+
+    def take(k: int, rid: str) -> Allocation:
+        picked = [stack.pop() for _ in range(k)]
+        for b in picked:
+            carve_block(b)
+        a._num_free -= k
+        a.low_water = min(a.low_water, a._num_free)
+        serial = next(a._serials)
+        for b in picked:
+            a._owner[b] = serial
+        got = Allocation(rid, tuple(picked), a.block_size, serial)
+        a._live[serial] = got
+        return got
+
+    a._take, a._give_back = take, give_back
 
 
 def next_blocks(allocator: BlockAllocator, k: int) -> list[int]:
-    """The next ``k`` blocks the free list will hand out (without taking them)."""
-    return list(reversed(allocator._free))[:k]
+    """The next ``k`` blocks a scrambled allocator will hand out (without taking them)."""
+    stack = getattr(allocator, "_scripted", None)
+    assert stack is not None, "next_blocks needs a scrambled allocator"
+    return list(reversed(stack))[:k]
 
 
 def hold_all(allocator: BlockAllocator, rid: str = "hog") -> Allocation:

@@ -1,11 +1,13 @@
-"""BlockAllocator: explicit cases, and regressions of the scrambled-free-list addressing bug.
+"""BlockAllocator: explicit cases, run keeping (best fit, fewest runs, merging on free), and
+regressions of the scrambled-free-list addressing bug.
 
 The design note this project grew from addressed an allocation as the single region
-``[min(blocks) * B, min(blocks) * B + n)``. With a scrambled free list that region covers blocks
+``[min(blocks) * B, min(blocks) * B + n)``. With a fragmented pool that region covers blocks
 owned by other requests and skips blocks the request owns. The tests at the end of this file
-rebuild the two block lists of docs/design.md through the public API and prove that per-block
-addressing (``Allocation.slot`` / ``segments`` / ``BufferRegistry.write``) keeps every request's
-bytes intact, while the shortcut corrupts a neighbour.
+rebuild the two block lists of docs/design.md (as hand-made allocations in the note's exact order,
+and through the public API as the same block sets in the allocator's own order) and prove that
+per-block addressing (``Allocation.slot`` / ``segments`` / ``BufferRegistry.write``) keeps every
+request's bytes intact, while the shortcut corrupts a neighbour.
 """
 
 from __future__ import annotations
@@ -51,23 +53,46 @@ def assert_pool_full(alloc: BlockAllocator) -> None:
     assert alloc.leak_report() == {}
 
 
+def runs_of(blocks: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
+    """``(start, length)`` of each stretch of consecutive ascending blocks, in list order."""
+    out: list[tuple[int, int]] = []
+    for b in blocks:
+        if out and out[-1][0] + out[-1][1] == b:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((b, 1))
+    return out
+
+
 def allocation_with_blocks(
     alloc: BlockAllocator, blocks: list[int], rid: str = "target"
 ) -> tuple[Allocation, dict[int, Allocation]]:
-    """Drive a fresh allocator, through its public API only, into handing out exactly ``blocks``
-    in this order. Every block first gets its own one-block allocation; the singles of ``blocks``
-    are freed in reverse order so the free list pops them back in order. Returns the target
-    allocation and the singles still live, by block."""
+    """Drive a fresh allocator, through its public API only, into handing out exactly the block
+    *set* ``blocks`` (in the allocator's own order: its runs, longest first). Every block first
+    gets its own one-block allocation; the singles of ``blocks`` are freed (they merge into
+    runs), and one allocation takes them back. Returns the target allocation and the singles
+    still live, by block."""
     assert_pool_full(alloc)
     singles = [alloc.try_alloc(1, f"single-{i}") for i in range(alloc.num_blocks)]
     by_block = {s.blocks[0]: s for s in singles}  # type: ignore[union-attr]
     for b in reversed(blocks):
         alloc.free(by_block.pop(b))
+    assert alloc.free_runs() == runs_of(sorted(blocks))
     target = alloc.try_alloc(len(blocks) * alloc.block_size, rid)
     assert target is not None
-    assert list(target.blocks) == blocks
+    assert sorted(target.blocks) == sorted(blocks)
+    # one piece per free run, longest first
+    lengths = [n for _, n in runs_of(target.blocks)]
+    assert sorted(lengths, reverse=True) == lengths
+    assert len(lengths) == len(runs_of(sorted(blocks)))
     assert_accounting(alloc)
     return target, by_block
+
+
+def design_note_allocation(blocks: list[int], rid: str = "x") -> Allocation:
+    """An allocation with exactly these blocks in this order, made by hand: the run-keeping
+    allocator never hands out a descending stretch, but addressing must not depend on that."""
+    return Allocation(rid, tuple(blocks), B, serial=0)
 
 
 def payload(num_tokens: int, seed: int) -> dict[str, torch.Tensor]:
@@ -143,9 +168,10 @@ def test_blocks_returned_in_any_order_are_reused() -> None:
         a.free(singles[i])  # type: ignore[arg-type]
         assert_accounting(a)
     assert_pool_full(a)
+    assert a.free_runs() == [(0, 6)]  # freed in any order, merged back into one run
     everything = a.try_alloc(6 * B, "all")
     assert everything is not None
-    assert sorted(everything.blocks) == list(range(6))
+    assert everything.blocks == tuple(range(6))
     a.free(everything)
     assert_pool_full(a)
 
@@ -643,12 +669,36 @@ def test_scrambled_allocation_round_trips_through_the_registry(
     # the bytes sit exactly at the per-block slots
     emb = reg.pools["embeddings"]
     for t in range(n):
+        assert torch.equal(emb[target.blocks[t // B] * B + t % B], want["embeddings"][t])
+
+
+@pytest.mark.parametrize(("num_blocks", "blocks"), SCRAMBLED)
+def test_design_note_order_round_trips_through_the_registry(
+    num_blocks: int, blocks: list[int]
+) -> None:
+    """The note's exact block orders (forwards, then backwards), made by hand."""
+    torch.set_num_threads(1)
+    reg = BufferRegistry(FIELDS, num_blocks=num_blocks, block_size=B)
+    target = design_note_allocation(blocks)
+    others = {
+        b: Allocation(f"o{b}", (b,), B, serial=0) for b in range(num_blocks) if b not in blocks
+    }
+    other_payloads = {b: payload(B, seed=1000 + b) for b in others}
+    for b, single in others.items():
+        reg.write(single, other_payloads[b], count=B)
+    n = target.capacity_tokens
+    want = payload(n, seed=1)
+    reg.write(target, want, count=n)
+    assert_payload_equal(reg.read(target, count=n), want)
+    for b, single in others.items():
+        assert_payload_equal(reg.read(single, count=B), other_payloads[b])
+    emb = reg.pools["embeddings"]
+    for t in range(n):
         assert torch.equal(emb[blocks[t // B] * B + t % B], want["embeddings"][t])
 
 
 def test_slot_and_segments_give_per_block_addresses_9_3_4_5_0() -> None:
-    a = BlockAllocator(12, B)
-    x, _ = allocation_with_blocks(a, [9, 3, 4, 5, 0])
+    x = design_note_allocation([9, 3, 4, 5, 0])
     assert [x.slot(t) for t in range(x.capacity_tokens)] == [
         *range(36, 40),  # block 9
         *range(12, 24),  # blocks 3, 4, 5
@@ -670,8 +720,7 @@ def test_slot_and_segments_give_per_block_addresses_9_3_4_5_0() -> None:
 
 def test_slot_and_segments_give_per_block_addresses_15_blocks() -> None:
     blocks = [15, 16, 17, 18, 19, 14, 13, 12, 11, 10, 4, 3, 2, 1, 0]
-    a = BlockAllocator(24, B)
-    x, _ = allocation_with_blocks(a, blocks)
+    x = design_note_allocation(blocks)
     assert [x.slot(t) for t in range(x.capacity_tokens)] == [
         blocks[t // B] * B + t % B for t in range(len(blocks) * B)
     ]
@@ -776,3 +825,159 @@ def test_split_makes_two_live_allocations_freed_on_their_own() -> None:
     assert a.num_free == 5
     a.free(tail)
     assert a.num_free == 8 and not a.leak_report()
+
+
+# -- run keeping: best fit, fewest runs, merging on free -------------------------------------
+def hold_singles(a: BlockAllocator) -> dict[int, Allocation]:
+    singles = {}
+    for _ in range(a.num_blocks):
+        s = a.try_alloc(B, "single")
+        assert s is not None
+        singles[s.blocks[0]] = s
+    return singles
+
+
+def free_blocks(a: BlockAllocator, singles: dict[int, Allocation], blocks: list[int]) -> None:
+    for b in blocks:
+        a.free(singles.pop(b))
+
+
+def test_a_fresh_pool_is_one_run_and_allocations_are_consecutive() -> None:
+    a = BlockAllocator(16, B)
+    assert a.free_runs() == [(0, 16)]
+    x = a.try_alloc(5 * B, "x")
+    y = a.try_alloc(3 * B, "y")
+    assert x is not None and y is not None
+    assert runs_of(x.blocks) == [(x.blocks[0], 5)] and runs_of(y.blocks) == [(y.blocks[0], 3)]
+    assert a.free_runs() == [(8, 8)]
+    a.free(x)
+    assert a.free_runs() == [(0, 5), (8, 8)]
+    a.free(y)
+    assert a.free_runs() == [(0, 16)]
+    assert_pool_full(a)
+    b = BlockAllocator(16, B)
+    z = b.try_alloc_run(3 * B, "z")
+    assert z is not None and z.blocks == (0, 1, 2) and b.low_water == 13
+    assert b.free_runs() == [(3, 13)]
+    b.free(z)
+    assert b.free_runs() == [(0, 16)] and b.low_water == 13
+
+
+def test_single_run_is_the_best_fit_not_the_first() -> None:
+    a = BlockAllocator(16, B)
+    singles = hold_singles(a)
+    free_blocks(a, singles, [0, 1, 2, 3, 4, 6, 7, 9, 10, 11])  # runs 0-4, 6-7, 9-11
+    assert a.free_runs() == [(0, 5), (6, 2), (9, 3)]
+    two = a.try_alloc(2 * B, "two")
+    assert two is not None and two.blocks == (6, 7)  # the exact fit, not the lowest run
+    three = a.try_alloc(3 * B, "three")
+    assert three is not None and three.blocks == (9, 10, 11)
+    one = a.try_alloc(1, "one")
+    assert one is not None and one.blocks == (0,)  # carved from the front of the only run
+    assert a.free_runs() == [(1, 4)]
+    for x in (two, three, one, *singles.values()):
+        a.free(x)
+    assert_pool_full(a)
+    assert a.free_runs() == [(0, 16)]
+
+
+def test_no_run_long_enough_takes_the_fewest_runs_longest_first() -> None:
+    a = BlockAllocator(24, B)
+    singles = hold_singles(a)
+    # free runs of 1, 4, 2, 5 and 3 blocks
+    free_blocks(a, singles, [0, 2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18])
+    assert a.free_runs() == [(0, 1), (2, 4), (7, 2), (10, 5), (16, 3)]
+    # 11 blocks: 5 + 4 whole, then the 2 still missing from the shortest run that holds 2
+    x = a.try_alloc(11 * B, "x")
+    assert x is not None
+    assert runs_of(x.blocks) == [(10, 5), (2, 4), (7, 2)]
+    assert a.free_runs() == [(0, 1), (16, 3)]
+    # a partial grant takes what is free, in the fewest runs
+    y = a.try_alloc(10 * B, "y", min_tokens=1)
+    assert y is not None and runs_of(y.blocks) == [(16, 3), (0, 1)]
+    assert a.num_free == 0 and a.free_runs() == []
+    a.free(x)
+    assert a.free_runs() == [(2, 4), (7, 2), (10, 5)]
+    a.free(y)
+    for s in singles.values():
+        a.free(s)
+    assert a.free_runs() == [(0, 24)]
+    assert_pool_full(a)
+
+
+def test_the_remainder_of_a_multi_run_allocation_is_a_best_fit() -> None:
+    a = BlockAllocator(24, B)
+    singles = hold_singles(a)
+    free_blocks(a, singles, [0, 1, 2, 3, 4, 6, 7, 8, 10, 12, 13])  # runs of 5, 3, 1, 2
+    x = a.try_alloc(7 * B, "x")  # 5 whole, then 2 from the run of 2 (not from the run of 3)
+    assert x is not None and runs_of(x.blocks) == [(0, 5), (12, 2)]
+    assert a.free_runs() == [(6, 3), (10, 1)]
+    for s in (x, *singles.values()):
+        a.free(s)
+    assert_pool_full(a)
+
+
+@pytest.mark.parametrize(
+    ("order", "runs_after"),
+    [
+        ([3, 5, 4], [[(3, 1)], [(3, 1), (5, 1)], [(3, 3)]]),  # fills a hole: merges both sides
+        ([4, 3, 5], [[(4, 1)], [(3, 2)], [(3, 3)]]),  # merges left, then right
+        ([5, 4, 3], [[(5, 1)], [(4, 2)], [(3, 3)]]),
+    ],
+)
+def test_freed_blocks_merge_with_both_neighbours(
+    order: list[int], runs_after: list[list[tuple[int, int]]]
+) -> None:
+    a = BlockAllocator(8, B)
+    singles = hold_singles(a)
+    for b, want in zip(order, runs_after, strict=True):
+        free_blocks(a, singles, [b])
+        assert a.free_runs() == want
+        assert a.num_free == sum(n for _, n in want)
+
+
+def test_split_parts_merge_back_when_freed() -> None:
+    a = BlockAllocator(8, B)
+    whole = a.try_alloc(6 * B, "r")
+    assert whole is not None and whole.blocks == tuple(range(6))
+    head, tail = a.split(whole, 2)
+    a.free(tail)
+    assert a.free_runs() == [(2, 6)]
+    a.free(head)
+    assert a.free_runs() == [(0, 8)]
+    assert_pool_full(a)
+
+
+def test_try_alloc_run_takes_the_lowest_run_while_try_alloc_takes_the_best_fit() -> None:
+    a = BlockAllocator(12, B)
+    singles = hold_singles(a)
+    free_blocks(a, singles, [1, 2, 3, 5, 6, 8, 9, 10, 11])  # runs 1-3, 5-6, 8-11
+    low = a.try_alloc_run(2 * B, "low")
+    assert low is not None and low.blocks == (1, 2)  # the lowest run of >= 2 blocks
+    assert a.free_runs() == [(3, 1), (5, 2), (8, 4)]
+    best = a.try_alloc(2 * B, "best")
+    assert best is not None and best.blocks == (5, 6)  # the shortest run of >= 2 blocks
+    assert a.try_alloc_run(5 * B, "none") is None  # 5 free blocks, but no run of 5
+    assert a.num_free == 5 and a.free_runs() == [(3, 1), (8, 4)]
+    four = a.try_alloc_run(4 * B, "four")
+    assert four is not None and four.blocks == (8, 9, 10, 11)
+    assert a.num_free == 1 and a.free_runs() == [(3, 1)]
+    for x in (low, best, four, *singles.values()):
+        a.free(x)
+    assert_pool_full(a)
+
+
+@pytest.mark.asyncio
+async def test_a_woken_waiter_gets_the_fewest_runs() -> None:
+    a = BlockAllocator(8, B)
+    singles = hold_singles(a)
+    task = asyncio.ensure_future(a.alloc(3 * B, "w", timeout=5.0))
+    await until(lambda: a.num_waiters == 1)
+    free_blocks(a, singles, [6, 0])
+    assert not task.done()
+    free_blocks(a, singles, [7])  # runs 0 and 6-7: three blocks, two runs
+    got = await asyncio.wait_for(task, 1.0)
+    assert runs_of(got.blocks) == [(6, 2), (0, 1)]
+    for x in (got, *singles.values()):
+        a.free(x)
+    assert_pool_full(a)

@@ -1,12 +1,25 @@
 """Property tests: any interleaving of allocs, frees and quarantines keeps every request's bytes
-intact and disjoint (docs/design.md, "Addressing"), and runs between two scrambled allocations are
-exact and maximal.
+intact and disjoint (docs/design.md, "Addressing"), keeps the free space as maximal runs and hands
+out allocations in the fewest runs the free space allows, and runs between two scrambled
+allocations are exact and maximal.
+
+Run-keeping properties, checked after every step (``check_runs``) and at every allocation
+(``check_placement``), against a model built from the public API only (free = the pool minus the
+blocks ``leak_report`` lists):
+
+1. the free runs, the live blocks and the quarantined blocks partition the pool exactly;
+2. the free runs are maximal: two of them are never adjacent;
+3. when a free run of ``>= n`` blocks exists, an allocation of ``n`` blocks is one run, carved
+   from the front of the shortest such run (best fit);
+4. an allocation of ``n`` blocks has exactly as many runs as the fewest free runs whose lengths
+   sum to ``>= n`` had just before it (no placement can have fewer), listed longest first.
 """
 
 from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -43,20 +56,67 @@ def pattern(uid: int, num_tokens: int) -> dict[str, torch.Tensor]:
     }
 
 
-def allocation_with_blocks(
-    alloc: BlockAllocator, blocks: list[int], rid: str = "target"
-) -> Allocation:
-    """Drive a fresh allocator, through its public API only, into handing out exactly ``blocks``
-    in this order (one-block allocations of everything, the wanted ones freed in reverse order,
-    then one allocation of ``len(blocks)`` blocks). The other singles stay live."""
-    assert alloc.num_free == alloc.num_blocks
-    singles = [alloc.try_alloc(1, f"single-{i}") for i in range(alloc.num_blocks)]
-    by_block = {s.blocks[0]: s for s in singles}  # type: ignore[union-attr]
-    for b in reversed(blocks):
-        alloc.free(by_block[b])
-    target = alloc.try_alloc(len(blocks) * alloc.block_size, rid)
-    assert target is not None and list(target.blocks) == blocks
-    return target
+# -- the run-keeping model -------------------------------------------------------------------
+def runs_of(blocks: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
+    """``(start, length)`` of each stretch of consecutive ascending blocks, in list order."""
+    out: list[tuple[int, int]] = []
+    for b in blocks:
+        if out and out[-1][0] + out[-1][1] == b:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((b, 1))
+    return out
+
+
+def model_free_runs(alloc: BlockAllocator) -> list[tuple[int, int]]:
+    """The maximal free runs, from the public API: the pool minus every held block."""
+    held = {b for blocks in alloc.leak_report().values() for b in blocks}
+    return runs_of([b for b in range(alloc.num_blocks) if b not in held])
+
+
+def fewest_runs_covering(runs: list[tuple[int, int]], n: int) -> int:
+    """The fewest of these runs whose lengths sum to at least ``n`` (the longest ones)."""
+    total = 0
+    for k, length in enumerate(sorted((length for _, length in runs), reverse=True), 1):
+        total += length
+        if total >= n:
+            return k
+    raise AssertionError(f"{n} blocks do not fit in {runs}")
+
+
+def check_runs(
+    alloc: BlockAllocator, live: list[Allocation], quarantined: list[Allocation]
+) -> None:
+    """Properties 1 and 2."""
+    runs = alloc.free_runs()
+    free = [b for start, length in runs for b in range(start, start + length)]
+    held = [b for a in [*live, *quarantined] for b in a.blocks]
+    assert sorted(free + held) == list(range(alloc.num_blocks)), "not a partition of the pool"
+    assert alloc.num_free == len(free)
+    assert all(length > 0 for _, length in runs)
+    for (s1, n1), (s2, _) in itertools.pairwise(runs):
+        assert s1 + n1 < s2, f"free runs {runs} not maximal (or overlapping)"
+    assert runs == model_free_runs(alloc)
+
+
+def check_placement(before: list[tuple[int, int]], got: Allocation) -> None:
+    """Properties 3 and 4: ``before`` are the free runs just before ``got`` was allocated."""
+    n = len(got.blocks)
+    pieces = runs_of(got.blocks)
+    fits = [length for _, length in before if length >= n]
+    if fits:
+        assert len(pieces) == 1, f"{n} blocks in {len(pieces)} runs although {before} has a fit"
+        assert (pieces[0][0], min(fits)) in before, "not carved from the front of a best fit"
+    assert len(pieces) == fewest_runs_covering(before, n), (before, got.blocks)
+    lengths = [length for _, length in pieces]
+    assert lengths == sorted(lengths, reverse=True)
+    for start, length in pieces:  # every piece lies inside one free run of before
+        assert any(s <= start and start + length <= s + m for s, m in before)
+    if len(pieces) > 1:  # whole runs, then the rest from the front of a best fit among the others
+        assert all(p in before for p in pieces[:-1])
+        others = [r for r in before if r not in pieces[:-1]]
+        start, rest = pieces[-1]
+        assert (start, min(m for _, m in others if m >= rest)) in others
 
 
 # -- stateful: allocs, frees, quarantines, data integrity ------------------------------------
@@ -99,6 +159,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         want = -(-num_tokens // self.b)
         least = want if min_tokens is None else -(-min_tokens // self.b)
         free_before = self.alloc.num_free
+        runs_before = self.alloc.free_runs()
         if least > self.n:
             try:
                 self.alloc.try_alloc(num_tokens, rid, min_tokens=min_tokens)
@@ -116,12 +177,70 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert len(got.blocks) == min(want, self.n, free_before)
         assert len(got.blocks) >= least
         assert self.alloc.num_free == free_before - len(got.blocks)
-        count = min(num_tokens, got.capacity_tokens)
+        check_placement(runs_before, got)
+        self.keep(got, min(num_tokens, got.capacity_tokens))
+
+    def keep(self, got: Allocation, count: int) -> None:
         uid = self.next_uid
         self.next_uid += 1
         expected = pattern(uid, count)
         self.reg.write(got, expected, count=count)
         self.live[uid] = (got, expected)
+
+    @precondition(lambda self: self.alloc.num_free > 0)
+    @rule(data=st.data())
+    def alloc_singles(self, data: st.DataObject) -> None:
+        """Several one-block allocations: freeing some of them later fragments the pool."""
+        for _ in range(data.draw(st.integers(1, self.alloc.num_free), label="singles")):
+            before = self.alloc.free_runs()
+            got = self.alloc.try_alloc(1, "single")
+            assert got is not None
+            check_placement(before, got)
+            self.keep(got, 1)
+
+    @rule(data=st.data(), rid=st.sampled_from(RIDS))
+    def alloc_run(self, data: st.DataObject, rid: str) -> None:
+        """``try_alloc_run``: the lowest free run that holds the request, or None."""
+        num_tokens = data.draw(st.integers(1, self.n * self.b), label="run tokens")
+        want = -(-num_tokens // self.b)
+        runs_before = self.alloc.free_runs()
+        got = self.alloc.try_alloc_run(num_tokens, rid)
+        fits = [start for start, length in runs_before if length >= want]
+        if not fits:
+            assert got is None
+            assert self.alloc.free_runs() == runs_before
+            return
+        assert got is not None and got.rid == rid
+        assert got.blocks == tuple(range(fits[0], fits[0] + want))
+        self.keep(got, min(num_tokens, got.capacity_tokens))
+
+    @precondition(
+        lambda self: any(
+            len(a.blocks) >= 2 and e["embeddings"].shape[0] > a.block_size
+            for a, e in self.live.values()
+        )
+    )
+    @rule(data=st.data())
+    def split(self, data: st.DataObject) -> None:
+        """Cut a live allocation in two (each part keeps at least one written token)."""
+        uids = sorted(
+            uid
+            for uid, (a, e) in self.live.items()
+            if len(a.blocks) >= 2 and e["embeddings"].shape[0] > a.block_size
+        )
+        uid = data.draw(st.sampled_from(uids), label="split uid")
+        allocation, expected = self.live.pop(uid)
+        count = expected["embeddings"].shape[0]
+        k = data.draw(
+            st.integers(1, min(len(allocation.blocks) - 1, (count - 1) // self.b)), label="k"
+        )
+        head, tail = self.alloc.split(allocation, k)
+        assert head.blocks + tail.blocks == allocation.blocks
+        cut = k * self.b
+        for part, sl in ((head, slice(0, cut)), (tail, slice(cut, count))):
+            self.live[self.next_uid] = (part, {name: t[sl].clone() for name, t in expected.items()})
+            self.next_uid += 1
+        self.freed.append(allocation)
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
@@ -179,6 +298,16 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     # -- invariants -------------------------------------------------------------------------
     @invariant()
+    def free_runs_partition_the_pool_and_are_maximal(self) -> None:
+        if not hasattr(self, "alloc"):
+            return
+        check_runs(
+            self.alloc,
+            [a for a, _ in self.live.values()],
+            [a for a, _ in self.quarantined.values()],
+        )
+
+    @invariant()
     def blocks_disjoint_and_accounted(self) -> None:
         if not hasattr(self, "alloc"):
             return
@@ -222,6 +351,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert self.alloc.num_quarantined == 0
         assert self.alloc.num_waiters == 0
         assert self.alloc.leak_report() == {}
+        assert self.alloc.free_runs() == [(0, self.n)]  # everything merged back
 
 
 AllocatorMachine.TestCase.settings = settings(
@@ -233,6 +363,86 @@ AllocatorMachine.TestCase.settings = settings(
 TestAllocatorMachine = AllocatorMachine.TestCase
 
 
+# -- run keeping under churn, on larger pools (block level, no payloads) ------------------------
+KINDS = ["alloc", "alloc", "alloc", "alloc_run", "free", "free", "quarantine", "release", "split"]
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=200, deadline=None)
+@given(
+    num_blocks=st.integers(1, 64),
+    held=st.lists(st.booleans(), min_size=64, max_size=64),
+    ops=st.lists(
+        st.tuples(st.sampled_from(KINDS), st.integers(0, 1 << 16), st.integers(0, 1 << 16)),
+        min_size=1,
+        max_size=120,
+    ),
+)
+def test_free_runs_stay_maximal_and_allocations_take_the_fewest_runs(
+    num_blocks: int, held: list[bool], ops: list[tuple[str, int, int]]
+) -> None:
+    b = 2
+    alloc = BlockAllocator(num_blocks, b)
+    live: list[Allocation] = []
+    quarantined: list[Allocation] = []
+    # start from an arbitrary fragmented pool: one-block allocations, those not held freed
+    singles = [alloc.try_alloc(b, "single") for _ in range(num_blocks)]
+    for i, single in enumerate(singles):
+        assert single is not None and single.blocks == (i,)
+        if held[i]:
+            live.append(single)
+        else:
+            alloc.free(single)
+    check_runs(alloc, live, quarantined)
+    for kind, x, y in ops:
+        if kind == "alloc":  # up to the pool, all the free blocks, or up to the free blocks
+            if y % 4 == 0:
+                want = 1 + x % num_blocks
+            elif y % 4 == 1:
+                want = max(1, alloc.num_free)
+            else:
+                want = 1 + x % max(1, alloc.num_free)
+            least = want if y % 3 == 0 else 1 + y % want
+            before, free_before = alloc.free_runs(), alloc.num_free
+            got = alloc.try_alloc(want * b, "r", min_tokens=None if least == want else least * b)
+            if free_before < least:
+                assert got is None and alloc.free_runs() == before
+            else:
+                assert got is not None and len(got.blocks) == min(want, free_before)
+                check_placement(before, got)
+                live.append(got)
+        elif kind == "alloc_run":
+            want = 1 + x % num_blocks
+            before = alloc.free_runs()
+            got = alloc.try_alloc_run(want * b, "r")
+            fits = [start for start, length in before if length >= want]
+            if not fits:
+                assert got is None and alloc.free_runs() == before
+            else:
+                assert got is not None and got.blocks == tuple(range(fits[0], fits[0] + want))
+                live.append(got)
+        elif kind == "free" and live:
+            alloc.free(live.pop(x % len(live)))
+        elif kind == "quarantine" and live:
+            a = live.pop(x % len(live))
+            alloc.quarantine(a)
+            quarantined.append(a)
+        elif kind == "release" and quarantined:
+            alloc.release_quarantine(quarantined.pop(x % len(quarantined)))
+        elif kind == "split" and any(len(a.blocks) >= 2 for a in live):
+            big = [a for a in live if len(a.blocks) >= 2]
+            a = big[x % len(big)]
+            live.remove(a)
+            live.extend(alloc.split(a, 1 + y % (len(a.blocks) - 1)))
+        check_runs(alloc, live, quarantined)
+    for a in live:
+        alloc.free(a)
+    for a in quarantined:
+        alloc.release_quarantine(a)
+    assert alloc.free_runs() == [(0, num_blocks)]
+    assert alloc.num_free == num_blocks and not alloc.leak_report()
+
+
 # -- runs between two scrambled allocations ----------------------------------------------------
 @st.composite
 def scrambled_pair(draw: st.DrawFn) -> tuple[Allocation, Allocation, int, int, int]:
@@ -240,13 +450,11 @@ def scrambled_pair(draw: st.DrawFn) -> tuple[Allocation, Allocation, int, int, i
     with an arbitrary block order, and a token range that fits both."""
     block_size = draw(st.integers(1, 5), label="block_size")
     sides = []
-    for side in ("src", "dst"):
+    for side in ("src", "dst"):  # made by hand: the allocator would keep them in runs
         pool = draw(st.integers(1, 10), label=f"{side} pool")
         order = draw(st.permutations(range(pool)), label=f"{side} order")
         k = draw(st.integers(1, pool), label=f"{side} blocks")
-        sides.append(
-            allocation_with_blocks(BlockAllocator(pool, block_size), list(order[:k]), rid=side)
-        )
+        sides.append(Allocation(side, tuple(order[:k]), block_size, serial=0))
     src, dst = sides
     src_start = draw(st.integers(0, src.capacity_tokens), label="src_start")
     dst_start = draw(st.integers(0, dst.capacity_tokens), label="dst_start")

@@ -40,15 +40,11 @@ def payload(num_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def allocation_with_blocks(alloc: BlockAllocator, blocks: list[int]) -> Allocation:
-    """Make a fresh allocator hand out exactly ``blocks`` in this order (public API only):
-    every block gets a one-block allocation, the wanted ones are freed in reverse order, and one
-    allocation takes them back from the free list in order."""
-    singles = {b: alloc.try_alloc(1, f"single-{b}") for b in range(alloc.num_blocks)}
-    for b in reversed(blocks):
-        alloc.free(singles[b])  # type: ignore[arg-type]
-    got = alloc.try_alloc(len(blocks) * alloc.block_size, "target")
-    assert got is not None and list(got.blocks) == blocks
-    return got
+    """An allocation of exactly ``blocks`` in this order, built by hand: the allocator keeps
+    runs together and would not hand out a scrambled order of a free pool, and the registry
+    addresses whatever blocks it is given (it never asks the allocator who owns them)."""
+    assert len(set(blocks)) == len(blocks) and all(0 <= b < alloc.num_blocks for b in blocks)
+    return Allocation("target", tuple(blocks), alloc.block_size, serial=0)
 
 
 # -- construction and sizes ---------------------------------------------------------------------
