@@ -131,6 +131,11 @@ class Settings(BaseSettings):
     """Fewest blocks a Resume round accepts when the pool is contended (fewer rounds, at the
     price of waiting); unset: half the pool, at least default_blocks. Round 0 always
     gets its allocation whole (a known length capped at the pool, else default_blocks)."""
+    pipeline_resume: bool = True
+    """Language node: when the encode node says the payload needs more than round 0's
+    allocation, grant the next round while the current one is on the wire (only with blocks
+    free at that moment, never ahead of requests waiting for blocks); off: each round is
+    granted once the previous one is in and copied out."""
     num_blocks: PosInt = 64
     """Pool size in blocks per node. Alias SGLANG_EMBEDDING_CACHE_BUFFER_SIZE: in SGLang's design
     that is the number of buffer blocks of the embedding cache (default 64), so it maps 1:1."""

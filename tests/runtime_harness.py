@@ -14,7 +14,6 @@ import contextlib
 import itertools
 import multiprocessing as mp
 import os
-import random
 import signal
 import threading
 import time
@@ -162,7 +161,7 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
             st = await node.send(
                 rid, payload(seed, n, hidden), meta=meta, peer=owner[0] if owner else None
             )
-            return {"rounds": st.rounds, "writes": st.writes}
+            return {"rounds": st.rounds, "writes": st.writes, "resume_waits": st.resume_waits}
         if cmd == "node_id":
             return node.node_id
         if cmd == "stats":  # this process's RSS (MiB) and open files
@@ -176,7 +175,13 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
             ok = got.num_tokens == n and all(
                 torch.equal(got.tensors[k], v) for k, v in want.items()
             )
-            return {"ok": ok, "rounds": got.rounds, "meta": got.meta, "num_tokens": got.num_tokens}
+            return {
+                "ok": ok,
+                "rounds": got.rounds,
+                "meta": got.meta,
+                "num_tokens": got.num_tokens,
+                "prefetched": int(got.stats.get("prefetched_rounds", 0)),
+            }
         if cmd == "hold_writes":
             gate.clear()
             return True
@@ -256,14 +261,10 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
             while held:
                 node.allocator.free(held.pop())
             return True
-        if cmd == "scramble":
-            blocks = [
-                node.allocator.try_alloc(s.block_size, f"scr{i}") for i in range(s.num_blocks)
-            ]
-            random.Random(args[0]).shuffle(blocks)
-            for a in blocks:
-                if a is not None:
-                    node.allocator.free(a)
+        if cmd == "scramble":  # hand blocks out in a random order from now on
+            from helpers_runtime import scramble
+
+            scramble(node.allocator, seed=args[0])
             return True
         if cmd == "state":  # the protocol state of rid, once it is in one of the wanted states
             rid, wanted, timeout = args
@@ -274,6 +275,23 @@ async def _serve(role: str, settings: dict[str, Any], conn: Any, env: dict[str, 
                     return states[rid]
                 if loop.time() > deadline:
                     raise TimeoutError(f"{rid} never reached {wanted}: {states.get(rid)}")
+                await asyncio.sleep(0.005)  # bounded poll of another process's view
+        if cmd == "ahead":  # wait until rid's next round is granted while its round is written
+            rid, timeout = args
+            deadline = loop.time() + timeout
+            while True:
+                live = [x for p in node.peers.values() for x in p.sessions.values()]
+                if role == "encode":
+                    live += list(node.senders.values())
+                found = [x for x in live if x.rid == rid and x.running]
+                m = found[0].machine if found else None
+                ahead = (
+                    getattr(m, "ahead", None) if role == "language" else getattr(m, "_ahead", None)
+                )
+                if ahead is not None:
+                    return True
+                if loop.time() > deadline:
+                    raise TimeoutError(f"{rid}: no round granted ahead ({sessions_by_rid()})")
                 await asyncio.sleep(0.005)  # bounded poll of another process's view
         if cmd == "health":
             h = node.health()

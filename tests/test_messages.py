@@ -65,6 +65,8 @@ SAMPLES: list[m.Message] = [
         digest="sha256:abcd",
     ),
     m.Resume(rid="req-1", round=1, blocks=[2, 8], capacity_tokens=256, received_tokens=1024),
+    m.Total(rid="req-1", total_tokens=2000),
+    m.Total(rid="req-1", total_tokens=1, session="s1"),
     m.Abort(rid="req-1"),
     m.Abort(rid="req-1", reason="receiver timeout"),
     m.AbortAck(rid="req-1"),
@@ -122,7 +124,7 @@ def test_decode_accepts_buffer_types(msg: m.Message, wrap: type) -> None:
 def test_encoding_is_tagged_with_type() -> None:
     tags = {as_dict(s)["type"] for s in SAMPLES}
     assert tags == {
-        "hello", "hello_ack", "init", "chunk", "resume", "abort", "abort_ack",
+        "hello", "hello_ack", "init", "chunk", "total", "resume", "abort", "abort_ack",
         "heartbeat", "job_part", "encode", "error", "challenge",
     }  # fmt: skip
 
@@ -209,6 +211,7 @@ def test_missing_required_field_is_refused(msg: m.Message, field: str) -> None:
 
 
 INIT = as_dict(m.Init(rid="r", blocks=[3, 1], capacity_tokens=8, expected_tokens=8))
+TOTAL = as_dict(m.Total(rid="r", total_tokens=8))
 CHUNK = as_dict(m.ChunkDone(rid="r", round=0, start=0, count=8, total_tokens=8, is_last=True))
 RESUME = as_dict(m.Resume(rid="r", round=1, blocks=[2], capacity_tokens=4, received_tokens=8))
 HELLO = as_dict(SAMPLES[0])
@@ -251,6 +254,9 @@ HELLO = as_dict(SAMPLES[0])
         (RESUME, "capacity_tokens", 0),
         (RESUME, "received_tokens", 0),
         (RESUME, "received_tokens", -4),
+        (TOTAL, "total_tokens", 0),
+        (TOTAL, "total_tokens", -1),
+        (TOTAL, "rid", ""),
         (HELLO, "num_blocks", 0),
         # rid bounds
         (INIT, "rid", ""),

@@ -141,6 +141,8 @@ class Link:
         seed: int = 0,
         hold_late_abort: bool = True,
         min_grant: int = 1,
+        pipeline: bool = True,
+        prefetch_rate: float = 1.0,
     ) -> None:
         self.rng = random.Random(seed)
         self.total, self.order, self.partial, self.round_up = total, order, partial, round_up
@@ -157,7 +159,11 @@ class Link:
             guarantees=self.g,
             pool_tokens=recv_blocks * block_size,
             min_grant_tokens=min_grant,
+            pipeline=pipeline,
         )  # fmt: skip  (as the runtime builds it: default_blocks <= num_blocks)
+        #: the share of prefetches the runtime can serve at once (the rest find no free blocks)
+        self.prefetch_rate = prefetch_rate
+        self.prefetches: list[str] = []  # granted | refused, in order
         self.spool = Pool(send_blocks, block_size, self.rng)
         self.rpool = Pool(recv_blocks, block_size, self.rng)
         self.to_sender: deque[ev.Event] = deque()
@@ -171,12 +177,11 @@ class Link:
         self.data_given = False
         # receiver side
         self.r_alloc: ev.Alloc | None = None
-        self.r_round = -1
-        self.current: Allocation | None = None
+        self.held: dict[int, Allocation] = {}  # round -> allocation: current, prefetched
         self.by_round: dict[int, Allocation] = {}
         self.deadlines: dict[int, float] = {}  # round -> its grant's write deadline
         self.quarantined: list[Allocation] = []
-        self.fence_pending: int | None = None  # the round a Fence was asked for
+        self.fence_pending: set[int] | None = None  # the rounds a Fence was asked for
         self.fence_fails = False
         self.fenced_rounds: set[int] = set()
         self.expired_rounds: set[int] = set()
@@ -250,19 +255,21 @@ class Link:
                 self.flights.remove(f)
 
     def _expire(self) -> None:
-        """The grant of the quarantined allocation expired: the driver allowed this only once
-        every write for it ended (the engine's post bound), and no later one is posted."""
-        (q,) = self.quarantined
-        assert not self._may_land_into(q), "expiry before the engine's post bound"
-        self.expired_rounds.add(q.round)
+        """The grants of the quarantined allocations expired: the driver allowed this only
+        once every write for them ended (the engine's post bound), and no later one is
+        posted."""
+        assert self.quarantined
+        for q in self.quarantined:
+            assert not self._may_land_into(q), "expiry before the engine's post bound"
+            self.expired_rounds.add(q.round)
 
     def expiry_allowed(self) -> bool:
-        """The grant's expiry comes after every write posted for it ended, and long after a
-        teardown's PeerLost."""
+        """The last grant's expiry comes after every write posted for it ended, and long after
+        a teardown's PeerLost."""
         if self.receiver.state is not R.EXPIRING:
             return True
-        (q,) = self.quarantined
-        return not self._may_land_into(q) and "receiver" not in self.lost_pending
+        landing = any(self._may_land_into(q) for q in self.quarantined)
+        return not landing and "receiver" not in self.lost_pending
 
     def _link_down(self) -> None:
         """Teardown: messages in flight are gone; writes too, where the transport stops a
@@ -308,6 +315,10 @@ class Link:
         elif isinstance(a, ev.FreeStagingAfterWrite):
             assert self.staging is not None and self.posted is not None
             self.staging_after_write = True
+        elif isinstance(a, ev.SendTotal):
+            assert a.total_tokens == self.total and self.sender.round == 0
+            assert not self.messages("sender", ev.SendTotal), "Total said twice"
+            self._send("sender", a, ev.TotalReceived(a.total_tokens))
         elif isinstance(a, ev.SendChunkDone):
             meta, digest = (self.sender.meta, self.sender.digest) if a.is_last else (None, None)
             msg = ev.ChunkReceived(
@@ -331,27 +342,37 @@ class Link:
 
     def _receiver_action(self, a: ev.Action) -> None:
         if isinstance(a, ev.Alloc):
-            assert self.current is None, "receiver holds an allocation while it allocates"
+            assert not self.held, "receiver holds an allocation while it allocates"
             assert self.r_alloc is None and not self.quarantined
             assert 1 <= a.min_tokens <= a.num_tokens
-            self.r_round += 1
             self.r_alloc = a
+        elif isinstance(a, ev.Prefetch):
+            # taken now or never: the runtime never waits while it holds the current round
+            assert self.receiver.state is R.WAIT_CHUNK and not self.quarantined
+            assert list(self.held) == [self.receiver.round], "prefetch beside a prefetch"
+            assert 1 <= a.min_tokens <= a.num_tokens
+            self._prefetch(a)
         elif isinstance(a, ev.SendInit):
-            assert self.current is not None and self.current.round == 0
-            assert (a.blocks, a.capacity_tokens) == (self.current.blocks, self.current.capacity)
+            cur = self.held.get(0)
+            assert cur is not None and cur.round == 0
+            assert (a.blocks, a.capacity_tokens) == (cur.blocks, cur.capacity)
             msg = ev.InitReceived(a.blocks, a.capacity_tokens, a.expected_tokens, self._deadline(0))
             self._send("receiver", a, msg)
         elif isinstance(a, ev.SendResume):
-            cur = self.current
+            cur = self.held.get(a.round)
             assert cur is not None and cur.round == a.round >= 1
             assert (a.blocks, a.capacity_tokens) == (cur.blocks, cur.capacity)
-            assert a.received_tokens == self.delivered
+            if a.round == self.receiver.round:  # granted after the previous round was in
+                assert a.received_tokens == self.delivered
+            else:  # prefetched: it starts where the round on the wire ends (filled)
+                assert a.round == self.receiver.round + 1
+                assert a.received_tokens == self.delivered + self.held[a.round - 1].capacity
             resume = ev.ResumeReceived(
                 a.round, a.blocks, a.capacity_tokens, a.received_tokens, self._deadline(a.round)
             )
             self._send("receiver", a, resume)
         elif isinstance(a, ev.Deliver):
-            cur = self.current
+            cur = self.held.get(a.round)
             assert cur is not None and cur.round == a.round
             assert a.start == self.delivered, "Deliver out of order"
             assert 0 < a.count <= cur.capacity
@@ -360,24 +381,27 @@ class Link:
             self.delivered += a.count
             self.deliveries.append(a)
         elif isinstance(a, ev.Free):
-            assert self.current is not None
-            self._check_no_write_into(self.current)
-            self.rpool.give_back(self.current)
-            self.current = None
+            rounds = list(self.held) if a.round is None else [a.round]
+            assert rounds and all(r in self.held for r in rounds)
+            for r in rounds:
+                self._check_no_write_into(self.held[r])
+                self.rpool.give_back(self.held.pop(r))
         elif isinstance(a, ev.Quarantine):
-            assert self.current is not None and not self.quarantined
-            self.current.status = "quarantined"
-            self.quarantined.append(self.current)
-            self.current = None
+            assert self.held and not self.quarantined
+            for q in self.held.values():
+                q.status = "quarantined"
+                self.quarantined.append(q)
+            self.held = {}
         elif isinstance(a, ev.Fence):
             assert self.g.fences_tag, "Fence asked of an engine that cannot fence"
-            assert len(self.quarantined) == 1 and self.fence_pending is None
-            self.fence_pending = self.quarantined[0].round
+            assert self.quarantined and self.fence_pending is None
+            self.fence_pending = {q.round for q in self.quarantined}
         elif isinstance(a, ev.ReleaseQuarantine):
-            assert len(self.quarantined) == 1
-            q = self.quarantined.pop()
-            self._check_no_write_into(q)
-            self.rpool.give_back(q)
+            assert self.quarantined
+            for q in self.quarantined:
+                self._check_no_write_into(q)
+                self.rpool.give_back(q)
+            self.quarantined = []
         elif isinstance(a, ev.TearDownPeer):
             assert self.quarantined and self.teardowns == 0
             self.teardowns += 1
@@ -389,21 +413,38 @@ class Link:
             assert a.total_tokens == self.total
             assert (a.meta, a.digest) == (META, DIGEST)
             if a.in_place:  # the lease: read in place, then the lease closes and frees
-                cur = self.current
-                assert cur is not None and cur.round == 0 and self.delivered == 0
+                cur = self.held.get(0)
+                assert cur is not None and list(self.held) == [0] and self.delivered == 0
                 assert [cur.content.get(i) for i in range(self.total)] == list(range(self.total))
                 self.delivered = self.total
                 self.deliveries.append(ev.Deliver(0, 0, self.total))
                 self._check_no_write_into(cur)
-                self.rpool.give_back(cur)
-                self.current = None
+                self.rpool.give_back(self.held.pop(0))
             else:
-                assert self.current is None and self.delivered == self.total
+                assert not self.held and self.delivered == self.total
             self.outcomes["receiver"].append(a)
         elif isinstance(a, ev.Fail):
             self.outcomes["receiver"].append(a)
         else:
             raise AssertionError(f"receiver emitted {a}")
+
+    def _prefetch(self, a: ev.Prefetch) -> None:
+        """The runtime's answer, at once: blocks free now (as often as ``prefetch_rate``
+        says), or a refusal."""
+        pool = self.rpool
+        can = pool.free_tokens >= a.min_tokens and self.rng.random() < self.prefetch_rate
+        if not can:
+            self.prefetches.append("refused")
+            self.to("receiver", ev.PrefetchRefused())
+            return
+        hi = min(a.num_tokens, pool.free_tokens)
+        tokens = self.rng.randint(a.min_tokens, hi) if self.partial else hi
+        alloc = pool.grant(tokens, self.round_up)
+        alloc.round = self.receiver.round + 1
+        self.by_round[alloc.round] = alloc
+        self.held[alloc.round] = alloc
+        self.prefetches.append("granted")
+        self.to("receiver", ev.Prefetched(alloc.blocks, alloc.capacity))
 
     # -- steps ----------------------------------------------------------------------------
     def _grant(self, side: str) -> None:
@@ -416,9 +457,10 @@ class Link:
         if side == "sender":
             self.s_alloc, self.staging = None, alloc
         else:
-            alloc.round = self.r_round
-            self.by_round[self.r_round] = alloc
-            self.r_alloc, self.current = None, alloc
+            alloc.round = self.receiver.round
+            self.by_round[alloc.round] = alloc
+            self.held[alloc.round] = alloc
+            self.r_alloc = None
         self.to(side, ev.AllocGranted(alloc.blocks, alloc.capacity))
 
     def _finish_write(self) -> None:
@@ -459,14 +501,14 @@ class Link:
         self.to("receiver", e)
 
     def _fence(self) -> None:
-        rnd, self.fence_pending = self.fence_pending, None
-        assert rnd is not None
+        rounds, self.fence_pending = self.fence_pending, None
+        assert rounds
         if self.fence_fails:
             self.fence_fails = False
             self.to("receiver", ev.FenceFailed("the engine cannot fence now"))
             return
-        self.fenced_rounds.add(rnd)
-        self._drop([f for f in self.flights if f.write.round == rnd], "fenced")
+        self.fenced_rounds |= rounds
+        self._drop([f for f in self.flights if f.write.round in rounds], "fenced")
         self.to("receiver", ev.Fenced())
 
     def _give_data(self) -> None:
@@ -622,7 +664,7 @@ class Link:
     def assert_no_leak(self) -> None:
         assert self.s_alloc is None and self.r_alloc is None
         assert not self.flights and self.staging is None and not self.staging_after_write
-        assert self.current is None and not self.quarantined
+        assert not self.held and not self.quarantined
         assert self.fence_pending is None
         for pool in (self.spool, self.rpool):
             assert pool.idle, "blocks leaked"
@@ -857,7 +899,7 @@ def test_every_write_carries_its_grants_deadline(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_without_remote_completion_the_chunk_waits_for_the_bytes(kind: str) -> None:
-    link = drive_until(Link(2000, kind=kind).start(), lambda k: bool(k.to_receiver))
+    link = drive_until(Link(2000, kind=kind).start(), _chunk_on_the_way)
     on_the_way = [f for f in link.flights if not f.posted]
     if GUARANTEES[kind].remote_completion:
         assert on_the_way == []  # WriteDone meant: in the receiver's pool
@@ -883,6 +925,8 @@ def test_without_remote_completion_the_chunk_waits_for_the_bytes(kind: str) -> N
     order=st.sampled_from(["data_first", "init_first", "any"]),
     seed=st.integers(0, 2**32 - 1),
     min_grant_blocks=st.integers(1, 64),
+    pipeline=st.booleans(),
+    prefetch_rate=st.sampled_from([0.0, 0.5, 1.0]),
 )
 def test_property_every_token_delivered_once_no_leak(
     kind: str,
@@ -896,7 +940,12 @@ def test_property_every_token_delivered_once_no_leak(
     order: str,
     seed: int,
     min_grant_blocks: int,
+    pipeline: bool,
+    prefetch_rate: float,
 ) -> None:
+    """Any sizes, pools, grant policies and orders, with pipelining on or off and prefetches
+    served always, sometimes or never: every token is delivered once, in order, nothing
+    leaks, and no round after the first is smaller than the grant policy's least."""
     link = Link(
         total,
         kind=kind,
@@ -909,10 +958,17 @@ def test_property_every_token_delivered_once_no_leak(
         order=order,
         seed=seed,
         min_grant=min_grant_blocks * block_size,
+        pipeline=pipeline,
+        prefetch_rate=prefetch_rate,
     )
     link.start().run(randomly=True)
     link.assert_done()
-    if not partial:  # each round fills what the pool allows, so the count is known
+    least = min(min_grant_blocks, recv_blocks) * block_size
+    for d in link.deliveries[1:]:
+        assert d.count >= min(least, total - d.start)
+    if not pipeline or prefetch_rate == 0.0:
+        assert "granted" not in link.prefetches
+    if not partial and "granted" not in link.prefetches:  # each round fills the pool
         per_round = min(default_blocks, recv_blocks) * block_size
         later = recv_blocks * block_size
         expected_rounds = 1 if total <= per_round else 1 + -(-(total - per_round) // later)
@@ -931,6 +987,7 @@ def test_property_every_token_delivered_once_no_leak(
     order=st.sampled_from(["data_first", "init_first", "any"]),
     faults=st.lists(st.tuples(st.integers(0, 80), st.integers(0, 2**16)), min_size=1, max_size=4),
     seed=st.integers(0, 2**32 - 1),
+    pipeline=st.booleans(),
 )
 def test_property_faults_end_cleanly(
     kind: str,
@@ -943,6 +1000,7 @@ def test_property_faults_end_cleanly(
     order: str,
     faults: list[tuple[int, int]],
     seed: int,
+    pipeline: bool,
 ) -> None:
     """A timeout (any state's, the sender's write_timeout and drain deadline, the receiver's
     abort_ack_timeout and grant expiry included), a cancellation, a lost peer, a failed write,
@@ -951,7 +1009,8 @@ def test_property_faults_end_cleanly(
     given-back blocks, each side reports exactly one outcome, and a receiver that gave up
     gives its blocks back only on a proof its engine offers: with NIXL-like guarantees an
     AbortAck, the sender's Abort or the grant's expiry; with TCP-like ones a fence or a
-    teardown that stopped the peer's writes; with none at all only the expiry."""
+    teardown that stopped the peer's writes; with none at all only the expiry. With pipelining on,
+    the faults also strike while two grants are out (the round on the wire and the next)."""
     link = Link(
         total,
         kind=kind,
@@ -962,6 +1021,8 @@ def test_property_faults_end_cleanly(
         partial=partial,
         order=order,
         seed=seed,
+        pipeline=pipeline,
+        prefetch_rate=0.7,
     ).start()
     schedule = sorted(faults)
     while True:
@@ -1001,6 +1062,10 @@ def test_property_faults_end_cleanly(
 
 
 # ------------------------------------------------------------- targeted fault scenarios
+
+
+def _chunk_on_the_way(link: Link) -> bool:
+    return any(isinstance(e, ev.ChunkReceived) for e in link.to_receiver)
 
 
 def drive_until(link: Link, predicate: Any) -> Link:
@@ -1244,7 +1309,8 @@ def test_corrupt_chunk_crossing_the_last_round(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_late_resume_after_sender_cancel(kind: str) -> None:
-    link = drive_until(Link(2000, kind=kind).start(), lambda k: bool(k.to_sender) and k.rounds == 1)
+    link = Link(2000, kind=kind, pipeline=False).start()  # the Resume after round 0 is in
+    link = drive_until(link, lambda k: bool(k.to_sender) and k.rounds == 1)
     assert isinstance(link.to_sender[0], ev.ResumeReceived)
     link.to("sender", ev.LocalAbort("cancel"))
     link.settle()
@@ -1264,5 +1330,66 @@ def test_late_init_after_sender_init_timeout(kind: str) -> None:
     assert link.messages("sender", ev.SendAbort) == [
         ev.SendAbort("request already ended on the sender")
     ]
+    link.assert_no_leak()
+    link.assert_released_by_proof()
+
+
+# ------------------------------------------------------------------- pipelined resume
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pipelined_resume_grants_round_1_while_round_0_is_written(kind: str) -> None:
+    """2000 tokens, 1024 in round 0: the sender says Total before its write, the receiver
+    grants round 1 from free blocks at once, and the sender writes round 1 straight after
+    round 0 -- it never waits in WAIT_RESUME."""
+    link = Link(2000, kind=kind, block_size=128, default_tokens=1024).start()
+    drive_until(link, lambda k: bool(k.writes))  # round 0's first write is posted
+    resumes = link.messages("receiver", ev.SendResume)
+    assert [(r.round, r.received_tokens, r.capacity_tokens) for r in resumes] == [(1, 1024, 976)]
+    assert link.messages("sender", ev.SendChunkDone) == []  # round 0 still on the wire
+    link.run()
+    link.assert_done()
+    assert link.prefetches == ["granted"]
+    assert S.WAIT_RESUME not in {state for _, _, state in link.sender.history}
+    assert [h for h in link.receiver.history if h[2] is R.ALLOCATING] == [
+        (R.NEW, "Start", R.ALLOCATING)  # it never waited for blocks after round 0
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pipelined_rounds_past_the_whole_pool_hold_two_allocations_at_most(kind: str) -> None:
+    """1000 tokens through 8 blocks of 16 (128 tokens), 4 blocks by default: every round
+    after the first is prefetched beside the one on the wire, in what the pool has left."""
+    link = Link(1000, kind=kind, block_size=16, default_tokens=64, recv_blocks=8, seed=4)
+    link.start()
+    most = 0
+    while steps := link.available():
+        link.step(link.rng.choice(steps))
+        most = max(most, len(link.held))
+    link.assert_done()
+    assert most == 2 and set(link.prefetches) == {"granted"}
+    # (a sender may still wait in WAIT_RESUME when its write ends before the Resume arrives)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_refused_prefetch_falls_back_to_the_sequential_resume(kind: str) -> None:
+    link = Link(2000, kind=kind, prefetch_rate=0.0).start().run()
+    link.assert_done()
+    assert link.prefetches == ["refused"] and link.rounds == 2
+    assert (R.WAIT_CHUNK, "ChunkReceived", R.ALLOCATING) in link.receiver.history
+    assert S.WAIT_RESUME in {state for _, _, state in link.sender.history}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_receiver_gives_up_with_two_grants_out(kind: str) -> None:
+    """A timeout while round 0 is written and round 1 is granted: both allocations are
+    quarantined and released together, on this engine's proof only."""
+    link = Link(2000, kind=kind).start()
+    drive_until(link, lambda k: k.sender.state is S.WRITING and len(k.held) == 2)
+    assert link.sender.round == 0
+    link.to("receiver", ev.Timeout())
+    assert len(link.quarantined) == 2 and not link.held
+    link.settle()
+    assert link.receiver.state is R.FAILED and link.sender.state is S.FAILED
     link.assert_no_leak()
     link.assert_released_by_proof()

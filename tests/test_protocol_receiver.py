@@ -49,6 +49,9 @@ from emtransfer.protocol.events import (
     InitReceived,
     LocalAbort,
     PeerLost,
+    Prefetch,
+    Prefetched,
+    PrefetchRefused,
     Quarantine,
     ReleaseQuarantine,
     ResumeReceived,
@@ -58,6 +61,7 @@ from emtransfer.protocol.events import (
     Start,
     TearDownPeer,
     Timeout,
+    TotalReceived,
     WriteDone,
     WriteFailed,
 )
@@ -167,7 +171,7 @@ def allocating1(g: Guarantees, total: int = 20, max_tokens: int | None = None) -
     """Round 0 carried 8 of ``total`` tokens; the allocation for round 1 is requested."""
     m = wait_chunk(g, max_tokens=max_tokens)
     acts = feed(m, chunk(0, 0, DEFAULT, total, False))
-    assert acts == [Deliver(0, 0, DEFAULT), Free(), Alloc(total - DEFAULT, 1)]
+    assert acts == [Deliver(0, 0, DEFAULT), Free(0), Alloc(total - DEFAULT, 1)]
     return m
 
 
@@ -176,6 +180,31 @@ def wait_chunk1(
 ) -> ReceiverMachine:
     m = allocating1(g, total, max_tokens)
     assert feed(m, AllocGranted(BLOCKS1, cap)) == [SendResume(1, BLOCKS1, cap, DEFAULT)]
+    return m
+
+
+def totalled(g: Guarantees, total: int = 20, max_tokens: int | None = None) -> ReceiverMachine:
+    """Round 0 (8 tokens) on the wire; the sender said the payload has ``total`` tokens: the
+    next round's blocks are asked for now (its least: a Resume round's, 1 here)."""
+    m = wait_chunk(g, max_tokens=max_tokens)
+    assert feed(m, TotalReceived(total)) == [Prefetch(total - DEFAULT, 1)]
+    return m
+
+
+def prefetched(g: Guarantees, total: int = 20, cap: int = 12) -> ReceiverMachine:
+    """... and granted at once: round 1's Resume left while round 0 is still written."""
+    m = totalled(g, total)
+    assert feed(m, Prefetched(BLOCKS1, cap)) == [SendResume(1, BLOCKS1, cap, DEFAULT)]
+    assert (m.state, m.round, m.ahead) == (R.WAIT_CHUNK, 0, cap)
+    return m
+
+
+def pipelined1(g: Guarantees) -> ReceiverMachine:
+    """Round 0's chunk is in: round 1 (prefetched, 12 of 20 tokens) is awaited, nothing more
+    is asked for (the payload ends with it)."""
+    m = prefetched(g)
+    assert feed(m, chunk(0, 0, DEFAULT, 20, False)) == [Deliver(0, 0, DEFAULT), Free(0)]
+    assert (m.state, m.round, m.ahead) == (R.WAIT_CHUNK, 1, None)
     return m
 
 
@@ -438,7 +467,7 @@ CASES: list[Case] = [
         R.WAIT_CHUNK,
         chunk(0, 0, 5, 5, True),
         R.DONE,
-        [Deliver(0, 0, 5), Free(), Complete(5, META, DIGEST)],
+        [Deliver(0, 0, 5), Free(0), Complete(5, META, DIGEST)],
     ),
     Case(
         "chunk-last-exact-round0",
@@ -446,7 +475,7 @@ CASES: list[Case] = [
         R.WAIT_CHUNK,
         chunk(0, 0, 8, 8, True),
         R.DONE,
-        [Deliver(0, 0, 8), Free(), Complete(8, META, DIGEST)],
+        [Deliver(0, 0, 8), Free(0), Complete(8, META, DIGEST)],
     ),
     Case(
         "chunk-more-round0",
@@ -454,7 +483,7 @@ CASES: list[Case] = [
         R.WAIT_CHUNK,
         chunk(0, 0, 8, 2000, False),
         R.ALLOCATING,
-        [Deliver(0, 0, 8), Free(), Alloc(1992, 1)],
+        [Deliver(0, 0, 8), Free(0), Alloc(1992, 1)],
     ),
     Case(
         "chunk-last-round1",
@@ -462,7 +491,7 @@ CASES: list[Case] = [
         R.WAIT_CHUNK,
         chunk(1, 8, 12, 20, True),
         R.DONE,
-        [Deliver(1, 8, 12), Free(), Complete(20, META, DIGEST)],
+        [Deliver(1, 8, 12), Free(1), Complete(20, META, DIGEST)],
     ),
     Case(
         "chunk-more-round1",
@@ -470,7 +499,7 @@ CASES: list[Case] = [
         R.WAIT_CHUNK,
         chunk(1, 8, 12, 30, False),
         R.ALLOCATING,
-        [Deliver(1, 8, 12), Free(), Alloc(10, 1)],
+        [Deliver(1, 8, 12), Free(1), Alloc(10, 1)],
     ),
     # a total of exactly max_tokens is accepted
     Case(
@@ -479,7 +508,7 @@ CASES: list[Case] = [
         R.WAIT_CHUNK,
         chunk(0, 0, 8, 16, False),
         R.ALLOCATING,
-        [Deliver(0, 0, 8), Free(), Alloc(8, 1)],
+        [Deliver(0, 0, 8), Free(0), Alloc(8, 1)],
     ),
     Case(
         "chunk-last-at-max-tokens",
@@ -487,7 +516,7 @@ CASES: list[Case] = [
         R.WAIT_CHUNK,
         chunk(1, 8, 8, 16, True),
         R.DONE,
-        [Deliver(1, 8, 8), Free(), Complete(16, META, DIGEST)],
+        [Deliver(1, 8, 8), Free(1), Complete(16, META, DIGEST)],
     ),
     # lease: a single round stays in place, not copied out, not freed here
     Case(
@@ -513,7 +542,107 @@ CASES: list[Case] = [
         R.WAIT_CHUNK,
         chunk(0, 0, 8, 20, False),
         R.ALLOCATING,
-        [Deliver(0, 0, 8), Free(), Alloc(12, 1)],
+        [Deliver(0, 0, 8), Free(0), Alloc(12, 1)],
+    ),
+    # -- WAIT_CHUNK, pipelined resume: the sender's Total, the prefetch's answer
+    Case(
+        "total-round0", wait_chunk, R.WAIT_CHUNK, TotalReceived(30), R.WAIT_CHUNK, [Prefetch(22, 1)]
+    ),
+    # a payload that fits round 0 needs nothing more (a sender says Total only when it does not)
+    Case("total-fits", wait_chunk, R.WAIT_CHUNK, TotalReceived(8), R.WAIT_CHUNK, []),
+    Case(
+        "total-over-max",
+        lambda g: wait_chunk(g, max_tokens=16),
+        R.WAIT_CHUNK,
+        TotalReceived(17),
+        R.QUARANTINED,
+        chunk_error("Total: total_tokens 17 exceeds max_tokens=16"),
+    ),
+    Case(
+        "total-changed",
+        wait_chunk1,
+        R.WAIT_CHUNK,
+        TotalReceived(21),
+        R.QUARANTINED,
+        chunk_error("Total: total_tokens changed from 20 to 21"),
+    ),
+    Case(
+        "total-behind",
+        wait_chunk1,
+        R.WAIT_CHUNK,
+        TotalReceived(8),
+        R.QUARANTINED,
+        chunk_error("Total: total_tokens changed from 20 to 8"),
+    ),
+    Case(
+        "prefetched",
+        totalled,
+        R.WAIT_CHUNK,
+        Prefetched((0, 9), 8),
+        R.WAIT_CHUNK,
+        [SendResume(1, (0, 9), 8, DEFAULT)],
+    ),
+    Case("prefetch-refused", totalled, R.WAIT_CHUNK, PrefetchRefused(), R.WAIT_CHUNK, []),
+    # round 0 is in while round 1's grant is out: free round 0 only, wait for round 1
+    Case(
+        "chunk-pipelined",
+        prefetched,
+        R.WAIT_CHUNK,
+        chunk(0, 0, 8, 20, False),
+        R.WAIT_CHUNK,
+        [Deliver(0, 0, 8), Free(0)],
+    ),
+    # ... and where more follow round 1, prefetch round 2 at once
+    Case(
+        "chunk-pipelined-more",
+        lambda g: prefetched(g, total=30),
+        R.WAIT_CHUNK,
+        chunk(0, 0, 8, 30, False),
+        R.WAIT_CHUNK,
+        [Deliver(0, 0, 8), Free(0), Prefetch(10, 1)],
+    ),
+    Case(
+        "chunk-pipelined-last",
+        pipelined1,
+        R.WAIT_CHUNK,
+        chunk(1, 8, 12, 20, True),
+        R.DONE,
+        [Deliver(1, 8, 12), Free(1), Complete(20, META, DIGEST)],
+    ),
+    # giving up with two grants out: both are quarantined (one Quarantine holds all)
+    Case(
+        "prefetched-timeout",
+        prefetched,
+        R.WAIT_CHUNK,
+        Timeout(),
+        R.QUARANTINED,
+        give_up(abort=AbortWith("receiver timeout"), fail=FailWith(TT, "no payload")),
+    ),
+    Case(
+        "prefetched-abort-proof",
+        prefetched,
+        R.WAIT_CHUNK,
+        AbortReceived("s"),
+        R.FAILED,
+        [Free(), FailWith(TA, "aborted by sender: s")],
+        kinds=RC,
+    ),
+    Case(
+        "prefetched-lost-open",
+        prefetched,
+        R.WAIT_CHUNK,
+        OPEN,
+        R.EXPIRING,
+        [Quarantine(), FailWith(PeerLostError, "p")],
+    ),
+    # a wrong chunk of the pipelined round 1 (it says round 0 again)
+    Case(
+        "chunk-pipelined-repeat",
+        pipelined1,
+        R.WAIT_CHUNK,
+        chunk(0, 0, 8, 20, False),
+        R.QUARANTINED,
+        chunk_error("ChunkDone for round 0, expected round 1"),
     ),
     # -- WAIT_CHUNK: invalid chunks give up on the round: quarantine, fence, tell, fail
     *[
@@ -698,6 +827,14 @@ CASES: list[Case] = [
         [],
     ),
     Case("quarantine-local-abort", quarantined, R.QUARANTINED, LocalAbort("c"), R.QUARANTINED, []),
+    Case(
+        "quarantine-late-total",
+        quarantined,
+        R.QUARANTINED,
+        TotalReceived(20),
+        R.QUARANTINED,
+        [],
+    ),
     # -- EXPIRING: the same proofs still release; else the grant's expiry does
     *[
         case
@@ -760,6 +897,7 @@ CASES: list[Case] = [
                 [],
             ),
             Case(f"{name}-local-abort", build, R.EXPIRING, LocalAbort("c"), R.EXPIRING, []),
+            Case(f"{name}-late-total", build, R.EXPIRING, TotalReceived(20), R.EXPIRING, []),
         )
     ],
     # -- terminal states
@@ -777,6 +915,7 @@ CASES: list[Case] = [
             PeerLost("p"),
             Timeout(),
             chunk(0, 0, 8, 8, True),
+            TotalReceived(20),
             Fenced(),
             FenceFailed("late"),
         )
@@ -1001,11 +1140,11 @@ def test_the_original_scenario_2000_tokens_in_default_1024(kind: str) -> None:
     blocks0 = (9, 3, 4, 5, 0, 7, 1, 2)
     assert feed(m, AllocGranted(blocks0, 1024)) == [SendInit(blocks0, 1024, None)]
     acts = feed(m, ChunkReceived(0, 0, 1024, 2000, False))
-    assert acts == [Deliver(0, 0, 1024), Free(), Alloc(976, 1)]
+    assert acts == [Deliver(0, 0, 1024), Free(0), Alloc(976, 1)]
     blocks1 = (6, 11, 8, 10, 12, 13, 14, 15)
     assert feed(m, AllocGranted(blocks1, 976)) == [SendResume(1, blocks1, 976, 1024)]
     acts = feed(m, ChunkReceived(1, 1024, 976, 2000, True, META, DIGEST))
-    assert acts == [Deliver(1, 1024, 976), Free(), Complete(2000, META, DIGEST)]
+    assert acts == [Deliver(1, 1024, 976), Free(1), Complete(2000, META, DIGEST)]
     assert m.state is R.DONE
 
 
@@ -1022,7 +1161,7 @@ def test_many_rounds_of_partial_grants() -> None:
         count = min(cap, total - received)
         last = received + count == total
         acts = feed(m, chunk(rnd, received, count, total, last))
-        assert acts[:2] == [Deliver(rnd, received, count), Free()]
+        assert acts[:2] == [Deliver(rnd, received, count), Free(rnd)]
         received += count
         if last:
             assert acts[2:] == [Complete(total, META, DIGEST)]
@@ -1082,7 +1221,7 @@ def test_lease_with_longer_payload_completes_by_copy() -> None:
     feed(m, chunk(0, 0, 8, 12, False))
     assert feed(m, AllocGranted((3,), 4)) == [SendResume(1, (3,), 4, 8)]
     acts = feed(m, chunk(1, 8, 4, 12, True))
-    assert acts == [Deliver(1, 8, 4), Free(), Complete(12, META, DIGEST)]  # not in place
+    assert acts == [Deliver(1, 8, 4), Free(1), Complete(12, META, DIGEST)]  # not in place
 
 
 def test_settings_max_tokens_bounds_the_total() -> None:
@@ -1096,7 +1235,7 @@ def test_settings_max_tokens_bounds_the_total() -> None:
 
 def test_max_tokens_none_accepts_any_total() -> None:
     m = wait_chunk(NONE)
-    assert feed(m, chunk(0, 0, 8, 10**9, False))[:2] == [Deliver(0, 0, 8), Free()]
+    assert feed(m, chunk(0, 0, 8, 10**9, False))[:2] == [Deliver(0, 0, 8), Free(0)]
 
 
 def test_over_max_tokens_refused_before_any_copy() -> None:
@@ -1157,53 +1296,68 @@ def _events_for(m: ReceiverMachine, pick: int) -> Event:
         PeerLost: [STOPPED, OPEN],
         Fenced: [Fenced()],
         FenceFailed: [FenceFailed()],
+        TotalReceived: [TotalReceived(m.total or 40), TotalReceived(40), TotalReceived(3)],
     }
     valid = sorted(ReceiverMachine.valid_events(m.state), key=lambda t: t.__name__)
-    flat = [e for t in valid for e in options[t]]
+    # a prefetch's answer comes only from the runtime, at once: the walk gives it below
+    flat = [e for t in valid if t not in (Prefetched, PrefetchRefused) for e in options[t]]
     return flat[pick % len(flat)]
 
 
 @settings(max_examples=300, deadline=None)
 @given(kind=st.sampled_from(KINDS), picks=st.lists(st.integers(0, 2**16), max_size=40))
 def test_property_allocation_ledger(kind: str, picks: list[int]) -> None:
-    """Any walk of valid events: the receiver holds at most one allocation, allocates only
-    with nothing held, never frees what it quarantined (it releases it, once), owns nothing
-    once FAILED, and reports exactly one outcome once finished."""
+    """Any walk of valid events (a Prefetch answered at once, granted or refused as the walk
+    picks): the receiver holds at most two allocations (the current round's and a prefetched
+    next one), allocates (waiting) only with nothing held, never frees what it quarantined (it
+    releases it, once), owns nothing once FAILED, and reports exactly one outcome once
+    finished."""
     g = GUARANTEES[kind]
     m = new(g)
-    held = quarantined_ = False
+    held, quarantined_ = 0, False
     outcomes = 0
     for pick in picks:
         state = m.state
-        acts = m.handle(_events_for(m, pick))
-        for a in acts:
+        todo = list(m.handle(_events_for(m, pick)))
+        while todo:
+            a = todo.pop(0)
             if isinstance(a, Alloc):
                 assert not held and not quarantined_
-            elif isinstance(a, (SendInit, SendResume)):
+            elif isinstance(a, Prefetch):
+                assert m.state is R.WAIT_CHUNK and held == 1 and a.min_tokens <= a.num_tokens
+                answer = Prefetched((9,), min(a.num_tokens, 4)) if pick % 3 else PrefetchRefused()
+                held += isinstance(answer, Prefetched)
+                todo = [*m.handle(answer), *todo]
+            elif isinstance(a, SendInit):
                 assert state is R.ALLOCATING
-                held = True
+                held += 1
+            elif isinstance(a, SendResume):
+                # granted after waiting (nothing held before), or prefetched (held: 2 now)
+                assert (state, held) in ((R.ALLOCATING, 0), (R.WAIT_CHUNK, 2))
+                held = max(held, 1)
             elif isinstance(a, Free):
                 assert held
-                held = False
+                held = 0 if a.round is None else held - 1
             elif isinstance(a, Quarantine):
                 assert held and not quarantined_
-                held, quarantined_ = False, True
+                held, quarantined_ = 0, True
             elif isinstance(a, Fence):
                 assert g.fences_tag and quarantined_
             elif isinstance(a, ReleaseQuarantine):
                 assert quarantined_ and state in (R.QUARANTINED, R.EXPIRING)
                 quarantined_ = False
             elif isinstance(a, Complete):
-                held = held and not a.in_place  # the lease frees it when it closes
+                held -= a.in_place  # the lease frees it when it closes
                 outcomes += 1
             elif isinstance(a, Fail):
                 outcomes += 1
+        assert 0 <= held <= 2
         assert (m.state in (R.QUARANTINED, R.EXPIRING)) == quarantined_
         assert outcomes <= 1
         if m.finished:
             assert not held and not quarantined_ and outcomes == 1
         if m.state is R.WAIT_CHUNK:
-            assert held
+            assert held == 1 + (m.ahead is not None)
 
 
 # ----------------------------------------------------------------------- error types
@@ -1282,6 +1436,8 @@ def test_invalid_events_cover_the_lingering_states() -> None:
             AllocGranted,
             DataReady,
             InitReceived,
+            Prefetched,  # answers only a Prefetch, which comes only in WAIT_CHUNK
+            PrefetchRefused,
             ResumeReceived,
             Start,
             WriteDone,
@@ -1430,3 +1586,58 @@ def test_round_0_of_an_encode_job_also_waits_for_the_encoder(job: bool) -> None:
     assert m.timeout_name == "chunk_timeout"
     (fail,) = [a for a in feed(m, Timeout()) if isinstance(a, ev.Fail)]
     assert "encode node e-1 sent no data for round 1 within 30s (chunk_timeout)" in str(fail.error)
+
+
+# ------------------------------------------------------------------- pipelined resume
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pipeline_off_takes_total_but_prefetches_nothing(kind: str) -> None:
+    m = ReceiverMachine(
+        RID, block_size=B, default_tokens=DEFAULT, guarantees=GUARANTEES[kind], pipeline=False
+    )
+    feed(m, Start(), AllocGranted(BLOCKS0, DEFAULT))
+    assert feed(m, TotalReceived(20)) == []
+    assert m.total == 20
+    acts = feed(m, chunk(0, 0, DEFAULT, 20, False))
+    assert acts == [Deliver(0, 0, DEFAULT), Free(0), Alloc(12, 1)]  # the sequential path
+
+
+def test_a_refused_prefetch_falls_back_to_the_sequential_path() -> None:
+    m = totalled(GUARANTEES["tcp"])
+    assert feed(m, PrefetchRefused()) == []
+    acts = feed(m, chunk(0, 0, DEFAULT, 20, False))
+    assert acts == [Deliver(0, 0, DEFAULT), Free(0), Alloc(12, 1)]
+    assert m.state is R.ALLOCATING  # holding nothing while it waits
+
+
+def test_a_prefetch_asks_for_the_rest_with_a_resume_rounds_least() -> None:
+    m = ReceiverMachine(
+        RID,
+        block_size=B,
+        default_tokens=DEFAULT,
+        guarantees=GUARANTEES["nixl"],
+        pool_tokens=40,
+        min_grant_tokens=16,
+    )
+    feed(m, Start(), AllocGranted(BLOCKS0, DEFAULT))
+    assert feed(m, TotalReceived(100)) == [Prefetch(92, 16)]  # least: min_grant_tokens
+    m = wait_chunk(GUARANTEES["nixl"])
+    assert feed(m, TotalReceived(10)) == [Prefetch(2, 1)]  # least: the rest, when smaller
+
+
+def test_a_prefetch_answer_without_a_prefetch_is_refused() -> None:
+    m = wait_chunk(GUARANTEES["nixl"])
+    with pytest.raises(ProtocolError, match="without a Prefetch"):
+        m.handle(Prefetched(BLOCKS1, 4))
+    with pytest.raises(ProtocolError, match="without a Prefetch"):
+        m.handle(PrefetchRefused())
+
+
+def test_a_pipelined_round_starts_a_new_phase() -> None:
+    """The runtime arms one deadline per phase: a pipelined round waits chunk_timeout afresh."""
+    m = prefetched(GUARANTEES["nixl"])
+    before = m.phase
+    feed(m, chunk(0, 0, DEFAULT, 20, False))
+    assert m.state is R.WAIT_CHUNK and m.phase != before
+    assert m.timeout_name == "chunk_timeout"

@@ -45,6 +45,7 @@ from emtransfer.protocol.events import (
     SendAbort,
     SendAbortAck,
     SendChunkDone,
+    SendTotal,
     Start,
     Timeout,
     Write,
@@ -137,7 +138,8 @@ def wait_data(cap: int = 12) -> SenderMachine:
 def staging(total: int = 10, cap: int = 12) -> SenderMachine:
     """Round 0 staging: data first, then Init."""
     m = wait_init(total)
-    assert feed(m, init(cap)) == [Alloc(min(total, cap), min_tokens=1)]
+    told = [SendTotal(total)] if total > cap else []  # round 1 can be prepared meanwhile
+    assert feed(m, init(cap)) == [*told, Alloc(min(total, cap), min_tokens=1)]
     return m
 
 
@@ -145,6 +147,11 @@ def writing(total: int = 10, cap: int = 12, grant: int | None = None) -> SenderM
     m = staging(total, cap)
     n = min(total, cap) if grant is None else grant
     assert feed(m, AllocGranted((0, 1, 2), n)) == [Write(0, 0, 0, min(n, total, cap), D0)]
+    return m
+
+
+def feed_on(m: SenderMachine, *events: Event) -> SenderMachine:
+    feed(m, *events)
     return m
 
 
@@ -166,6 +173,16 @@ def resumed_staging() -> SenderMachine:
 def resumed_writing() -> SenderMachine:
     m = resumed_staging()
     assert feed(m, AllocGranted((3,), 4)) == [Write(1, 12, 0, 4, D1)]
+    return m
+
+
+EARLY = ResumeReceived(1, (5, 6), 8, 12, D1)  # round 1's grant, while round 0 is written
+
+
+def writing_ahead() -> SenderMachine:
+    """Pipelined: round 0 (12 of 20 tokens) is on the wire and round 1's grant is here."""
+    m = writing(20, 12)
+    assert feed(m, EARLY) == []
     return m
 
 
@@ -296,7 +313,7 @@ CASES: list[Case] = [
         S.WAIT_INIT,
         init(12),
         S.STAGING,
-        [Alloc(12, 1)],
+        [SendTotal(30), Alloc(12, 1)],
     ),
     *[
         Case(
@@ -344,7 +361,14 @@ CASES: list[Case] = [
     ),
     # -- WAIT_DATA
     Case("wait-data-data", wait_data, S.WAIT_DATA, data(10), S.STAGING, [Alloc(10, 1)]),
-    Case("wait-data-data-long", wait_data, S.WAIT_DATA, data(100), S.STAGING, [Alloc(12, 1)]),
+    Case(
+        "wait-data-data-long",
+        wait_data,
+        S.WAIT_DATA,
+        data(100),
+        S.STAGING,
+        [SendTotal(100), Alloc(12, 1)],
+    ),
     Case(
         "wait-data-timeout",
         wait_data,
@@ -500,6 +524,63 @@ CASES: list[Case] = [
     # write_timeout: the write is never abandoned while the engine may still read staging
     Case("writing-timeout", writing, S.WRITING, Timeout(), S.DRAINING, []),
     Case("writing-timeout-round1", resumed_writing, S.WRITING, Timeout(), S.DRAINING, []),
+    # -- pipelined resume: the next round's grant while this round is staged or written
+    Case("staging-early-resume", lambda: staging(20, 12), S.STAGING, EARLY, S.STAGING, []),
+    Case("writing-early-resume", lambda: writing(20, 12), S.WRITING, EARLY, S.WRITING, []),
+    # ... the next round starts straight after this one's ChunkDone, with its own deadline
+    Case(
+        "writing-done-pipelined",
+        writing_ahead,
+        S.WRITING,
+        WriteDone(),
+        S.STAGING,
+        [FreeStaging(), SendChunkDone(0, 0, 12, 20, False), Alloc(8, 1)],
+    ),
+    Case(
+        "staging-early-resume-twice",
+        lambda: feed_on(staging(30, 12), EARLY),
+        S.STAGING,
+        ResumeReceived(2, (7,), 4, 20, D2),
+        S.FAILED,
+        peer_error("Resume for round 2 while round 1 is granted"),
+    ),
+    Case(
+        "staging-early-resume-round-skipped",
+        lambda: staging(30, 12),
+        S.STAGING,
+        ResumeReceived(2, (7,), 4, 12, D2),
+        S.FAILED,
+        peer_error("Resume for round 2, expected 1"),
+    ),
+    *[
+        Case(
+            f"staging-early-resume-{name}",
+            lambda: staging(30, 12),
+            S.STAGING,
+            ResumeReceived(1, blocks, cap, 12, D1),
+            S.FAILED,
+            peer_error("Resume", why),
+        )
+        for name, blocks, cap, why in BAD_ALLOCATIONS
+    ],
+    # a write is in flight: the Abort waits for its end (DRAINING), as for any other give-up
+    Case(
+        "writing-early-resume-wrong-start",
+        lambda: writing(20, 12),
+        S.WRITING,
+        ResumeReceived(1, (5, 6), 8, 11, D1),
+        S.DRAINING,
+        [],
+    ),
+    Case(
+        "writing-early-resume-after-last",
+        lambda: writing(10, 12),
+        S.WRITING,
+        ResumeReceived(1, (5, 6), 8, 10, D1),
+        S.DRAINING,
+        [],
+    ),
+    Case("draining-resume", lambda: draining("local"), S.DRAINING, EARLY, S.DRAINING, []),
     # -- WAIT_RESUME: Resume guards
     Case(
         "resume-ok",
@@ -547,7 +628,7 @@ CASES: list[Case] = [
         S.WAIT_RESUME,
         ResumeReceived(1, (5, 6), 8, 11),
         S.FAILED,
-        peer_error("11 tokens received, 12 were sent"),
+        peer_error("Resume starts at token 11, round 1 starts at 12"),
     ),
     Case(
         "resume-received-long",
@@ -555,7 +636,7 @@ CASES: list[Case] = [
         S.WAIT_RESUME,
         ResumeReceived(1, (5, 6), 8, 13),
         S.FAILED,
-        peer_error("13 tokens received, 12 were sent"),
+        peer_error("Resume starts at token 13, round 1 starts at 12"),
     ),
     *[
         Case(
@@ -865,12 +946,13 @@ def test_resume_block_at_pool_edge_is_accepted() -> None:
 
 def test_init_capacity_exactly_fills_blocks() -> None:
     m = wait_init(100)
-    assert feed(m, InitReceived((0, 1, 2), 3 * B)) == [Alloc(3 * B, 1)]
+    assert feed(m, InitReceived((0, 1, 2), 3 * B)) == [SendTotal(100), Alloc(3 * B, 1)]
 
 
 def test_init_capacity_below_blocks_is_accepted() -> None:
     m = wait_init(100)
-    assert feed(m, InitReceived((0, 1, 2), 3 * B - 3)) == [Alloc(3 * B - 3, 1)]
+    acts = feed(m, InitReceived((0, 1, 2), 3 * B - 3))
+    assert acts == [SendTotal(100), Alloc(3 * B - 3, 1)]
 
 
 def test_drain_local_then_peer_abort_replies_with_ack() -> None:
@@ -1285,3 +1367,47 @@ def test_the_sender_types_an_abort_by_its_kind_too(kind: str, cls: str) -> None:
     (tell,) = [a for a in acts if isinstance(a, ev.SendAbort)]
     (fail,) = [a for a in acts if isinstance(a, ev.Fail)]
     assert tell.kind == "unavailable" and type(fail.error).__name__ == "Unavailable"
+
+
+# ------------------------------------------------------------------- pipelined resume
+
+
+def test_total_is_said_once_before_round_0_is_written_when_it_does_not_fit() -> None:
+    for total, cap, told in ((20, 12, True), (12, 12, False), (5, 12, False)):
+        m = wait_init(total)
+        acts = feed(m, init(cap))
+        assert (SendTotal(total) in acts) is told
+        if told:
+            assert acts.index(SendTotal(total)) < acts.index(Alloc(min(total, cap), 1))
+    m = wait_data(12)  # Init first: said when the data come
+    assert feed(m, data(40)) == [SendTotal(40), Alloc(12, 1)]
+
+
+def test_a_pipelined_round_writes_into_its_own_grant_with_its_deadline() -> None:
+    """Three rounds (12 + 8 + 4 of 24), each granted while the one before was written: the
+    sender never waits in WAIT_RESUME, and each write names its round, blocks and deadline."""
+    m = writing(24, 12)
+    assert feed(m, EARLY) == []
+    acts = feed(m, WriteDone())
+    assert acts == [FreeStaging(), SendChunkDone(0, 0, 12, 24, False), Alloc(8, 1)]
+    assert (m.round, m.dest_blocks, m.deadline) == (1, (5, 6), D1)
+    assert feed(m, AllocGranted((3, 4), 8)) == [Write(1, 12, 0, 8, D1)]
+    assert feed(m, ResumeReceived(2, (9,), 4, 20, D2)) == []  # round 2, while 1 is written
+    acts = feed(m, WriteDone())
+    assert acts == [FreeStaging(), SendChunkDone(1, 12, 8, 24, False), Alloc(4, 1)]
+    assert feed(m, AllocGranted((3,), 4)) == [Write(2, 20, 0, 4, D2)]
+    acts = feed(m, WriteDone())
+    assert acts == [FreeStaging(), SendChunkDone(2, 20, 4, 24, True), Complete(24, META, DIGEST)]
+    assert S.WAIT_RESUME not in {h[2] for h in m.history}
+
+
+def test_a_bad_early_resume_during_a_write_aborts_once_the_write_ended() -> None:
+    m = writing(20, 12)
+    assert feed(m, ResumeReceived(1, (5, 6), 8, 11, D1)) == []
+    assert m.state is S.DRAINING
+    acts = feed(m, WriteDone())
+    assert acts == [
+        FreeStaging(),
+        AbortWith("protocol error: ", "starts at token 11"),
+        FailWith(PE, "Resume starts at token 11, round 1 starts at 12"),
+    ]

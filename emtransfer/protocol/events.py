@@ -49,6 +49,29 @@ class ResumeReceived(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class TotalReceived(Event):
+    """Receiver: the sender knows the payload's length and it needs more than round 0's
+    allocation: the receiver may prepare round 1 while round 0 is on the wire."""
+
+    total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetched(Event):
+    """Receiver: the runtime's answer to ``Prefetch``: the next round's allocation, taken
+    without waiting (fed before any other event)."""
+
+    blocks: tuple[int, ...]
+    capacity_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchRefused(Event):
+    """Receiver: the runtime's answer to ``Prefetch``: no blocks free right now (or others
+    wait for them, FIFO); the next round is allocated after this one, holding nothing."""
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkReceived(Event):
     round: int
     start: int
@@ -150,6 +173,17 @@ class Alloc(Action):
 
 
 @dataclass(frozen=True, slots=True)
+class Prefetch(Action):
+    """Receiver: allocate the next round's blocks *now*, without waiting -- up to
+    ``num_tokens``, at least ``min_tokens`` -- while the current round may still be written,
+    and answer at once with ``Prefetched`` or ``PrefetchRefused``. Never waits, never jumps a
+    queue of waiters: a request holds two allocations only when nobody waits for blocks."""
+
+    num_tokens: int
+    min_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class Write(Action):
     """Sender: stage tokens ``[src_start, src_start + count)`` of the payload into the granted
     staging allocation and write them into the receiver's allocation of ``round`` from its token
@@ -182,6 +216,14 @@ class SendInit(Action):
 
 
 @dataclass(frozen=True, slots=True)
+class SendTotal(Action):
+    """Sender: tell the receiver the payload's length before round 0's write (sent only
+    when round 0's allocation is too small for it)."""
+
+    total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class SendResume(Action):
     round: int
     blocks: tuple[int, ...]
@@ -211,8 +253,8 @@ class SendAbortAck(Action):
 
 @dataclass(frozen=True, slots=True)
 class Deliver(Action):
-    """Receiver: tokens ``[start, start + count)`` of the payload sit at the head of the current
-    allocation; copy them out."""
+    """Receiver: tokens ``[start, start + count)`` of the payload sit at the head of the
+    allocation of ``round``; copy them out."""
 
     round: int
     start: int
@@ -221,19 +263,22 @@ class Deliver(Action):
 
 @dataclass(frozen=True, slots=True)
 class Free(Action):
-    """Receiver: free the current allocation."""
+    """Receiver: free the allocation of ``round`` (None: every allocation it holds)."""
+
+    round: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Quarantine(Action):
-    """Receiver: a write may still land in the current allocation; keep it out of circulation
-    until a proof (AbortAck, fence, teardown) or the grant's expiry releases it."""
+    """Receiver: a write may still land in what it holds (the current round's allocation and
+    a prefetched next one); keep them out of circulation until a proof (AbortAck, fence,
+    teardown) or the last grant's expiry releases them."""
 
 
 @dataclass(frozen=True, slots=True)
 class Fence(Action):
-    """Receiver: ask the transport to fence the current round's tag; feed ``Fenced`` or
-    ``FenceFailed``."""
+    """Receiver: ask the transport to fence the tags of the quarantined rounds; feed
+    ``Fenced`` or ``FenceFailed``."""
 
 
 @dataclass(frozen=True, slots=True)

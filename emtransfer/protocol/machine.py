@@ -53,6 +53,11 @@ class Machine(Generic[S]):
         return self.state in self.TERMINAL
 
     @property
+    def phase(self) -> object:
+        """What one deadline covers: a new phase starts the timer of its state afresh."""
+        return self.state
+
+    @property
     def timeout_name(self) -> str | None:
         """The Settings timeout that bounds the current state, if any."""
         return self.TIMEOUTS.get(self.state)

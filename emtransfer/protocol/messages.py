@@ -13,7 +13,7 @@ import msgspec
 
 from ..errors import AbortKind, ProtocolError
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_RID_LEN = 256
 MAX_BLOCKS = 1 << 16
 #: a large value of an Encode job (an image's bytes) travels in JobParts of at most this
@@ -98,8 +98,19 @@ class ChunkDone(Message, tag="chunk", frozen=True):
     stamp: Stamp = 0
 
 
+class Total(Message, tag="total", frozen=True):
+    """Encode -> language, before round 0's write, when round 0's allocation cannot hold the
+    payload: its length, so the receiver can grant round 1 while round 0 is on the wire."""
+
+    rid: Rid
+    total_tokens: Pos
+    session: SessionTag = ""
+
+
 class Resume(Message, tag="resume", frozen=True):
-    """Language -> encode: the receiver's next allocation (round >= 1), a grant like Init's."""
+    """Language -> encode: the receiver's next allocation (round >= 1), a grant like Init's.
+    ``received_tokens`` is where the round starts: the tokens of the rounds before it (a
+    Resume sent while the previous round is still written counts that round as full)."""
 
     rid: Rid
     round: Pos
@@ -182,6 +193,7 @@ AnyMessage = Union[  # noqa: UP007 - msgspec needs a runtime Union of the tagged
     HelloAck,
     Init,
     ChunkDone,
+    Total,
     Resume,
     Abort,
     AbortAck,

@@ -7,17 +7,30 @@ allocation *before* asking for the next one (no hold-and-wait across rounds), th
 
     NEW --Start--> ALLOCATING --AllocGranted--> WAIT_CHUNK --ChunkReceived--> ALLOCATING | DONE
 
+Pipelined resume: a sender whose payload needs more than round 0's allocation says so
+(``Total``) before it writes round 0. The receiver then prepares the next round while the
+current one is on the wire -- but only with blocks it can take *now* (``Prefetch``, answered
+at once by ``Prefetched`` or ``PrefetchRefused``: never a wait, never ahead of a queue of
+waiters), so it never waits while it holds an allocation. A prefetched round's ``Resume``
+leaves at once; the sender writes it straight after the current round, and the receiver,
+once the current round's ``ChunkDone`` is in, stays in WAIT_CHUNK for the next round (and
+prefetches the one after it). Refused, it falls back to the sequential path above:
+
+    WAIT_CHUNK --TotalReceived--> WAIT_CHUNK (Prefetch: Prefetched -> Resume | refused)
+    WAIT_CHUNK --ChunkReceived (a next round prefetched)--> WAIT_CHUNK (next round)
+
 Every allocation it grants carries a write deadline (the sender never posts after it). When it
 gives up while a write may still land (a timeout, an abort, a chunk that breaks the rules, a
-lost peer whose writes the transport cannot stop) the allocation is quarantined, and released
-only on proof, as the transport's :class:`~emtransfer.guarantees.Guarantees` allow:
+lost peer whose writes the transport cannot stop) what it holds (the current round's
+allocation, and a prefetched one) is quarantined, and released only on proof, as the
+transport's :class:`~emtransfer.guarantees.Guarantees` allow:
 
     WAIT_CHUNK --give up--> QUARANTINED --Fenced | AbortAck | PeerLost(stopped)--> FAILED
     QUARANTINED --Timeout (abort_ack_timeout): TearDownPeer--> EXPIRING
     EXPIRING --Fenced | AbortAck | PeerLost(stopped) | Timeout (grant expiry)--> FAILED
 
-Quarantine always ends: EXPIRING's deadline is the grant's expiry plus the engine's bound on a
-posted write.
+Quarantine always ends: EXPIRING's deadline is the last grant's expiry plus the engine's bound
+on a posted write.
 
 Grant policy (:meth:`ReceiverMachine.least`), what each ``Alloc`` waits for, FIFO, holding
 nothing: round 0 gets its allocation whole (a known length, capped at the pool; else the
@@ -76,6 +89,7 @@ class ReceiverMachine(Machine[ReceiverState]):
         min_grant_tokens: int = 1,
         waits: Mapping[str, float] | None = None,
         peer: str = "",
+        pipeline: bool = True,
     ) -> None:
         super().__init__(rid, R.NEW)
         #: the seconds of each timeout this machine names (for its errors' words)
@@ -94,6 +108,16 @@ class ReceiverMachine(Machine[ReceiverState]):
         self.whole = False
         self.expected: int | None = None
         self.job = False
+        #: prepare the next round while the current one is written (on a sender's Total)
+        self.pipeline = pipeline
+        #: the capacity of the next round's allocation, prefetched and granted (Resume sent)
+        self.ahead: int | None = None
+        self._prefetching = False  # a Prefetch awaits the runtime's answer
+
+    @property
+    def phase(self) -> object:
+        """A pipelined round follows the last in WAIT_CHUNK: its wait starts afresh."""
+        return (self.state, self.round)
 
     @property
     def timeout_name(self) -> str | None:
@@ -111,6 +135,29 @@ class ReceiverMachine(Machine[ReceiverState]):
         if self.round == 0:
             return cap  # a longer payload than a lease expected resumes by copy: partial
         return min(cap, self.min_grant_tokens)
+
+    def _after_current(self) -> int:
+        """Tokens still to come after the current round (which fills its allocation when
+        more follow): what a prefetch for the next round asks for."""
+        assert self.total is not None
+        return self.total - self.received - self.capacity
+
+    def _prefetch(self) -> list[Action]:
+        """Ask for the next round's blocks now, if it is known to exist and nothing is
+        prefetched yet. Its least is a Resume round's (``min_grant_tokens``)."""
+        if not self.pipeline or self.ahead is not None or self.total is None:
+            return []
+        want = self._after_current()
+        if want <= 0:
+            return []
+        cap = want if self.pool_tokens is None else min(want, self.pool_tokens)
+        self._prefetching = True
+        return [ev.Prefetch(want, min_tokens=min(cap, self.min_grant_tokens))]
+
+    def _answered(self) -> None:
+        if not self._prefetching:  # the runtime answers a Prefetch at once, only then
+            raise ProtocolError(f"rid={self.rid!r}: a prefetch answer without a Prefetch")
+        self._prefetching = False
 
     def _alloc_next(self, want: int) -> Result:
         self.round += 1
@@ -154,6 +201,34 @@ class ReceiverMachine(Machine[ReceiverState]):
             return f"ChunkDone count {e.count} leaves the allocation part-filled mid-transfer"
         return None
 
+    def total_error(self, total: int) -> str | None:
+        if self.max_tokens is not None and total > self.max_tokens:
+            return f"total_tokens {total} exceeds max_tokens={self.max_tokens}"
+        if self.total is not None and total != self.total:
+            return f"total_tokens changed from {self.total} to {total}"
+        if total < self.received + 1:
+            return f"total_tokens {total} but {self.received} were received"
+        return None
+
+    def _total(self, e: ev.TotalReceived) -> Result:
+        why = self.total_error(e.total_tokens)
+        if why:
+            err = ProtocolError(f"rid={self.rid!r}: Total: {why}")
+            return self._abandon(err, tell=f"protocol error: Total: {why}")
+        self.total = e.total_tokens
+        return R.WAIT_CHUNK, self._prefetch()
+
+    def _prefetched(self, e: ev.Prefetched) -> Result:
+        self._answered()
+        self.ahead = e.capacity_tokens
+        start = self.received + self.capacity  # the current round fills its allocation
+        msg = ev.SendResume(self.round + 1, e.blocks, e.capacity_tokens, start)
+        return R.WAIT_CHUNK, [msg]
+
+    def _refused(self, e: ev.PrefetchRefused) -> Result:
+        self._answered()  # the next round is allocated after this one, holding nothing
+        return R.WAIT_CHUNK, []
+
     def _abandon(self, error: TransferError, *, tell: str | None, kind: AbortKind = "") -> Result:
         """Give up while a write may still land in the current allocation: quarantine it, fence
         it where the engine can, tell the sender (``tell``: the reason) unless it told us."""
@@ -173,9 +248,14 @@ class ReceiverMachine(Machine[ReceiverState]):
         self.received += e.count
         if e.is_last and self.round == 0 and self.whole:
             return R.DONE, [ev.Complete(e.total_tokens, e.meta, e.digest, in_place=True)]
-        acts: list[Action] = [ev.Deliver(e.round, e.start, e.count), ev.Free()]
-        if e.is_last:
+        acts: list[Action] = [ev.Deliver(e.round, e.start, e.count), ev.Free(e.round)]
+        if e.is_last:  # a prefetched round cannot exist: it was asked for only if more came
+            assert self.ahead is None
             return R.DONE, [*acts, ev.Complete(e.total_tokens, e.meta, e.digest)]
+        if self.ahead is not None:  # the next round's grant is out: wait for its chunk
+            self.round += 1
+            self.capacity, self.ahead = self.ahead, None
+            return R.WAIT_CHUNK, [*acts, *self._prefetch()]
         state, more = self._alloc_next(e.total_tokens - self.received)
         return state, [*acts, *more]
 
@@ -275,7 +355,13 @@ ReceiverMachine.TRANSITIONS = {
     (R.ALLOCATING, ev.LocalAbort): (_M._alloc_local_abort, _F({R.FAILED})),
     (R.ALLOCATING, ev.AbortReceived): (_M._aborted_allocating, _F({R.FAILED})),
     (R.ALLOCATING, ev.PeerLost): (_M._lost_allocating, _F({R.FAILED})),
-    (R.WAIT_CHUNK, ev.ChunkReceived): (_M._chunk, _F({R.ALLOCATING, R.DONE, R.QUARANTINED})),
+    (R.WAIT_CHUNK, ev.ChunkReceived): (
+        _M._chunk,
+        _F({R.ALLOCATING, R.WAIT_CHUNK, R.DONE, R.QUARANTINED}),
+    ),
+    (R.WAIT_CHUNK, ev.TotalReceived): (_M._total, _F({R.WAIT_CHUNK, R.QUARANTINED})),
+    (R.WAIT_CHUNK, ev.Prefetched): (_M._prefetched, _F({R.WAIT_CHUNK})),
+    (R.WAIT_CHUNK, ev.PrefetchRefused): (_M._refused, _F({R.WAIT_CHUNK})),
     (R.WAIT_CHUNK, ev.Timeout): (_M._chunk_timeout, _F({R.QUARANTINED})),
     (R.WAIT_CHUNK, ev.LocalAbort): (_M._chunk_local_abort, _F({R.QUARANTINED})),
     (R.WAIT_CHUNK, ev.AbortReceived): (_M._aborted, _F({R.FAILED, R.QUARANTINED})),
@@ -290,8 +376,9 @@ ReceiverMachine.TRANSITIONS = {
     (R.EXPIRING, ev.PeerLost): (_M._lost_quarantined, _F({R.FAILED, R.EXPIRING})),
     (R.QUARANTINED, ev.Timeout): (_M._no_ack, _F({R.EXPIRING})),
     (R.EXPIRING, ev.Timeout): (_M._released, _F({R.FAILED})),
-    # a late chunk or a second abort while we wait changes nothing
+    # a late chunk or Total, or a second abort, while we wait changes nothing
     **{(st, ev.ChunkReceived): (_M._ignore, _F({st})) for st in _LINGER},
+    **{(st, ev.TotalReceived): (_M._ignore, _F({st})) for st in _LINGER},
     **{(st, ev.LocalAbort): (_M._ignore, _F({st})) for st in _LINGER},
     (R.DONE, ev.AbortReceived): (_M._ignore, _F({R.DONE})),
     (R.DONE, ev.LocalAbort): (_M._ignore, _F({R.DONE})),
@@ -303,6 +390,7 @@ ReceiverMachine.TRANSITIONS = {
     (R.FAILED, ev.PeerLost): (_M._ignore, _F({R.FAILED})),
     (R.FAILED, ev.Timeout): (_M._ignore, _F({R.FAILED})),
     (R.FAILED, ev.ChunkReceived): (_M._ignore, _F({R.FAILED})),
+    (R.FAILED, ev.TotalReceived): (_M._ignore, _F({R.FAILED})),
     (R.FAILED, ev.Fenced): (_M._ignore, _F({R.FAILED})),
     (R.FAILED, ev.FenceFailed): (_M._ignore, _F({R.FAILED})),
 }
@@ -319,6 +407,7 @@ def _unknown_chunk(rid: str, e: ev.ChunkReceived) -> list[Action]:
 
 ReceiverMachine.UNKNOWN = {
     ev.AbortReceived: _unknown_ignore,
+    ev.TotalReceived: _unknown_ignore,  # the request ended here (an abort crossed it)
     ev.AbortAckReceived: _unknown_ignore,
     ev.ChunkReceived: _unknown_chunk,
 }

@@ -15,6 +15,14 @@ flight). A write in flight is never abandoned: aborts, peer loss and cancellatio
     WRITING --AbortReceived|LocalAbort|PeerLost|Timeout--> DRAINING --WriteDone|WriteFailed--> FAILED
     DRAINING --Timeout--> FAILED (staging freed whenever the engine lets go of the write)
 
+Pipelined resume: when round 0's allocation cannot hold the payload, the sender says how
+long it is (``Total``) before it writes, and the receiver may grant the next round while this
+one is on the wire. Such an early ``Resume`` (in STAGING or WRITING, for the next round,
+starting where this round ends) is kept, and the next round starts straight after this one's
+``ChunkDone`` instead of waiting in WAIT_RESUME:
+
+    WRITING --WriteDone (the next round granted already)--> STAGING (next round)
+
 Each allocation the receiver grants carries a write deadline (``deadline`` of the Init and
 Resume events, on this node's clock); every ``Write`` carries it, and the runtime never posts
 a write after it. WRITING is bounded by ``write_timeout``, DRAINING by ``abort_ack_timeout``.
@@ -73,6 +81,7 @@ class SenderMachine(Machine[SenderState]):
         self.round_written = 0  # of those, written so far
         self.pending = 0  # tokens of the write in flight
         self._init: ev.InitReceived | None = None
+        self._ahead: ev.ResumeReceived | None = None  # the next round's grant, come early
         self._drain_reply: Action | None = None
         self._drain_error: TransferError | None = None
         self._peer_gone = False
@@ -102,7 +111,10 @@ class SenderMachine(Machine[SenderState]):
         self.deadline = deadline
         self.round_count = min(self.total - self.sent, capacity)
         self.round_written = 0
-        return S.STAGING, [ev.Alloc(self.round_count, min_tokens=1)]
+        acts: list[Action] = []
+        if self.round == 0 and self.round_count < self.total:
+            acts.append(ev.SendTotal(self.total))  # before the write: round 1 can be ready
+        return S.STAGING, [*acts, ev.Alloc(self.round_count, min_tokens=1)]
 
     # -- handlers ----------------------------------------------------------------------------
     def _data_first(self, e: ev.DataReady) -> Result:
@@ -148,23 +160,49 @@ class SenderMachine(Machine[SenderState]):
         if last:
             done = ev.Complete(self.total, self.meta, self.digest)
             return S.DONE, [ev.FreeStaging(), chunk, done]
+        if self._ahead is not None:  # pipelined: the next round's grant is here already
+            nxt, self._ahead = self._ahead, None
+            state, acts = self._begin_round(nxt.blocks, nxt.capacity_tokens, nxt.deadline)
+            return state, [ev.FreeStaging(), chunk, *acts]
         return S.WAIT_RESUME, [ev.FreeStaging(), chunk]
 
     def _write_failed(self, e: ev.WriteFailed) -> Result:
         err = TransferError(f"rid={self.rid!r}: write of round {self.round} failed: {e.reason}")
         return S.FAILED, [ev.FreeStaging(), ev.SendAbort(f"write failed: {e.reason}"), ev.Fail(err)]
 
-    def _resume(self, e: ev.ResumeReceived) -> Result:
+    def resume_error(self, e: ev.ResumeReceived) -> str | None:
+        """Why this Resume breaks the rules now, or None. One that comes while the current
+        round is still written (pipelined) must start where that round ends."""
+        early = self.state in (S.STAGING, S.WRITING)
+        if early and self._ahead is not None:
+            return f"Resume for round {e.round} while round {self._ahead.round} is granted"
         if e.round != self.round + 1:
-            return self._peer_error(f"Resume for round {e.round}, expected {self.round + 1}")
-        if e.received_tokens != self.sent:
-            return self._peer_error(
-                f"Resume says {e.received_tokens} tokens received, {self.sent} were sent"
-            )
+            return f"Resume for round {e.round}, expected {self.round + 1}"
+        start = self.sent + (self.round_count if early else 0)
+        if early and start >= (self.total or 0):
+            return f"Resume for round {e.round}, but round {self.round} is the last"
+        if e.received_tokens != start:
+            return f"Resume starts at token {e.received_tokens}, round {e.round} starts at {start}"
         why = self._check_allocation(e.blocks, e.capacity_tokens)
+        return f"Resume: {why}" if why else None
+
+    def _resume(self, e: ev.ResumeReceived) -> Result:
+        why = self.resume_error(e)
         if why:
-            return self._peer_error(f"Resume: {why}")
+            return self._peer_error(why)
         return self._begin_round(e.blocks, e.capacity_tokens, e.deadline)
+
+    def _early_resume(self, e: ev.ResumeReceived) -> Result:
+        """The next round's grant, while this round is still being written: keep it."""
+        why = self.resume_error(e)
+        if why is None:
+            self._ahead = e
+            return self.state, []
+        if self.state is S.STAGING:  # nothing in flight: tell the receiver at once
+            return self._peer_error(why)
+        self._drain_reply = ev.SendAbort(f"protocol error: {why}")  # once the write ended
+        self._drain_error = ProtocolError(f"rid={self.rid!r}: {why}")
+        return S.DRAINING, []
 
     def _timeout(self, e: ev.Timeout) -> Result:
         kind = AllocationTimeout if self.state is S.STAGING else TransferTimeout
@@ -295,6 +333,9 @@ SenderMachine.TRANSITIONS = {
     (S.WRITING, ev.WriteDone): (_M._written, _F({S.STAGING, S.WAIT_RESUME, S.DONE})),
     (S.WRITING, ev.WriteFailed): (_M._write_failed, _F({S.FAILED})),
     (S.WAIT_RESUME, ev.ResumeReceived): (_M._resume, _F({S.STAGING, S.FAILED})),
+    (S.STAGING, ev.ResumeReceived): (_M._early_resume, _F({S.STAGING, S.FAILED})),
+    (S.WRITING, ev.ResumeReceived): (_M._early_resume, _F({S.WRITING, S.DRAINING})),
+    (S.DRAINING, ev.ResumeReceived): (_M._ignore, _F({S.DRAINING})),
     (S.WRITING, ev.AbortReceived): (_M._drain_on_abort, _F({S.DRAINING})),
     (S.WRITING, ev.LocalAbort): (_M._drain_on_local, _F({S.DRAINING})),
     (S.WRITING, ev.PeerLost): (_M._drain_on_lost, _F({S.DRAINING})),

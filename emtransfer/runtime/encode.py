@@ -88,6 +88,9 @@ class SendStats:
     digest: str | None
     #: wall-clock time (time.time()) the first write was posted, to line up with the receiver
     first_write_at: float = 0.0
+    #: rounds after which the sender waited for the receiver's Resume (0 when every resumed
+    #: round was granted while the one before it was written: pipelined)
+    resume_waits: int = 0
 
 
 def _job_failure_kind(exc: BaseException) -> AbortKind:
@@ -155,6 +158,7 @@ class SenderSession(Session):
         self._pinned: _Prestaged | None = None  # the whole payload, staged by the caller
         self.first_write_at = 0.0
         self.held = 0  # bytes of the payload counted in the node's held_bytes
+        self.resume_waits = 0
 
     def bind(self, peer: Peer, session_tag: str) -> None:
         self.peer = peer
@@ -244,6 +248,9 @@ class SenderSession(Session):
                 if staging is not None:
                     task.add_done_callback(lambda _: alloc.free(staging))
                 self._linger()
+            case ev.SendTotal():
+                tag = self.session_tag
+                self._send(m.Total(rid=self.rid, total_tokens=action.total_tokens, session=tag))
             case ev.SendChunkDone():
                 last = action.is_last
                 self._send(
@@ -262,6 +269,8 @@ class SenderSession(Session):
                 self.node.metrics.rounds.inc()
                 if action.round > 0:
                     self.node.metrics.resumes.inc()
+                if mach.state is SenderState.WAIT_RESUME:
+                    self.resume_waits += 1
                 if last:
                     self.log.debug("last chunk sent", rounds=action.round + 1)
                 else:
@@ -423,6 +432,7 @@ class SenderSession(Session):
             alloc_wait_s=self.alloc_wait_s,
             digest=action.digest,
             first_write_at=self.first_write_at,
+            resume_waits=self.resume_waits,
         )
         self.node.metrics.tokens_out.inc(action.total_tokens)
         self.node.metrics.transfers_ok.inc()

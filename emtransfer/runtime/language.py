@@ -68,10 +68,13 @@ class ReceiverSession(Session):
             min_grant_tokens=s.min_grant_tokens,
             waits={"chunk_timeout": s.chunk_timeout, "encode_timeout": s.encode_timeout},
             peer=f"encode node {peer.node_id}" if peer.node_id else "",
+            pipeline=s.pipeline_resume,
         )
         super().__init__(node, machine, peer)
-        self.current: Allocation | None = None
-        self.quarantined: Allocation | None = None
+        #: round -> its allocation: the current round's, and a prefetched next one
+        self.held: dict[int, Allocation] = {}
+        #: what a give-up kept out of circulation, with the rounds they served
+        self.quarantined: dict[int, Allocation] = {}
         self.out: dict[str, torch.Tensor] | None = None
         self.copy_s = 0.0
         self.t_init = 0.0
@@ -80,16 +83,20 @@ class ReceiverSession(Session):
         self.last_chunk_at = 0.0  # wall clock, to line up with the sender's first_write_at
         self._copying: tuple[Allocation, asyncio.Future[None]] | None = None
         self._pending_copies: list[asyncio.Future[None]] = []
-        self._grant_sent_at = 0.0  # loop time the current grant left
+        self._expiry = 0.0  # loop time after which no write for any grant sent can land
+        self.prefetched = 0  # rounds granted while the one before was on the wire
         self._granted_tags: set[str] = set()  # data-plane grants still open on the transport
 
+    @property
+    def current(self) -> Allocation | None:
+        """The allocation of the round the machine waits for (or allocated last)."""
+        return self.held.get(self.machine.round)
+
     def grant_expiry(self) -> float:
-        """After this (loop time) no write for the current grant can land: the sender posts
-        none after ``stamp + ttl`` (a moment before we sent the grant), and a posted one ends
-        within the engine's post bound."""
-        ttl = self._grant_ttl()
-        bound = self.node.transport.guarantees.post_bound
-        return self._grant_sent_at + ttl * 1.001 + bound + GRANT_MARGIN_S
+        """After this (loop time) no write for any grant of this request can land: the sender
+        posts none after ``stamp + ttl`` (a moment before we sent the grant), and a posted one
+        ends within the engine's post bound."""
+        return self._expiry
 
     def _open_grant(self, round_: int, blocks: tuple[int, ...]) -> None:
         """Tell the transport what the sender may write, before the grant leaves."""
@@ -110,25 +117,48 @@ class ReceiverSession(Session):
     def _cleanup(self) -> None:
         self._close_grant()
 
-    def _grant_fields(self) -> dict[str, int]:
+    def _grant_fields(self, round_: int) -> dict[str, int]:
         """``ttl_ms`` adds the stamp's age as we measure it (an upper bound of its real age):
-        the sender's deadline still falls at most ``chunk_timeout`` after this moment."""
+        the sender's deadline still falls at most the grant's ttl after this moment."""
         assert self.peer is not None
-        now = self._grant_sent_at = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        ttl = self._grant_ttl(round_)
+        bound = self.node.transport.guarantees.post_bound
+        self._expiry = max(self._expiry, now + ttl * 1.001 + bound + GRANT_MARGIN_S)
         age = min(max(0.0, now - self.peer.stamp_at), 3600.0)
-        return {"stamp": self.peer.stamp, "ttl_ms": int((self._grant_ttl() + age) * 1000)}
+        return {"stamp": self.peer.stamp, "ttl_ms": int((ttl + age) * 1000)}
 
-    def _grant_ttl(self) -> float:
-        """A grant lasts as long as the receiver waits for its round (round 0 of an Encode
-        job waits for the encoder too)."""
+    def _grant_ttl(self, round_: int) -> float:
+        """A grant lasts as long as the receiver may wait for its round: round 0 of an Encode
+        job waits for the encoder too; a round granted while the one before it is still on
+        the wire waits for that round first."""
         m = self.machine
-        if m.round == 0 and m.job:
+        if round_ == 0 and m.job:
             return self.settings.encode_timeout
+        if round_ == m.round + 1:  # prefetched
+            return self._grant_ttl(m.round) + self.settings.chunk_timeout
         return self.settings.chunk_timeout
 
     def _granted(self, allocation: Allocation) -> ev.Event:
-        self.current = allocation
+        self.held[self.machine.round] = allocation
         return ev.AllocGranted(allocation.blocks, allocation.capacity_tokens)
+
+    async def _prefetch(self, action: ev.Prefetch) -> None:
+        """Take the next round's blocks now or not at all, and answer the machine at once."""
+        try:
+            got = self.node.allocator.try_alloc(
+                action.num_tokens, self.rid, min_tokens=action.min_tokens
+            )
+        except TransferError:
+            got = None  # can never fit now: the sequential path will say why
+        event: ev.Event = ev.PrefetchRefused()
+        if got is not None:
+            self.prefetched += 1
+            self.node.metrics.prefetched.inc()
+            self.held[self.machine.round + 1] = got
+            event = ev.Prefetched(got.blocks, got.capacity_tokens)
+        for follow in self.machine.handle(event):
+            await self._execute(follow)
 
     async def _to_event(self, item: object) -> ev.Event | None:
         if isinstance(item, m.ChunkDone):
@@ -187,7 +217,7 @@ class ReceiverSession(Session):
                         capacity_tokens=action.capacity_tokens,
                         expected_tokens=action.expected_tokens,
                         session=self.session_tag,
-                        **self._grant_fields(),
+                        **self._grant_fields(0),
                     )
                 )
             case ev.SendResume():
@@ -206,30 +236,37 @@ class ReceiverSession(Session):
                         blocks=list(action.blocks),
                         capacity_tokens=action.capacity_tokens,
                         received_tokens=action.received_tokens,
-                        **self._grant_fields(),
+                        **self._grant_fields(action.round),
                     )
                 )
+            case ev.Prefetch():
+                await self._prefetch(action)
             case ev.Deliver():
                 await self._deliver(action)
             case ev.Free():
-                assert self.current is not None
-                self._close_grant()  # already closed when its round landed; not on an abort
-                self._free_after_copy(self.current)
-                self.current = None
+                rounds = list(self.held) if action.round is None else [action.round]
+                for r in rounds:
+                    # closed already when its round landed; not on an abort
+                    self._close_grant(r)
+                    self._free_after_copy(self.held.pop(r))
             case ev.Quarantine():
-                assert self.current is not None
-                alloc.quarantine(self.current)
-                self.quarantined, self.current = self.current, None
+                assert self.held
+                for r, held in self.held.items():
+                    alloc.quarantine(held)
+                    self.quarantined[r] = held
+                self.held = {}
                 self._linger()
                 self.node.metrics.quarantines.inc()
-                self.log.info("allocation quarantined", blocks=len(self.quarantined.blocks))
+                blocks = sum(len(a.blocks) for a in self.quarantined.values())
+                self.log.info("allocation quarantined", blocks=blocks, rounds=len(self.quarantined))
             case ev.Fence():
                 await self._fence()
             case ev.ReleaseQuarantine():
-                assert self.quarantined is not None
+                assert self.quarantined
                 self._close_grant()
-                alloc.release_quarantine(self.quarantined)
-                self.quarantined = None
+                for q in self.quarantined.values():
+                    alloc.release_quarantine(q)
+                self.quarantined = {}
             case ev.TearDownPeer():
                 if self.peer is not None:
                     self.node.spawn(self.node.tear_down(self.peer, action.reason))
@@ -252,10 +289,11 @@ class ReceiverSession(Session):
                 raise ProtocolError(f"receiver cannot execute {action!r}")
 
     async def _fence(self) -> None:
-        """Ask the engine to fence the current round; feed the machine the outcome."""
+        """Ask the engine to fence the quarantined rounds; feed the machine the outcome."""
         assert self.peer is not None
         try:
-            await self.node.transport.discard(self.peer.transport_id, self._tag(self.machine.round))
+            for r in self.quarantined:
+                await self.node.transport.discard(self.peer.transport_id, self._tag(r))
         except TransferError as exc:
             self.log.warning("cannot fence the round; blocks stay quarantined", error=str(exc))
             self.feed(ev.FenceFailed(str(exc)))
@@ -274,7 +312,7 @@ class ReceiverSession(Session):
         """Copy the round out. A large copy runs on the executor *in the background*: the
         Free that follows waits for it, but the next allocation and the Resume do not, so the
         sender's next round overlaps this copy."""
-        node, cur, total = self.node, self.current, self.machine.total
+        node, cur, total = self.node, self.held.get(action.round), self.machine.total
         assert cur is not None and total is not None
         if self.out is None:
             self.out = node.registry.empty_like_payload(total)
@@ -331,6 +369,7 @@ class ReceiverSession(Session):
             "alloc_wait_s": self.alloc_wait_s,
             "copy_s": self.copy_s,
             "bytes": float(nbytes),
+            "prefetched_rounds": float(self.prefetched),
             "last_chunk_at": self.last_chunk_at,
         }
         node.metrics.bytes_in.inc(nbytes)
@@ -353,14 +392,13 @@ class ReceiverSession(Session):
         )
 
     def _release_in_place(self) -> None:
-        if self.current is not None:
-            self.node.allocator.free(self.current)
-            self.current = None
+        held = self.take_allocation()
+        if held is not None:
+            self.node.allocator.free(held)
 
     def take_allocation(self) -> Allocation | None:
         """Hand the in-place allocation to a lease (which frees it on exit)."""
-        a, self.current = self.current, None
-        return a
+        return self.held.pop(self.machine.round, None)
 
     def _forget(self) -> None:
         if self.peer is not None:
@@ -373,13 +411,11 @@ class ReceiverSession(Session):
         """A bug ended the session: a write may still land in what it holds, so keep that out
         of circulation until the grant has surely expired."""
         allocator = self.node.allocator
-        for held in (self.current, self.quarantined):
-            if held is None:
-                continue
+        for held in [*self.held.values(), *self.quarantined.values()]:
             if allocator.owns(held):
                 allocator.quarantine(held)
             self.node.release_at(self.grant_expiry(), held)
-        self.current = self.quarantined = None
+        self.held, self.quarantined = {}, {}
         self._send(m.Abort(rid=self.rid, reason="receiver failed", session=self.session_tag))
 
 
@@ -578,6 +614,8 @@ class LanguageNode(Node):
         match msg:
             case m.ChunkDone():
                 self._to_session(peer, msg.rid, msg)
+            case m.Total():
+                self._to_session(peer, msg.rid, ev.TotalReceived(msg.total_tokens), msg.session)
             case m.Abort():
                 self._to_session(peer, msg.rid, ev.AbortReceived(msg.reason, msg.kind), msg.session)
             case m.AbortAck():

@@ -149,6 +149,11 @@ class Metrics:
         )
         self.rounds = Counter("emtransfer_rounds", "Protocol rounds completed", registry=r)
         self.resumes = Counter("emtransfer_resumes", "Rounds after the first", registry=r)
+        self.prefetched = Counter(
+            "emtransfer_resumes_pipelined",
+            "Resume rounds granted while the round before was still on the wire",
+            registry=r,
+        )
         self.duration = Histogram(
             "emtransfer_transfer_duration_seconds",
             "Duration of requests that completed",

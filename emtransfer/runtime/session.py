@@ -143,11 +143,11 @@ class Session:
     async def _run(self) -> None:
         m = self.machine
         loop = asyncio.get_running_loop()
-        state, timer = None, None
+        phase, timer = None, None
         try:
             while not self._loop_done():
-                if m.state is not state:  # one timer per state, not one per event
-                    state = m.state
+                if m.phase != phase:  # one timer per state (phase), not one per event
+                    phase = m.phase
                     if timer is not None:
                         timer.cancel()
                         timer = None
@@ -216,6 +216,7 @@ class Session:
         return isinstance(
             event,
             ev.InitReceived
+            | ev.TotalReceived
             | ev.ResumeReceived
             | ev.ChunkReceived
             | ev.AbortReceived
