@@ -24,6 +24,7 @@ from emtransfer.integrations.vllm import (
     EmtransferECMetadata,
     EmtransferECStats,
     EmtransferECWorkerMetadata,
+    LoadSpec,
 )
 from emtransfer.integrations.vllm.config import parse_config
 from emtransfer.integrations.vllm.scheduler import SchedulerSide
@@ -130,11 +131,40 @@ def test_the_v1_model_runner_is_refused_for_a_consumer() -> None:
     vc = SimpleNamespace(ec_transfer_config=_ec(), use_v2_model_runner=False)
     with pytest.raises(et.ConfigError, match="V2 model runner"):
         EmtransferECConnector(vc, ECConnectorRole.WORKER)  # type: ignore[arg-type]
+    # TP > 1 is supported (test_vllm_connector_tp), but needs vLLM's TP group
     vc = SimpleNamespace(
         ec_transfer_config=_ec(), parallel_config=SimpleNamespace(tensor_parallel_size=2)
     )
-    with pytest.raises(et.ConfigError, match="tensor_parallel_size=2"):
-        WorkerSide(parse_config(vc.ec_transfer_config), vc)
+    worker = WorkerSide(parse_config(vc.ec_transfer_config), vc)
+    with pytest.raises(et.ConfigError, match="tensor_parallel_size=2 but vLLM's"):
+        worker.start_services()
+
+
+@pytest.mark.parametrize("role", ["ec_consumer", "ec_producer", "ec_both"])
+def test_which_ranks_move_items(role: str) -> None:
+    """A later pipeline stage moves nothing (as before TP support); a TP rank other than 0
+    offers nothing; a consumer's TP ranks all load (checked here without a group: a later
+    PP stage never reaches a collective)."""
+    from emtransfer.integrations.vllm.broadcast import TPLayout
+
+    cfg = parse_config(_ec(role, producer_addr=None, hidden_size=vh.HIDDEN))
+    vc = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=2))
+    later_stage = WorkerSide(cfg, vc, TPLayout(rank=0, size=2, ranks=(2, 3), first_pp=False))
+    later_stage.start_services()  # no node, no group
+    spec = EmtransferECMetadata(loads=[LoadSpec("h", "h", "127.0.0.1:1", 4)], publish=["h"])
+    cache = {"h": torch.zeros(4, vh.HIDDEN, dtype=torch.bfloat16)}
+    later_stage.start_load_caches(spec, cache)
+    later_stage.start_save_caches(spec, cache)
+    later_stage.save_caches(cache, "h")
+    assert later_stage.language_node is None and later_stage.encode_node is None
+    assert later_stage.build_connector_worker_meta() is None
+    assert later_stage._tp is None and not later_stage._pending
+    later_stage.shutdown()
+    rank1 = WorkerSide(cfg, vc, TPLayout(rank=1, size=2, ranks=(0, 1)))
+    assert rank1._producer_active() is False
+    assert rank1._consumer_active() is True
+    assert rank1._leads() is False
+    rank1.shutdown()
 
 
 # -------------------------------------------------------------- the scheduler side's books

@@ -14,7 +14,8 @@ fails (producer gone, timeout, abort) fails only the requests that needed it, th
 ``take_unavailable_requests``. ``docs/vllm.md`` has the design, the keys and the failure
 semantics. One instance per process and role: vLLM builds one in the scheduler
 (``ECConnectorRole.SCHEDULER``) and one in each worker (``WORKER``); each half lives in its
-own module (``scheduler.py``, ``worker.py``).
+own module (``scheduler.py``, ``worker.py``). A consumer with tensor parallelism receives on
+TP rank 0 and broadcasts each item to the other ranks (``broadcast.py``).
 """
 
 from __future__ import annotations
