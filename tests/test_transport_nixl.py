@@ -118,6 +118,19 @@ async def test_scattered_write_lands(inline_max_bytes: int) -> None:
         assert b.pending_notifs() == 0
 
 
+async def test_traffic_wakes_the_progress_thread_not_its_idle_timeout() -> None:
+    """With the progress thread on, only it delivers notifications to the target (UCX); it
+    sleeps in poll() for up to ``progress_delay_us``. With a timeout far longer than the test's
+    budget, every notification still arrives: the worker's event fd wakes the thread."""
+    assert NixlTransport(make_registry()).progress_delay_us >= 10_000  # idle: few wake-ups
+    async with _pair(progress_delay_us=600_000_000) as (a, b, ra, rb):  # 10 minutes
+        for i in range(5):
+            ops = block_ops(ra, [i], [i], BLOCK_SIZE)
+            await asyncio.wait_for(a.write("b", ops, tag=f"w{i}"), WAIT)
+            await asyncio.wait_for(b.wait_landed("a", f"w{i}", sum(o.nbytes for o in ops)), WAIT)
+            assert landed(ra, rb, ops)
+
+
 async def test_out_of_bounds_refused_before_posting() -> None:
     async with _pair() as (a, b, ra, rb):
         size = ra.byte_view("embeddings").numel()
