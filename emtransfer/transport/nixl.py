@@ -171,8 +171,9 @@ def new_agent(name: str, params: Mapping[str, str], *, delay_us: int, thread: bo
 
 class NixlTransport(Transport):
     """One-sided NIXL/UCX writes between registered pools (DRAM for CPU, VRAM for CUDA pools).
-    Writes of ``inline_max_bytes`` or more are posted from an executor thread (UCX may copy inline
-    in the post), smaller ones on the loop; those still in progress are watched by one poller
+    Writes of ``inline_max_bytes`` (16 MiB, as large as the runtime's own copies on the loop) or
+    more are posted from an executor thread (UCX may copy inline in the post), smaller ones on
+    the loop; those still in progress are watched by one poller
     thread (:mod:`.nixl_poller`), which sleeps on a condition while none is. Idle, the agent's
     UCX progress thread wakes every ``progress_delay_us`` (:func:`new_agent`)."""
 
@@ -189,7 +190,7 @@ class NixlTransport(Transport):
         *,
         backend_params: Mapping[str, str] | None = None,
         progress_delay_us: int = PROGRESS_DELAY_US,
-        inline_max_bytes: int = 4 << 20,
+        inline_max_bytes: int = 16 << 20,
         xfer_timeout: float = 10.0,
         notif_ttl: float = 300.0,
         threads: int = 2,
