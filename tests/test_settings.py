@@ -19,6 +19,7 @@ DEFAULTS = {
     "block_size": 128,
     "default_blocks": 8,
     "min_grant_blocks": None,
+    "pipeline_resume": True,
     "num_blocks": 64,
     "hidden_size": 4096,
     "dtype": "bfloat16",

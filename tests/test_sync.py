@@ -149,7 +149,8 @@ def test_a_receive_shows_each_state_of_its_protocol_machine(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rec = Recorder(monkeypatch)
-    with language_side() as (lang, enc):
+    # the sequential resume: round 1 is allocated once round 0 is in (ALLOCATING again)
+    with language_side(pipeline_resume=False) as (lang, enc):
         hog = call(lang, hold_all, lang.node.allocator)
         h = lang.receive("walk", enc.address)  # 150 tokens: more than the first allocation
         rec.wait_protocol(h, "ALLOCATING")
@@ -168,6 +169,29 @@ def test_a_receive_shows_each_state_of_its_protocol_machine(
         assert (P.TRANSFERRING, "ALLOCATING") in seen  # the resume's allocation goes on
         assert seen[-1] == (P.SUCCESS, "DONE")
         assert_monotonic(rec.polls("walk"))
+        h.release()
+
+
+def test_a_pipelined_resume_stays_transferring_in_wait_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pipelining on (the default): round 1 is granted while round 0 is on the wire, so the
+    machine goes from WAIT_CHUNK to WAIT_CHUNK, and the handle reads TRANSFERRING throughout."""
+    rec = Recorder(monkeypatch)
+    with language_side() as (lang, enc):
+        payload = make_payload(150, seed=4)
+        h = lang.receive("pipe", enc.address)
+        rec.wait_protocol(h, "WAIT_CHUNK")
+        stats = on(lang, enc.send("pipe", payload))
+        got = h.result(WAIT)
+        assert_same_payload(got.tensors, payload)
+        # (the sender may still wait for the Resume: a write this small can end before it)
+        assert got.rounds == stats.rounds > 1
+        assert got.stats["prefetched_rounds"] == stats.rounds - 1
+        seen = rec.seen["pipe"]
+        assert (P.TRANSFERRING, "ALLOCATING") not in seen  # never waited for a resume's blocks
+        assert seen[-1] == (P.SUCCESS, "DONE")
+        assert_monotonic(rec.polls("pipe"))
         h.release()
 
 
