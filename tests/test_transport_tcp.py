@@ -290,6 +290,55 @@ def test_source_may_be_reused_when_write_returns(loop: str) -> None:
         runner.run(run())
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_write_nowait_posts_at_once_on_an_idle_connection(loop: str) -> None:
+    """write_nowait: the first write (no connection yet) is write() itself; then a small one
+    is done before it returns (None); one the kernel cannot take whole returns the wait for it,
+    and its source may be reused once that returned. landed() says what wait_landed would."""
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+
+    async def run() -> None:
+        a, b = await node(512, sock_buf=1 << 16), await node(512, sock_buf=1 << 16)
+        try:
+            await a.t.add_peer("b", b.t.metadata())
+            await b.t.add_peer("a", a.t.metadata())
+            a.fill(11)
+            first = [WriteOp(EMB, 0, 0, 4096)]
+            pending = a.t.write_nowait("b", first, tag="first")
+            assert pending is not None  # it connects first
+            await pending
+            small = [WriteOp(EMB, 4096, 8192, 4096), WriteOp(EMB, 1 << 16, 1 << 17, 20_000)]
+            assert a.t.write_nowait("b", small, tag="small") is None
+            assert not b.t.landed("a", "small", 1 << 30)  # not that many bytes
+            await b.t.wait_landed("a", "first", 4096)
+            await asyncio.wait_for(b.t.wait_landed("a", "small", 24_096), 10)
+            assert same(a, b, first + small)
+            assert not b.t.landed("a", "small", 1)  # forgotten once landed
+            big = [WriteOp(EMB, 0, 0, a.reg.byte_view(EMB).numel())]
+            want = a.reg.byte_view(EMB).clone()
+            pending = a.t.write_nowait("b", big, tag="big")
+            assert pending is not None  # more than the socket buffers take at once
+            await pending
+            a.reg.byte_view(EMB).zero_()  # the caller reuses its staging at once
+            await asyncio.wait_for(b.t.wait_landed("a", "big", want.numel()), 10)
+            assert torch.equal(b.reg.byte_view(EMB), want)
+            tiny = [WriteOp(EMB, 0, 0, 64)]
+            assert a.t.write_nowait("b", tiny, tag="tiny") is None
+            assert a.t.write_nowait("b", [WriteOp(EMB, 64, 64, 64)], tag="after") is None
+            # one connection, read in order: once "after" is in, "tiny" is, and landed() says so
+            await asyncio.wait_for(b.t.wait_landed("a", "after", 64), 10)
+            assert b.t.landed("a", "tiny", 64)
+            assert not b.t.landed("a", "tiny", 64)  # and forgets it
+            with pytest.raises(TransportError):  # refused before any byte is sent
+                a.t.write_nowait("b", [WriteOp(EMB, 0, 1 << 40, 64)], tag="bad")
+        finally:
+            await a.t.close()
+            await b.t.close()
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(run())
+
+
 async def test_sender_side_refusals(nodes: tuple[Node, Node, Node]) -> None:
     a, b, _ = nodes
     bad = [

@@ -288,6 +288,86 @@ def test_relink_after_remove_peer() -> None:
         assert not threads, threads
 
 
+# -- framing: one message per small write, frame 1 for an older peer -----------------------------
+#: (ops, the sender's view of the receiver's header receive): WRITE_ALL (everything in one
+#: message), WRITE_HEAD (a header that fits, the payload after it), frame 1 (a header too long)
+FRAMED = [
+    ([WriteOp("embeddings", 0, 0, 8192), WriteOp("embeddings", 1 << 17, 1 << 18, 100)], None),
+    ([WriteOp("embeddings", 8192, 16384, 4096)], 64),
+    (
+        [
+            WriteOp("embeddings", 1 << 15, 1 << 16, 512),
+            WriteOp("embeddings", 1 << 16, 1 << 17, 256),
+        ],
+        64,
+    ),
+]
+
+
+async def _framing(role: str, old_peer: bool, registry: Any, conn: Any) -> Any:
+    """Each framing lands intact; ``old_peer``: both ends read the other's metadata without
+    the frame-2 fields (what a node of an older version publishes) and use frame 1."""
+    from emtransfer.transport import torch as tt
+
+    transport = _transport(registry)
+    await transport.start()
+    conn.send(("meta", transport.metadata()))
+    _, meta = await _recv(conn)
+    doc = json.loads(meta)
+    if old_peer:
+        doc.pop("frame"), doc.pop("recv_max")
+    await transport.add_peer("peer", json.dumps(doc).encode())
+    link = transport._peers["peer"]
+    framing = (link.frame, link.recv_max)
+    _pattern(registry, seed=40 if role == "sender" else 41)
+    expect = registry.byte_view("embeddings").clone()
+    if role == "sender":
+        kinds = []
+        for i, (ops, recv_max) in enumerate(FRAMED):
+            if recv_max is not None and not old_peer:
+                link.recv_max = recv_max
+            msgs, nhead, packed = transport._frames(link, ops, f"f{i}")
+            kinds.append((len(msgs), nhead, packed))
+            await transport.write("peer", ops, tag=f"f{i}")
+        ok = kinds == (
+            [(2 + len(ops), 2, False) for ops, _ in FRAMED]
+            if old_peer
+            else [(3, 1, True), (2, 1, False), (4, 2, False)]
+        )
+    else:
+        theirs = _pattern(_scratch_registry(), seed=40)["embeddings"]
+        for i, (ops, _) in enumerate(FRAMED):
+            await asyncio.wait_for(
+                transport.wait_landed("peer", f"f{i}", sum(o.nbytes for o in ops)), 20
+            )
+            for o in ops:
+                expect[o.dst_offset : o.dst_offset + o.nbytes] = theirs[
+                    o.src_offset : o.src_offset + o.nbytes
+                ]
+        ok = torch_equal(registry.byte_view("embeddings"), expect)
+    conn.send(("checked",))
+    await _recv(conn)
+    await transport.close()
+    conn.send(("ok", (ok, framing == ((1, 0) if old_peer else (tt._FRAME, tt._RECV_MAX)))))
+
+
+async def scenario_framing(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    await _framing(role, False, registry, conn)
+
+
+async def scenario_framing_old_peer(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    await _framing(role, True, registry, conn)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("old_peer", [False, True], ids=["frame2", "older-peer"])
+def test_framings_land_intact(old_peer: bool) -> None:
+    scenario = scenario_framing_old_peer if old_peer else scenario_framing
+    for ok, negotiated in run_pair("torch", scenario, timeout=80):
+        assert negotiated, "the wrong framing was negotiated"
+        assert ok, "a write did not land intact (or not in the framing expected)"
+
+
 # -- discard: the receiver-side fence of an abandoned round --------------------------------------
 SLOW = [WriteOp("embeddings", 0, 8192, 1 << 16)]  # the write under the tag that gets discarded
 NEXT = [WriteOp("embeddings", 1 << 17, 1 << 18, 4096)]  # a later write under another tag

@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import torch
 
 from ..allocator import Allocation
-from ..buffers import payload_digest
+from ..buffers import WriteOp, payload_digest
 from ..errors import (
     AbortKind,
     CapacityError,
@@ -30,6 +31,7 @@ from ..errors import (
 from ..protocol import SenderMachine, SenderState
 from ..protocol import events as ev
 from ..protocol import messages as m
+from ..transport import Transport
 from . import control, tls
 from .channel import Channel
 from .directory import register_local, unregister_local
@@ -135,6 +137,31 @@ class _Prestaged:
         return staging is self.allocation and start == self.start and count <= self.count
 
 
+class _WritePlan(NamedTuple):
+    """What one Write moves, worked out before any byte does."""
+
+    staging: Allocation
+    ops: list[WriteOp]
+    nbytes: int
+    pre: _Prestaged | None
+    pinned: bool
+    #: copies the round into the staging blocks (None: it is there already)
+    stage: Callable[[], None] | None
+    stage_on_loop: bool  # small enough to copy on the loop
+    tag: str
+    peer_id: str
+
+
+def _posts_at_once(transport: Transport) -> bool:
+    """Whether the sender may try ``write_nowait``: the engine implements it, and nobody
+    wrapped this instance's ``write`` (a tracer, a test's fault injector: they see every
+    write, as they did before the shortcut existed)."""
+    return (
+        type(transport).write_nowait is not Transport.write_nowait
+        and "write" not in transport.__dict__
+    )
+
+
 class SenderSession(Session):
     ALLOC_STATES = frozenset({SenderState.STAGING})
     machine: SenderMachine
@@ -230,7 +257,7 @@ class SenderSession(Session):
             case ev.Alloc():
                 self._start_alloc(action)
             case ev.Write():
-                self._write_task = asyncio.create_task(self._write(action))
+                self._start_write(action)
             case ev.FreeStaging():
                 if self.staging is not None and not self._is_pinned(self.staging):
                     self.node.allocator.free(self.staging)
@@ -272,7 +299,8 @@ class SenderSession(Session):
                 if mach.state is SenderState.WAIT_RESUME:
                     self.resume_waits += 1
                 if last:
-                    self.log.debug("last chunk sent", rounds=action.round + 1)
+                    if self.node.log.logger.isEnabledFor(logging.DEBUG):
+                        self.log.debug("last chunk sent", rounds=action.round + 1)
                 else:
                     self.log.debug(
                         "round sent, awaiting resume",
@@ -295,60 +323,111 @@ class SenderSession(Session):
             case _:  # pragma: no cover
                 raise ProtocolError(f"sender cannot execute {action!r}")
 
-    async def _write(self, action: ev.Write) -> None:
-        node = self.node
+    def _start_write(self, action: ev.Write) -> None:
+        """Execute a Write. As far as it goes without waiting, right here: a payload copied on
+        the loop and an engine that posts at once (``Transport.write_nowait``) finish it before
+        this returns, WriteDone queued; whatever must wait runs as the write's task."""
+        self._write_task = None
         try:
-            staging, payload, peer = self.staging, self.payload, self.peer
-            assert staging is not None and payload is not None and peer is not None
-            dest = Allocation(self.rid, self.machine.dest_blocks, node.settings.block_size, 0)
-            pinned = self._is_pinned(staging)  # holds the whole payload: token t at t
-            src = action.src_start if pinned else 0
-            runs = staging.runs_to(dest, action.count, src_start=src, dst_start=action.dst_start)
-            ops = node.registry.write_ops(runs)
-            nbytes = action.count * node.registry.token_nbytes
-            if action.round > 0:
-                self.log.debug(
-                    "resumed round",
-                    round=action.round,
-                    blocks=len(self.machine.dest_blocks),
-                    runs=len(runs),
-                    tokens=action.count,
-                )
+            plan = self._plan_write(action)
+            transport = self.node.transport
+            eager = _posts_at_once(transport) and plan.stage_on_loop
+            if not eager:  # the whole write in a task, as engines without write_nowait need
+                self._write_task = self._loop.create_task(self._write(action, plan))
+                return
+            if plan.stage is not None:
+                plan.stage()
+            self._first_write()
+            pending = transport.write_nowait(
+                plan.peer_id, plan.ops, tag=plan.tag, deadline=action.deadline
+            )
+        except Exception as exc:  # as a failure of the write's task would: the machine decides
+            self._write_task = self._loop.create_task(self._write_failed(action, exc))
+            return
+        if pending is not None:
+            self._write_task = self._loop.create_task(self._write(action, plan, pending))
+            return
+        try:
+            self._wrote(action, plan)
+        except Exception as exc:
+            self._write_task = self._loop.create_task(self._write_failed(action, exc))
+
+    def _plan_write(self, action: ev.Write) -> _WritePlan:
+        node = self.node
+        staging, payload, peer = self.staging, self.payload, self.peer
+        assert staging is not None and payload is not None and peer is not None
+        dest = Allocation(self.rid, self.machine.dest_blocks, node.settings.block_size, 0)
+        pinned = self._is_pinned(staging)  # holds the whole payload: token t at t
+        src = action.src_start if pinned else 0
+        runs = staging.runs_to(dest, action.count, src_start=src, dst_start=action.dst_start)
+        ops = node.registry.write_ops(runs)
+        nbytes = action.count * node.token_nbytes
+        if action.round > 0 and self.node.log.logger.isEnabledFor(logging.DEBUG):
+            self.log.debug(
+                "resumed round",
+                round=action.round,
+                blocks=len(self.machine.dest_blocks),
+                runs=len(runs),
+                tokens=action.count,
+            )
+        pre, self._staged = self._staged, None
+        if pre is not None and not pre.covers(staging, action.src_start, action.count):
+            pre = None
+        stage: Callable[[], None] | None = None
+        if not pinned and pre is None:  # else the caller wrote it there, or it was pre-staged
 
             def stage() -> None:
                 node.registry.write(
                     staging, payload, count=action.count, src_start=action.src_start
                 )
 
-            pre, self._staged = self._staged, None
-            if pre is not None and not pre.covers(staging, action.src_start, action.count):
-                pre = None
-            if pinned:
-                pass  # the caller wrote it there (or send() copied it in)
-            elif pre is not None:
-                pass  # staged while we waited for the Resume (or the Init)
-            elif nbytes >= OFFLOAD_BYTES:
-                await asyncio.get_running_loop().run_in_executor(node.executor, stage)
+        tag = data_tag(self.rid, self.session_tag, action.round)
+        return _WritePlan(
+            staging, ops, nbytes, pre, pinned, stage, nbytes < OFFLOAD_BYTES, tag, peer.transport_id
+        )
+
+    def _first_write(self) -> None:
+        if self.t_first_write is None:
+            self.t_first_write = time.perf_counter()
+            self.first_write_at = time.time()
+
+    def _wrote(self, action: ev.Write, plan: _WritePlan) -> None:
+        """The write returned: its bytes are the engine's (or the peer's) now."""
+        if plan.pre is not None and not plan.pinned:
+            self._keep_the_rest(plan.pre, plan.staging, action.count)
+        self.t_last_write = time.perf_counter()
+        self.writes += 1
+        self.node.metrics.bytes_out.inc(plan.nbytes)
+        self.feed(ev.WriteDone())
+
+    async def _write(
+        self, action: ev.Write, plan: _WritePlan, pending: Awaitable[None] | None = None
+    ) -> None:
+        node = self.node
+        try:
+            if pending is not None:  # posted already: what is left of it
+                await pending
             else:
-                stage()
-            if self.t_first_write is None:
-                self.t_first_write = time.perf_counter()
-                self.first_write_at = time.time()
-            tag = data_tag(self.rid, self.session_tag, action.round)
-            await node.transport.write(peer.transport_id, ops, tag=tag, deadline=action.deadline)
-            if pre is not None and not pinned:
-                self._keep_the_rest(pre, staging, action.count)
-            self.t_last_write = time.perf_counter()
-            self.writes += 1
-            node.metrics.bytes_out.inc(nbytes)
-            self.feed(ev.WriteDone())
+                if plan.stage is not None:
+                    if plan.stage_on_loop:
+                        plan.stage()
+                    else:
+                        await self._loop.run_in_executor(node.executor, plan.stage)
+                self._first_write()
+                await node.transport.write(
+                    plan.peer_id, plan.ops, tag=plan.tag, deadline=action.deadline
+                )
+            self._wrote(action, plan)
         except Exception as exc:  # the transport failed: the machine decides what follows
-            self.log.warning("write failed", error=repr(exc), round=action.round)
-            # a dead peer usually breaks the data path a moment before its control connection
-            # reports it: give that report a moment, so the caller learns the real cause
-            if self.peer is not None and await self.peer.lost_soon():
-                self.feed(ev.PeerLost("peer lost during the write"))
-            self.feed(ev.WriteFailed(repr(exc)))
+            await self._write_failed(action, exc)
+
+    async def _write_failed(self, action: ev.Write, exc: Exception) -> None:
+        self.log.warning("write failed", error=repr(exc), round=action.round)
+        # a dead peer usually breaks the data path a moment before its control connection
+        # reports it: give that report a moment, so the caller learns the real cause
+        if self.peer is not None and await self.peer.lost_soon():
+            self.feed(ev.PeerLost("peer lost during the write"))
+        self.feed(ev.WriteFailed(repr(exc)))
 
     def _keep_the_rest(self, pre: _Prestaged, staging: Allocation, written: int) -> None:
         """Pre-staged tokens past this write (staged at send() before the receiver's grant
@@ -395,7 +474,7 @@ class SenderSession(Session):
             node.registry.write(a, payload, count=count, src_start=start)
 
         loop = asyncio.get_running_loop()
-        if count * node.registry.token_nbytes >= OFFLOAD_BYTES:
+        if count * node.token_nbytes >= OFFLOAD_BYTES:
             copy = loop.run_in_executor(node.executor, stage)
         else:
             copy = loop.create_future()
@@ -424,7 +503,7 @@ class SenderSession(Session):
         stats = SendStats(
             rid=self.rid,
             num_tokens=action.total_tokens,
-            nbytes=action.total_tokens * self.node.registry.token_nbytes,
+            nbytes=action.total_tokens * self.node.token_nbytes,
             rounds=self.machine.round + 1,
             writes=self.writes,
             elapsed_s=now - self.t_start,
@@ -631,7 +710,7 @@ class EncodeNode(Node):
             def copy_in() -> None:
                 self.registry.write(alloc, tensors, count=num_tokens)
 
-            if num_tokens * self.registry.token_nbytes >= OFFLOAD_BYTES:
+            if num_tokens * self.token_nbytes >= OFFLOAD_BYTES:
                 await asyncio.get_running_loop().run_in_executor(self.executor, copy_in)
             else:
                 copy_in()
@@ -662,7 +741,7 @@ class EncodeNode(Node):
         if self.settings.verify_digest:
             digest = payload_digest(tensors, list(self.registry.layouts))
         session.payload = tensors
-        session.held = num_tokens * self.registry.token_nbytes
+        session.held = num_tokens * self.token_nbytes
         self.held_bytes += session.held
         if staged is not None:
             try:
@@ -675,7 +754,7 @@ class EncodeNode(Node):
         session.feed(ev.DataReady(num_tokens, meta, digest))
         del tensors  # the session holds the payload until it ends; no frame of ours does
         try:
-            result: SendStats = await asyncio.shield(session.result)
+            result: SendStats = await session.outcome()  # a cancel leaves the result be
             return result
         except asyncio.CancelledError:
             if session.running:
@@ -903,7 +982,7 @@ class EncodeNode(Node):
 
     def _over_memory(self, num_tokens: int) -> str | None:
         limit = int(self.settings.max_held_mib * 2**20)
-        nbytes = num_tokens * self.registry.token_nbytes
+        nbytes = num_tokens * self.token_nbytes
         if self.held_bytes + nbytes > limit:
             return (
                 f"payload of {nbytes} bytes would pass max_held_mib={self.settings.max_held_mib} "

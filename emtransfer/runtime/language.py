@@ -107,12 +107,13 @@ class ReceiverSession(Session):
 
     def _close_grant(self, round_: int | None = None) -> None:
         """The grant of ``round_`` (default: every one still open) ended."""
-        if self.peer is None:
+        if self.peer is None or not self._granted_tags:
             return
         tags = [self._tag(round_)] if round_ is not None else list(self._granted_tags)
         for tag in tags:
-            self.node.transport.revoke(self.peer.transport_id, tag)
-            self._granted_tags.discard(tag)
+            if tag in self._granted_tags:
+                self.node.transport.revoke(self.peer.transport_id, tag)
+                self._granted_tags.discard(tag)
 
     def _cleanup(self) -> None:
         self._close_grant()
@@ -162,17 +163,21 @@ class ReceiverSession(Session):
 
     async def _to_event(self, item: object) -> ev.Event | None:
         if isinstance(item, m.ChunkDone):
-            if self.machine.state is ReceiverState.WAIT_CHUNK and self.peer is not None:
-                nbytes = item.count * self.node.registry.token_nbytes
-                error = self.machine.chunk_error(_chunk_event(item))
+            event = _chunk_event(item)
+            peer = self.peer
+            if self.machine.state is ReceiverState.WAIT_CHUNK and peer is not None:
+                nbytes = item.count * self.node.token_nbytes
+                error = self.machine.chunk_error(event)
                 if error is None:  # never wait for the data of a chunk we will refuse
-                    failure = await self._wait_landed(item.round, nbytes)
-                    if failure is not None:
-                        return failure
+                    tag = self._tag(item.round)
+                    if not self.node.transport.landed(peer.transport_id, tag, nbytes):
+                        failure = await self._wait_landed(item.round, nbytes)
+                        if failure is not None:
+                            return failure
                     self._close_grant(item.round)  # every byte is in: nothing more may land
             self.t_last_chunk = time.perf_counter()
             self.last_chunk_at = time.time()
-            return _chunk_event(item)
+            return event
         return await super()._to_event(item)
 
     def _tag(self, round_: int) -> str:
@@ -323,7 +328,7 @@ class ReceiverSession(Session):
             node.registry.read_into(cur, out, count=action.count, out_start=action.start)
             self.copy_s += time.perf_counter() - t0
 
-        if action.count * node.registry.token_nbytes >= OFFLOAD_BYTES:
+        if action.count * node.token_nbytes >= OFFLOAD_BYTES:
             loop = asyncio.get_running_loop()
 
             async def copy_soon() -> None:  # starts once this coroutine yields: after the Resume
@@ -362,7 +367,7 @@ class ReceiverSession(Session):
                 )
                 return
         now = time.perf_counter()
-        nbytes = action.total_tokens * node.registry.token_nbytes
+        nbytes = action.total_tokens * node.token_nbytes
         stats = {
             "elapsed_s": now - self.t_start,
             "transfer_s": self.t_last_chunk - self.t_init,
@@ -375,7 +380,8 @@ class ReceiverSession(Session):
         node.metrics.bytes_in.inc(nbytes)
         node.metrics.tokens_in.inc(action.total_tokens)
         node.metrics.rounds.inc(self.machine.round + 1)
-        node.metrics.resumes.inc(self.machine.round)
+        if self.machine.round:
+            node.metrics.resumes.inc(self.machine.round)
         node.metrics.transfers_ok.inc()
         node.metrics.duration.observe(stats["elapsed_s"])
         self._set_result(
@@ -597,7 +603,7 @@ class LanguageNode(Node):
         session.feed(ev.Start(expected, whole, job))
         session.start()
         try:
-            return await asyncio.shield(session.result)
+            return await session.outcome()  # a cancel here leaves the session's result be
         except asyncio.CancelledError:
             # the result may already be there (the cancel raced the completion): whatever
             # it holds in the pool goes back, since nobody will take it any more

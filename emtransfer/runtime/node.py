@@ -113,6 +113,8 @@ class Node:
         self.registry = (
             transport.registry if transport is not None else BufferRegistry.from_settings(settings)
         )
+        #: bytes of one token across every field (the registry's layout is fixed)
+        self.token_nbytes = self.registry.token_nbytes
         self.transport = transport or create_transport(settings, self.registry)
         self.transport.inbound = self.role == "language"  # only receivers are written to
         #: connected peers by connection (their transport id), never by the id they claim

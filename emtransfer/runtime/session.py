@@ -9,7 +9,9 @@ subclasses (sender, receiver) execute the actions that are specific to their sid
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
@@ -37,6 +39,8 @@ class SessionHost(Protocol):
     metrics: Metrics
     executor: ThreadPoolExecutor
     log: Any
+    #: bytes of one token across every field
+    token_nbytes: int
 
     def session_ended(self, session: Session) -> None:
         """The session's coroutine has ended (after its last action)."""
@@ -49,6 +53,48 @@ class SessionHost(Protocol):
 
     def release_at(self, when: float, allocation: Allocation) -> None:
         """Release the quarantined ``allocation`` at loop time ``when`` (or at close)."""
+
+
+class _Mailbox:
+    """A session's event queue: what ``asyncio.Queue`` does for one consumer, without its
+    locks, events and per-call loop look-ups (a session feeds and takes several items per
+    request: this is on every request's path)."""
+
+    __slots__ = ("_items", "_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._items: deque[object] = deque()
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: object) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def get_nowait(self) -> object:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.popleft()
+
+    async def get(self) -> object:
+        while not self._items:
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        return self._items.popleft()
 
 
 class _Granted:
@@ -80,6 +126,7 @@ class Session:
 
     #: states in which an allocation may be outstanding
     ALLOC_STATES: frozenset[Any] = frozenset()
+    _alloc_states: tuple[Any, ...] = ()
 
     def __init__(self, node: SessionHost, machine: Machine[Any], peer: Peer | None) -> None:
         self.node = node
@@ -87,10 +134,13 @@ class Session:
         self.peer = peer
         self.rid = machine.rid
         self.settings = node.settings
-        self.queue: asyncio.Queue[object] = asyncio.Queue()
-        self.result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._loop = loop = asyncio.get_running_loop()
+        self.queue = _Mailbox(loop)
+        self.result: asyncio.Future[Any] = loop.create_future()
+        #: what the caller awaits (see :meth:`outcome`): set with ``result``
+        self._waiter: asyncio.Future[Any] | None = None
         self.task: asyncio.Task[None] | None = None
-        self.log = node.log.bind(rid=self.rid)
+        self._log: Any = None  # node.log bound to the rid, made when first needed
         self.t_start = time.perf_counter()
         self.alloc_wait_s = 0.0
         self._alloc_token: object | None = None
@@ -98,6 +148,22 @@ class Session:
         self._error_override: TransferError | None = None
         self._deadline_token: object | None = None
         self._observer: StateObserver | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._alloc_states = tuple(cls.ALLOC_STATES)  # by identity: no Enum.__hash__ per step
+
+    @property
+    def log(self) -> Any:
+        """The node's log, bound to this request's rid (most requests never log)."""
+        log = self._log
+        if log is None:
+            log = self._log = self.node.log.bind(rid=self.rid)
+        return log
+
+    @log.setter
+    def log(self, value: Any) -> None:
+        self._log = value
 
     # -- feeding -------------------------------------------------------------------------------
     def feed(self, event: object) -> None:
@@ -130,7 +196,18 @@ class Session:
         return True
 
     def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name=f"emtransfer:{self.rid}")
+        self.task = self._loop.create_task(self._run(), name=f"emtransfer:{self.rid}")
+
+    def outcome(self) -> asyncio.Future[Any]:
+        """What the request's one caller awaits for the result: ``result`` itself once it is
+        done, else a future of the caller's own that the session completes along with
+        ``result``. A cancelled caller cancels only that one, as with
+        ``asyncio.shield(result)``, but its wake-up costs one hop of the loop, not two."""
+        if self.result.done():
+            return self.result
+        if self._waiter is None or self._waiter.done():
+            self._waiter = self._loop.create_future()
+        return self._waiter
 
     @property
     def running(self) -> bool:
@@ -142,25 +219,39 @@ class Session:
 
     async def _run(self) -> None:
         m = self.machine
-        loop = asyncio.get_running_loop()
-        phase, timer = None, None
+        loop = self._loop
+        queue = self.queue
+        phase: object = None
+        timer: asyncio.TimerHandle | None = None
+        when: float | None = None  # the current state's deadline (loop time), if it has one
+        token: object = None
         try:
             while not self._loop_done():
-                if m.phase != phase:  # one timer per state (phase), not one per event
+                if m.phase != phase:  # one deadline per state (phase), not one per event
                     phase = m.phase
                     if timer is not None:
                         timer.cancel()
                         timer = None
                     self._deadline_token = token = object()
                     name = m.timeout_name
+                    when = None
                     if name is not None:
                         when = (
                             self.grant_expiry()
                             if name == GRANT_EXPIRY
                             else loop.time() + getattr(self.settings, name)
                         )
-                        timer = loop.call_at(when, self.queue.put_nowait, _Expired(token))
-                await self.step(await self.queue.get())
+                if queue.empty():
+                    # the timer is armed only when the session would wait: a state left on
+                    # the items already queued never needed one (its deadline is the same)
+                    if when is not None and timer is None:
+                        timer = loop.call_at(when, queue.put_nowait, _Expired(token))
+                    item = await queue.get()
+                else:
+                    if when is not None and timer is None and loop.time() >= when:
+                        timer = loop.call_at(when, queue.put_nowait, _Expired(token))
+                    item = queue.get_nowait()
+                await self.step(item)
         except Exception as exc:  # a bug: end the request cleanly rather than leak or hang
             self.log.exception("session crashed", state=m.state.name)
             await self._crash_cleanup()
@@ -189,7 +280,7 @@ class Session:
 
     async def step(self, item: object) -> None:
         """Turn one queue item into a machine event and execute the resulting actions."""
-        event = await self._to_event(item)
+        event = item if isinstance(item, ev.Event) else await self._to_event(item)
         if event is None:
             return
         m = self.machine
@@ -203,12 +294,15 @@ class Session:
             self.log.warning("protocol violation by peer", error=str(exc), state=before.name)
             self._error_override = exc
             actions = m.handle(ev.LocalAbort(f"protocol error: {exc}"))
-        self.log.debug("transition", frm=before.name, to=m.state.name, trigger=type(event).__name__)
-        if m.state not in self.ALLOC_STATES:
+        if self.node.log.logger.isEnabledFor(logging.DEBUG):  # fields cost even when filtered
+            self.log.debug(
+                "transition", frm=before.name, to=m.state.name, trigger=type(event).__name__
+            )
+        if m.state not in self._alloc_states:
             self._cancel_alloc()
         for action in actions:
             await self._execute(action)
-        if m.state is not before:
+        if m.state is not before and self._observer is not None:
             self._notify()
 
     @staticmethod
@@ -279,6 +373,9 @@ class Session:
     def _set_result(self, value: Any) -> None:
         if not self.result.done():
             self.result.set_result(value)
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(value)
 
     def _set_error(self, error: BaseException) -> None:
         if self._error_override is not None:
@@ -286,6 +383,10 @@ class Session:
         if not self.result.done():
             self.result.set_exception(error)
             self.result.exception()  # mark retrieved: a caller that left must not warn
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(error)
+                waiter.exception()
         reason = type(error).__name__
         self.node.metrics.failed(error)
         # a peer breaking the rules is worth a warning; timeouts and aborts are routine

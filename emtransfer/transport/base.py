@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from ..buffers import BufferRegistry, WriteOp
@@ -109,10 +109,18 @@ class Transport(ABC):
         #: False before ``start``: its metadata then holds no keys to its pools (a peer learns
         #: who it is, not how to reach its memory) and inbound writes are refused outright
         self.inbound = True
+        self._guarantees: tuple[Guarantees, float, Guarantees] | None = None
 
     @property
     def guarantees(self) -> Guarantees:
-        return dataclasses.replace(self.GUARANTEES, post_bound=self.post_bound)
+        """``GUARANTEES`` with this engine's post bound (read for every request: built once
+        per change of either, not per call)."""
+        base, bound = self.GUARANTEES, self.post_bound
+        cached = self.__dict__.get("_guarantees")
+        if cached is None or cached[0] is not base or cached[1] != bound:
+            cached = (base, bound, dataclasses.replace(base, post_bound=bound))
+            self._guarantees = cached
+        return cached[2]
 
     def grant(self, peer_id: str, tag: str, blocks: Sequence[int]) -> None:
         """Receiver side, before the grant is sent: ``peer_id`` may write under ``tag`` into
@@ -167,10 +175,32 @@ class Transport(ABC):
         of its own) and raises :class:`GrantExpired` instead of posting late; it never posts
         to a peer that was removed. A posted write ends within ``post_bound`` seconds."""
 
+    def write_nowait(
+        self,
+        peer_id: str,
+        ops: Sequence[WriteOp],
+        *,
+        tag: str,
+        deadline: float = float("inf"),
+    ) -> Awaitable[None] | None:
+        """:meth:`write`, without waiting where the engine need not: None when the write is
+        complete already (as a returned ``write`` is), else an awaitable that completes it
+        (await it as ``write``). It raises what ``write`` raises before it would wait. This
+        default is ``write`` itself, not yet started; an engine that can post a small write
+        at once overrides it (the sender then needs no task and no hop of the loop)."""
+        return self.write(peer_id, ops, tag=tag, deadline=deadline)
+
     async def wait_landed(self, peer_id: str, tag: str, nbytes: int) -> None:
         """Receiver side: return once ``nbytes`` (summed over every field and every write made
         under ``tag``) from ``peer_id`` are in the local pools, then forget the tag. Engines
         whose sender-side completion already implies remote delivery need not wait."""
+
+    def landed(self, peer_id: str, tag: str, nbytes: int) -> bool:
+        """Receiver side, without waiting: True when ``nbytes`` under ``tag`` from ``peer_id``
+        are known to be in the local pools already, and the tag is then forgotten (what
+        :meth:`wait_landed` would have returned at once); False when the caller must await
+        :meth:`wait_landed` (the bytes are not all in, or this engine does not know)."""
+        return False
 
     async def discard(self, peer_id: str, tag: str) -> None:
         """Receiver side, before blocks of an abandoned round are reused. With

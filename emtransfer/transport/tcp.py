@@ -15,7 +15,7 @@ import hmac
 import secrets
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, cast
 
@@ -474,6 +474,77 @@ class TcpTransport(Transport):
                 ) from exc
             raise
 
+    def write_nowait(
+        self, peer_id: str, ops: Sequence[WriteOp], *, tag: str, deadline: float = float("inf")
+    ) -> Awaitable[None] | None:
+        """Post at once on a connection that is up and idle: done (None) when the kernel took
+        every byte, as ``write`` would return; else ``write`` itself (connecting, queueing
+        behind another write), or the wait for the kernel to take the rest."""
+        peer = self._peers.get(peer_id)
+        stream = peer.stream if peer is not None else None
+        if (
+            peer is None
+            or stream is None
+            or peer.lock.locked()
+            or stream[1].is_closing()
+            or stream[0].at_eof()
+            or stream[1].transport.get_write_buffer_size()
+        ):
+            return self.write(peer_id, ops, tag=tag, deadline=deadline)
+        pieces = self._frames(peer, ops, tag.encode())
+        if not pieces:
+            return None
+        check_deadline(deadline, f"tcp transport: write {tag!r}")  # nothing sent: keep it
+        writer = stream[1]
+        try:
+            self._send_pieces(writer, pieces)
+        except BaseException as exc:  # failed mid-frame: drop the stream
+            writer.transport.abort()
+            if isinstance(exc, OSError):
+                raise TransportError(f"tcp transport: write to {peer_id!r}: {exc!r}") from exc
+            raise
+        if writer.transport.get_write_buffer_size() or writer.transport.is_closing():
+            return self._finish_write(peer, writer)
+        return None
+
+    def _send_pieces(self, writer: asyncio.StreamWriter, pieces: list[Piece]) -> None:
+        transport = writer.transport
+        if len(pieces) > 1 and _vectored(transport):
+            transport.writelines(pieces)  # one writev: header and payload together
+        else:
+            for piece in pieces:
+                writer.write(piece)
+
+    async def _finish_write(self, peer: _Peer, writer: asyncio.StreamWriter) -> None:
+        """A write posted by write_nowait that the kernel did not take whole: wait for it as
+        ``write`` does (one write at a time per connection)."""
+        async with peer.lock:
+            try:
+                await self._drained(peer.peer_id, writer)
+            except BaseException as exc:
+                writer.transport.abort()
+                if isinstance(exc, OSError):
+                    raise TransportError(
+                        f"tcp transport: write to {peer.peer_id!r}: {exc!r}"
+                    ) from exc
+                raise
+
+    async def _drained(self, peer_id: str, writer: asyncio.StreamWriter) -> None:
+        """Return once every byte written is in the kernel, within ``post_bound``."""
+        transport = writer.transport
+        if transport.get_write_buffer_size() or transport.is_closing():
+            # not all in the kernel yet (or the connection failed): wait, bounded
+            try:
+                async with asyncio.timeout(self.post_bound):
+                    await writer.drain()
+            except TimeoutError:
+                raise TransportError(
+                    f"tcp transport: write to {peer_id!r} not taken within "
+                    f"{self.post_bound}s (write_timeout): the peer stopped reading"
+                ) from None
+        if writer.is_closing():
+            raise ConnectionResetError("connection closed")
+
     async def write(
         self, peer_id: str, ops: Sequence[WriteOp], *, tag: str, deadline: float = float("inf")
     ) -> None:
@@ -494,23 +565,24 @@ class TcpTransport(Transport):
                 raise TransportError(f"tcp transport: peer {peer_id!r} was removed")
             check_deadline(deadline, f"tcp transport: write {tag!r}")  # nothing sent: keep it
             try:
-                for piece in pieces:
-                    writer.write(piece)
-                try:
-                    async with asyncio.timeout(self.post_bound):
-                        await writer.drain()
-                except TimeoutError:
-                    raise TransportError(
-                        f"tcp transport: write to {peer_id!r} not taken within "
-                        f"{self.post_bound}s (write_timeout): the peer stopped reading"
-                    ) from None
-                if writer.is_closing():
-                    raise ConnectionResetError("connection closed")
+                self._send_pieces(writer, pieces)
+                await self._drained(peer_id, writer)
             except BaseException as exc:  # failed or cancelled mid-frame: drop the stream
                 writer.transport.abort()
                 if isinstance(exc, OSError):
                     raise TransportError(f"tcp transport: write to {peer_id!r}: {exc!r}") from exc
                 raise
+
+    def landed(self, peer_id: str, tag: str, nbytes: int) -> bool:
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return False
+        key = tag.encode()
+        st = peer.tags.get(key)
+        if st is None or st.got < nbytes or key in peer.discarded:
+            return False  # wait_landed waits, or says why it cannot
+        del peer.tags[key]
+        return True
 
     async def wait_landed(self, peer_id: str, tag: str, nbytes: int) -> None:
         peer, key = self._peer(peer_id), tag.encode()
@@ -581,6 +653,19 @@ class TcpTransport(Transport):
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+
+
+def _vectored(transport: object) -> bool:
+    """Whether ``transport.writelines`` hands its buffers to the kernel in one call (uvloop's
+    does, a writev; asyncio's before Python 3.12 joins them: a copy of the payload)."""
+    kind = type(transport)
+    known = _VECTORED.get(kind)
+    if known is None:
+        known = _VECTORED[kind] = kind.__module__.startswith("uvloop")
+    return known
+
+
+_VECTORED: dict[type, bool] = {}
 
 
 async def _finish(

@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import secrets
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -34,11 +36,20 @@ if TYPE_CHECKING:
 
 _log = get_logger("emtransfer.transport")
 _MAGIC, _WRITE, _STOP = 0x454D54, 1, 2
+#: frame 2 (both ends advertise it): the preamble and body in one message, then the payloads
+#: (WRITE_HEAD), or all of it in one message (WRITE_ALL, CPU pools): fewer gloo rendezvous
+_WRITE_HEAD, _WRITE_ALL = 3, 4
+_FRAME = 2
+_HEAD_MAX = 1 << 16  # bytes of ops and tag a frame-2 header carries at most
+_INLINE_MAX = 1 << 20  # payload bytes a WRITE_ALL carries at most
+_RECV_MAX = 32 + _HEAD_MAX + _INLINE_MAX  # what a frame-2 receiver posts for each header
 _MAX_OPS, _MAX_TAG = 1 << 16, MAX_TAG_BYTES  # per write, both sides
 _MAX_DISCARDED = 4096  # per link: beyond this, the oldest discarded tag is forgotten
+_PRE = struct.Struct("=4q")  # a header's first message: magic, kind, ops, tag bytes
 _FOREVER = timedelta(days=3650)  # a gloo wait that expires closes every pair of the group
-#: (messages, future, grant deadline); (None, None, 0): our STOP
-_Job = tuple[list[torch.Tensor] | None, "asyncio.Future[None] | None", float]
+#: (messages, future, grant deadline, header messages among them, packed); (None, None, 0, 0,
+#: False): our STOP. Packed: messages[0] is the header, the rest travel appended to it
+_Job = tuple[list[torch.Tensor] | None, "asyncio.Future[None] | None", float, int, bool]
 
 
 def _err(msg: str) -> TransportError:
@@ -70,6 +81,10 @@ class _Link:
     threads: list[threading.Thread] = field(default_factory=list)
     landed: dict[str, int] = field(default_factory=dict)
     waiters: dict[str, tuple[int, asyncio.Future[None]]] = field(default_factory=dict)
+    #: the peer's framing (1: preamble, body, payloads as separate messages; 2: see _FRAME)
+    #: and the header message it posts receives for (frame 2)
+    frame: int = 1
+    recv_max: int = 0
 
 
 #: what torch.distributed's env:// rendezvous reads (torchrun sets them)
@@ -164,6 +179,8 @@ class TorchTransport(Transport):
                 "tag": self._tag,
                 "device": self._device.type,
                 "pools": dict(zip(self._fields, self._sizes, strict=True)),
+                "frame": _FRAME,
+                "recv_max": _RECV_MAX,
             }
         ).encode()
 
@@ -172,6 +189,7 @@ class TorchTransport(Transport):
             meta = json.loads(metadata)
             rank, world, tag = (int(meta[k]) for k in ("rank", "world", "tag"))
             pools = {str(k): int(v) for k, v in meta["pools"].items()}
+            frame, recv_max = int(meta.get("frame", 1)), int(meta.get("recv_max", 0))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise _err(f"bad peer metadata: {exc!r}") from exc
         if list(pools) != self._fields or meta.get("device") != self._device.type:
@@ -182,6 +200,8 @@ class TorchTransport(Transport):
         if peer_id in self._peers or (old and any(t.is_alive() for t in old.threads)):
             raise _err(f"{peer_id!r} or rank {rank} is still linked")
         link = _Link(rank, tag, list(pools.values()), peer_id, peer_id)
+        if frame >= _FRAME and recv_max >= 32:  # an older peer gets the frame-1 messages
+            link.frame, link.recv_max = _FRAME, recv_max
         self._peers[peer_id] = self._links[rank] = link
         for fn in (self._sender, self._receiver):
             link.threads.append(
@@ -205,20 +225,47 @@ class TorchTransport(Transport):
         link = self._peer(peer_id)
         if not ops:
             return
-        msgs = self._encode(link, ops, tag)
+        msgs, nhead, packed = self._frames(link, ops, tag)
+        # the sender thread settles it through _settle (a no-op once it is cancelled): awaited
+        # directly, its completion is one hop of the loop (shield and wait_for added three)
         fut = asyncio.get_running_loop().create_future()
         with self._mu:
             if link.error or link.sent_stop:  # nothing may queue behind our STOP
                 raise _err(f"peer {peer_id!r} is unusable: {link.error or 'stopped'}")
-            link.jobs.put((msgs, fut, deadline))
+            link.jobs.put((msgs, fut, deadline, nhead, packed))
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self._write_timeout)
+            async with asyncio.timeout(self._write_timeout):
+                await fut
         except TimeoutError:
             self._break(link, f"write {tag!r} did not complete in {self._write_timeout}s")
             raise _err(f"write {tag!r} to {peer_id!r} timed out") from None
 
-    def _encode(self, link: _Link, ops: Sequence[WriteOp], tag: str) -> list[torch.Tensor]:
-        """Check ``ops`` against both pools; the header tensors, then the source slices."""
+    def _frames(
+        self, link: _Link, ops: Sequence[WriteOp], tag: str
+    ) -> tuple[list[torch.Tensor], int, bool]:
+        """The messages of one write, how many of them are headers, and whether the sender
+        thread packs them into one: frame 1 for an older peer; else the header in one message,
+        and, for CPU pools, the payload appended to it when it fits the peer's receive."""
+        if link.frame < _FRAME:
+            return self._encode(link, ops, tag), 2, False
+        rows, srcs, tb = self._check(link, ops, tag)
+        flat = [x for row in rows for x in row]
+        body = struct.pack(f"={len(flat)}q", *flat) + tb
+        hlen = _PRE.size + len(body)
+        if hlen > link.recv_max:  # ops and tag too long for its header receive
+            return self._encode(link, ops, tag), 2, False
+        total = sum(nb for *_, nb in rows)
+        packed = not self._cuda and total <= _INLINE_MAX and hlen + total <= link.recv_max
+        kind = _WRITE_ALL if packed else _WRITE_HEAD
+        head = torch.frombuffer(
+            bytearray(_PRE.pack(_MAGIC, kind, len(rows), len(tb)) + body), dtype=torch.uint8
+        )
+        return [head, *srcs], 1, packed
+
+    def _check(
+        self, link: _Link, ops: Sequence[WriteOp], tag: str
+    ) -> tuple[list[tuple[int, int, int]], list[torch.Tensor], bytes]:
+        """Check ``ops`` against both pools: (field, dst offset, nbytes) rows, source slices."""
         tb = tag.encode()
         if len(ops) > _MAX_OPS or len(tb) > _MAX_TAG:
             raise _err(f"{len(ops)} ops or a {len(tb)}-byte tag is too many for one write")
@@ -232,14 +279,27 @@ class TorchTransport(Transport):
                 raise _err(f"descriptor {op} runs past a pool")
             rows.append((f, op.dst_offset, op.nbytes))
             srcs.append(self._views[f][op.src_offset : op.src_offset + op.nbytes])
-        pre = torch.tensor([_MAGIC, _WRITE, len(rows), len(tb)], dtype=torch.int64)
-        body = torch.cat(
-            [
-                torch.tensor(rows, dtype=torch.int64).view(-1).view(torch.uint8),
-                torch.tensor(list(tb), dtype=torch.uint8),
-            ]
+        return rows, srcs, tb
+
+    def _encode(self, link: _Link, ops: Sequence[WriteOp], tag: str) -> list[torch.Tensor]:
+        """Frame 1: check ``ops``; the preamble and body tensors, then the source slices."""
+        rows, srcs, tb = self._check(link, ops, tag)
+        # int64s in native byte order, as torch.tensor(..., dtype=torch.int64) lays them out
+        pre = torch.frombuffer(
+            bytearray(_PRE.pack(_MAGIC, _WRITE, len(rows), len(tb))), dtype=torch.int64
+        )
+        flat = [x for row in rows for x in row]
+        body = torch.frombuffer(
+            bytearray(struct.pack(f"={len(flat)}q", *flat) + tb), dtype=torch.uint8
         )
         return [pre, body, *srcs]
+
+    def landed(self, peer_id: str, tag: str, nbytes: int) -> bool:
+        link = self._peers.get(peer_id)
+        if link is None or tag in link.waiters or link.landed.get(tag, 0) < nbytes:
+            return False  # wait_landed waits, or says why it cannot
+        del link.landed[tag]
+        return True
 
     async def wait_landed(self, peer_id: str, tag: str, nbytes: int) -> None:
         link = self._peer(peer_id)
@@ -329,7 +389,7 @@ class TorchTransport(Transport):
         with self._mu:
             if not link.sent_stop:
                 link.sent_stop = True
-                link.jobs.put((None, None, 0.0))
+                link.jobs.put((None, None, 0.0, 0, False))
 
     def _quiesce(self, links: list[_Link], timeout: float) -> bool:
         """Wait (bounded) for the links' threads to end; True once none receives into a pool."""
@@ -351,7 +411,7 @@ class TorchTransport(Transport):
         if self._cuda:
             torch.cuda.set_device(self._device)
         while True:
-            msgs, fut, deadline = link.jobs.get()
+            msgs, fut, deadline, nhead, packed = link.jobs.get()
             if msgs is None:  # our last message on this link
                 stop = torch.tensor([_MAGIC, _STOP, 0, 0], dtype=torch.int64)
                 try:
@@ -364,31 +424,80 @@ class TorchTransport(Transport):
                 with self._mu:
                     if link.peer_id is None or link.error:
                         raise _err(f"peer gone before the write started: {link.error or 'removed'}")
+                if packed:  # the payload appended to the header: one message
+                    msgs = [torch.cat(msgs)]
                 check_deadline(deadline, f"torch transport: write to rank {link.rank}")
                 works = [
-                    dist.isend(t, dst=link.rank, group=self._ctl, tag=link.tag) for t in msgs[:2]
+                    dist.isend(t, dst=link.rank, group=self._ctl, tag=link.tag)
+                    for t in msgs[:nhead]
                 ]
                 works += [
                     dist.isend(t, dst=link.rank, group=self._data, tag=link.tag + 1)
-                    for t in msgs[2:]
+                    for t in msgs[nhead:]
                 ]
                 self._wait(works)
-                self._post(fut.set_result, None)
+                self._post(_settle, fut, None)
             except Exception as e:
                 exc = e if isinstance(e, TransportError) else _err(f"send to rank {link.rank}: {e}")
                 if exc is not e:
                     self._break(link, str(exc))
-                self._post(fut.set_exception, exc)
+                self._post(_settle, fut, exc)
 
     def _receiver(self, link: _Link) -> None:
         if self._cuda:
             torch.cuda.set_device(self._device)
-        pre = torch.empty(4, dtype=torch.int64)
         try:
-            while self._receive_one(link, pre):
-                pass
+            if link.frame >= _FRAME:
+                self._receive_frames(link)
+            else:
+                pre = torch.empty(4, dtype=torch.int64)
+                while self._receive_one(link, pre):
+                    pass
         except Exception as exc:  # the peer died, or its stream cannot be followed any more
             self._break(link, f"receive from rank {link.rank} failed: {exc}")
+
+    def _receive_frames(self, link: _Link) -> None:
+        """A frame-2 peer's writes (and the frame-1 ones it still sends for long headers).
+        Each header is received into one of two buffers of ``_RECV_MAX`` bytes; once its kind is
+        known the next header's receive is posted into the other, before this write is handled,
+        so the sender never waits on us to post it (a gloo send waits for its receive)."""
+        bufs = [torch.empty(_RECV_MAX, dtype=torch.uint8) for _ in range(2)]
+        raws = [b.numpy() for b in bufs]
+        mems = [r.data for r in raws]
+        k = 0
+        work = dist.irecv(bufs[k], src=link.rank, group=self._ctl, tag=self._tag)
+        while True:
+            self._wait([work])
+            buf, raw = bufs[k], raws[k]
+            magic, kind, n, tlen = _PRE.unpack_from(mems[k], 0)
+            if magic != _MAGIC or kind not in (_WRITE, _STOP, _WRITE_HEAD, _WRITE_ALL):
+                raise _err(f"not a header: {[magic, kind, n, tlen]}")
+            if kind == _STOP:
+                self._break(link, f"rank {link.rank} closed the link", quiet=True)
+                self._stop(link)
+                return
+            if not (0 < n <= _MAX_OPS and 0 <= tlen <= _MAX_TAG):
+                raise _err(f"a header announces {n} ops and a {tlen}-byte tag")
+            end = _PRE.size + 24 * n + tlen
+            if kind == _WRITE:  # frame 1: the body is a message of its own
+                body_t = torch.empty(24 * n + tlen, dtype=torch.uint8)
+                self._wait([dist.irecv(body_t, src=link.rank, group=self._ctl, tag=self._tag)])
+                body, payload = body_t.numpy(), None
+            elif end > _RECV_MAX or (kind == _WRITE_ALL and self._cuda):
+                raise _err(f"a header of kind {kind} this receiver cannot take")
+            else:
+                body = raw[_PRE.size : end]
+                payload = buf[end:] if kind == _WRITE_ALL else None
+            ops = body[: 24 * n].view(np.int64).reshape(n, 3).tolist()
+            tag = body[24 * n :].tobytes().decode("utf-8", "replace")
+            if payload is not None and sum(nb for *_, nb in ops) > payload.numel():
+                raise _err(f"write {tag!r}: its ops run past the message")
+            if kind != _WRITE:  # the next header goes to the other buffer, posted now
+                k ^= 1
+                work = dist.irecv(bufs[k], src=link.rank, group=self._ctl, tag=self._tag)
+            self._handle_write(link, ops, tag, payload)
+            if kind == _WRITE:
+                work = dist.irecv(bufs[k], src=link.rank, group=self._ctl, tag=self._tag)
 
     def _receive_one(self, link: _Link, pre: torch.Tensor) -> bool:
         self._wait([dist.irecv(pre, src=link.rank, group=self._ctl, tag=self._tag)])
@@ -405,9 +514,18 @@ class TorchTransport(Transport):
         self._wait([dist.irecv(body, src=link.rank, group=self._ctl, tag=self._tag)])
         ops: list[list[int]] = body[: 24 * n].view(torch.int64).view(n, 3).tolist()
         tag = bytes(body[24 * n :].numpy()).decode("utf-8", "replace")
+        self._handle_write(link, ops, tag, None)
+        return True
+
+    def _handle_write(
+        self, link: _Link, ops: list[list[int]], tag: str, payload: torch.Tensor | None
+    ) -> None:
+        """Validate a write's ops and land it (or drain it): its payload is received op by op,
+        or (WRITE_ALL) was received with the header, ``payload`` holding it from its start
+        (the caller checked that it holds every op)."""
         bad = next((op for op in ops if not _fits(self._sizes, *op)), None)
         if bad is not None:
-            if not all(0 < nb <= max(self._sizes) for _, _, nb in ops):
+            if payload is None and not all(0 < nb <= max(self._sizes) for _, _, nb in ops):
                 raise _err(f"write {tag!r}: op {bad} cannot even be drained")
             self._break(link, f"refused write {tag!r}: (field, dst, nbytes)={bad} is off the pool")
         elif tag not in link.discarded and link.peer_id is not None:
@@ -434,16 +552,26 @@ class TorchTransport(Transport):
                 link.current = tag
                 self._mu.notify_all()
         try:
-            if live:
-                dsts = [self._views[f][d : d + nb] for f, d, nb in ops]
-            else:  # refused, broken or removed: drain, so that the sender's sends complete
-                scratch = torch.empty(
-                    max(nb for *_, nb in ops), dtype=torch.uint8, device=self._device
+            if payload is not None:  # in already: copied into the pool, or left where it is
+                if live:
+                    off = 0
+                    for f, d, nb in ops:
+                        self._views[f][d : d + nb].copy_(payload[off : off + nb])
+                        off += nb
+            else:
+                if live:
+                    dsts = [self._views[f][d : d + nb] for f, d, nb in ops]
+                else:  # refused, broken or removed: drain, so that the sender's sends complete
+                    scratch = torch.empty(
+                        max(nb for *_, nb in ops), dtype=torch.uint8, device=self._device
+                    )
+                    dsts = [scratch[:nb] for *_, nb in ops]
+                self._wait(
+                    [
+                        dist.irecv(t, src=link.rank, group=self._data, tag=self._tag + 1)
+                        for t in dsts
+                    ]
                 )
-                dsts = [scratch[:nb] for *_, nb in ops]
-            self._wait(
-                [dist.irecv(t, src=link.rank, group=self._data, tag=self._tag + 1) for t in dsts]
-            )
         finally:
             with self._mu:
                 link.busy, link.current = False, None
@@ -453,7 +581,6 @@ class TorchTransport(Transport):
                 self._post(_wake, fut)
         if live:
             self._post(self._landed, link, tag, sum(nb for *_, nb in ops))
-        return True
 
     def _break(self, link: _Link, reason: str, *, quiet: bool = False) -> None:
         with self._mu:
@@ -486,6 +613,16 @@ class TorchTransport(Transport):
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    """A write's outcome, unless its writer stopped waiting (timed out or cancelled)."""
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
 
 
 TRANSPORT = TorchTransport
