@@ -8,6 +8,7 @@ tests."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -228,11 +229,12 @@ def test_a_data_path_fault_fails_typed_and_heals(data_pair: DataPair, fault: str
             # request may go through, but only with the right bytes; a partition may not
             assert fault == "reset" and got["ok"], got
         for cid in sends:
-            try:
+            # every send ends in time, typed or not: tcp tells a sender only that its bytes
+            # reached its own kernel (no remote completion), so with both rounds granted up
+            # front (pipelined resume) a send into a partition can end as written; what a
+            # partition must never do is complete a receive, checked above
+            with contextlib.suppress(RemoteError):
                 d.enc.wait(cid, timeout=BOUND + 10)
-            except RemoteError:
-                continue
-            assert fault == "reset"
         assert time.monotonic() - t0 < BOUND + T["write_timeout"]
     finally:
         d.data.heal()
