@@ -164,6 +164,17 @@ def scramble(allocator: BlockAllocator, order: Sequence[int] | None = None, seed
     a._take, a._give_back = take, give_back
 
 
+def runs_of(blocks: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
+    """``(start, length)`` of each stretch of consecutive ascending blocks, in list order."""
+    out: list[tuple[int, int]] = []
+    for b in blocks:
+        if out and out[-1][0] + out[-1][1] == b:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((b, 1))
+    return out
+
+
 def next_blocks(allocator: BlockAllocator, k: int) -> list[int]:
     """The next ``k`` blocks a scrambled allocator will hand out (without taking them)."""
     stack = getattr(allocator, "_scripted", None)

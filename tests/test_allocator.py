@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers_runtime import runs_of
 
 from emtransfer.allocator import Allocation, BlockAllocator
 from emtransfer.buffers import BufferRegistry
@@ -51,17 +52,6 @@ def assert_pool_full(alloc: BlockAllocator) -> None:
     assert alloc.num_quarantined == 0
     assert alloc.num_waiters == 0
     assert alloc.leak_report() == {}
-
-
-def runs_of(blocks: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
-    """``(start, length)`` of each stretch of consecutive ascending blocks, in list order."""
-    out: list[tuple[int, int]] = []
-    for b in blocks:
-        if out and out[-1][0] + out[-1][1] == b:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((b, 1))
-    return out
 
 
 def allocation_with_blocks(

@@ -21,6 +21,7 @@ import itertools
 
 import pytest
 import torch
+from helpers_runtime import runs_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -57,17 +58,6 @@ def pattern(uid: int, num_tokens: int) -> dict[str, torch.Tensor]:
 
 
 # -- the run-keeping model -------------------------------------------------------------------
-def runs_of(blocks: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
-    """``(start, length)`` of each stretch of consecutive ascending blocks, in list order."""
-    out: list[tuple[int, int]] = []
-    for b in blocks:
-        if out and out[-1][0] + out[-1][1] == b:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((b, 1))
-    return out
-
-
 def model_free_runs(alloc: BlockAllocator) -> list[tuple[int, int]]:
     """The maximal free runs, from the public API: the pool minus every held block."""
     held = {b for blocks in alloc.leak_report().values() for b in blocks}
