@@ -20,6 +20,8 @@ import time
 import traceback
 from typing import Any
 
+from transport_harness import stop_child
+
 BASE_SETTINGS: dict[str, Any] = {
     "hidden_size": 256,
     "dtype": "bfloat16",
@@ -396,8 +398,10 @@ class NodeProc:
         return self.wait(self.start(cmd, *args), timeout)
 
     def pause(self) -> None:
-        """SIGSTOP: the process stays alive, its sockets open, and does nothing at all."""
-        os.kill(self.proc.pid, signal.SIGSTOP)
+        """SIGSTOP: the process stays alive, its sockets open, and does nothing at all (once
+        this returns: the kernel reported it stopped)."""
+        assert self.proc.pid is not None
+        stop_child(self.proc.pid)
 
     def resume(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)

@@ -469,14 +469,13 @@ async def test_notifications_nobody_waits_for_are_dropped() -> None:
 
 # -- two processes: a posted write ends within the bound ------------------------------------
 async def scenario_stopped_receiver(role: str, transport: Any, registry: Any, conn: Any) -> None:
-    """The sender stops the receiver (SIGSTOP: alive, sockets open, silent) and writes to it:
-    the write must fail, within ``write_timeout``, not hang; the receiver is woken after."""
-    import signal
-
+    """The sender has the receiver stopped (SIGSTOP: alive, sockets open, silent) and writes
+    to it: the write must fail, within ``write_timeout``, not hang; the receiver is woken
+    after."""
     loop = asyncio.get_running_loop()
     await transport.start()
-    conn.send(("meta", transport.metadata(), os.getpid()))
-    _, meta, pid = await loop.run_in_executor(None, conn.recv)
+    conn.send(("meta", transport.metadata()))
+    _, meta = await loop.run_in_executor(None, conn.recv)
     await transport.add_peer("peer", meta)
     if role == "receiver":
         await loop.run_in_executor(None, conn.recv)  # the sender is done
@@ -485,7 +484,8 @@ async def scenario_stopped_receiver(role: str, transport: Any, registry: Any, co
         return
     ops = block_ops(registry, [0, 1], [2, 3], 2 * BLOCK_SIZE)
     await transport.write("peer", ops, tag="alive")
-    os.kill(pid, signal.SIGSTOP)
+    conn.send(("sigstop",))  # the harness stops the receiver and answers once it is stopped
+    await loop.run_in_executor(None, conn.recv)
     t0 = time.monotonic()
     try:
         await asyncio.wait_for(transport.write("peer", ops, tag="stopped"), 30)
@@ -493,7 +493,8 @@ async def scenario_stopped_receiver(role: str, transport: Any, registry: Any, co
     except TransportError as exc:
         outcome = f"failed: {exc}"
     took = time.monotonic() - t0
-    os.kill(pid, signal.SIGCONT)
+    conn.send(("sigcont",))
+    await loop.run_in_executor(None, conn.recv)
     conn.send(("done",))
     await transport.close()
     conn.send(("ok", (outcome, took, transport.post_bound)))

@@ -170,10 +170,10 @@ def _writes(registry: Any, rank: int) -> list[list[WriteOp]]:
 
 
 async def scenario_concurrent(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    me, other = (0, 1) if role == "sender" else (1, 0)
+    _pattern(registry, seed=100 + me)  # before linking: the peer writes once it linked
     transport = _transport(registry)
     await _link(transport, conn)
-    me, other = (0, 1) if role == "sender" else (1, 0)
-    _pattern(registry, seed=100 + me)
     expect = {n: registry.byte_view(n).clone() for n in registry.layouts}
     theirs = _pattern(_scratch_registry(), seed=100 + other)
     incoming = _writes(registry, other)
@@ -309,6 +309,9 @@ async def _framing(role: str, old_peer: bool, registry: Any, conn: Any) -> Any:
     the frame-2 fields (what a node of an older version publishes) and use frame 1."""
     from emtransfer.transport import torch as tt
 
+    # the pattern goes in before the link exists: the sender may write as soon as it added us
+    _pattern(registry, seed=40 if role == "sender" else 41)
+    expect = registry.byte_view("embeddings").clone()
     transport = _transport(registry)
     await transport.start()
     conn.send(("meta", transport.metadata()))
@@ -319,8 +322,6 @@ async def _framing(role: str, old_peer: bool, registry: Any, conn: Any) -> Any:
     await transport.add_peer("peer", json.dumps(doc).encode())
     link = transport._peers["peer"]
     framing = (link.frame, link.recv_max)
-    _pattern(registry, seed=40 if role == "sender" else 41)
-    expect = registry.byte_view("embeddings").clone()
     if role == "sender":
         kinds = []
         for i, (ops, recv_max) in enumerate(FRAMED):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
+import signal
 import socket
 import traceback
 from collections.abc import Callable
@@ -25,6 +26,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def stop_child(pid: int) -> None:
+    """SIGSTOP a child of this process and return once the kernel reports it stopped: a
+    signal is delivered asynchronously, so a peer may still run (and answer) for a while
+    after ``kill`` returns; ``waitpid(WUNTRACED)`` blocks until every thread stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    _, status = os.waitpid(pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        raise RuntimeError(f"process {pid} ended instead of stopping (status {status})")
 
 
 def make_registry(num_blocks: int = NUM_BLOCKS) -> Any:
@@ -144,7 +155,9 @@ def run_pair(
     hosts: Any = None,
 ) -> list[Any]:
     """Run ``scenario(role, transport, registry, conn)`` in two processes; return what each
-    side sent last on its pipe (``("ok", value)``), raising if either side failed.
+    side sent last on its pipe (``("ok", value)``), raising if either side failed. A side
+    that sends ``("sigstop",)`` (``("sigcont",)``) gets the same back once the other side
+    is stopped (woken).
     ``hosts`` (a ``netns.TwoHosts``): the sender runs in host B, the receiver in host A, each
     bound to its own address there (UCX limited to TCP: no shared memory between "hosts")."""
     ctx = mp.get_context("spawn")
@@ -191,6 +204,11 @@ def run_pair(
                     raise RuntimeError(f"{name}: side {i} failed:\n{msg[1]}")
                 if kind == "ok":
                     results[i] = msg[1]
+                elif kind in ("sigstop", "sigcont"):  # stop (or wake) the other side for it
+                    other = procs[1 - i].pid
+                    assert other is not None
+                    stop_child(other) if kind == "sigstop" else os.kill(other, signal.SIGCONT)
+                    ends[i].send((kind,))
                 else:  # relay to the other side
                     ends[1 - i].send(msg)
     finally:
