@@ -161,10 +161,6 @@ class Session:
             log = self._log = self.node.log.bind(rid=self.rid)
         return log
 
-    @log.setter
-    def log(self, value: Any) -> None:
-        self._log = value
-
     # -- feeding -------------------------------------------------------------------------------
     def feed(self, event: object) -> None:
         self.queue.put_nowait(event)
