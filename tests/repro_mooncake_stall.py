@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("EMTRANSFER_WRITE_TIMEOUT", "1.5")
 
-from transport_harness import BLOCK_SIZE, block_ops, run_pair
+from transport_harness import BLOCK_SIZE, block_ops, link, recv, run_pair
 
 STOPPED_FOR = 8.0
 
@@ -32,13 +32,9 @@ STOPPED_FOR = 8.0
 async def scenario(role: str, transport: Any, registry: Any, conn: Any) -> None:
     from emtransfer.transport.base import TransportError
 
-    loop = asyncio.get_running_loop()
-    await transport.start()
-    conn.send(("meta", transport.metadata()))
-    _, meta = await loop.run_in_executor(None, conn.recv)
-    await transport.add_peer("peer", meta)
+    await link(transport, conn)
     if role == "receiver":
-        await loop.run_in_executor(None, conn.recv)  # the sender is done
+        await recv(conn)  # the sender is done
         await transport.close()
         conn.send(("ok", None))
         return
@@ -49,10 +45,10 @@ async def scenario(role: str, transport: Any, registry: Any, conn: Any) -> None:
     write = asyncio.create_task(transport.write("peer", ops, tag="stopped"))
     await asyncio.sleep(delay)  # where in the write the target stops: random, on purpose
     conn.send(("sigstop",))
-    await loop.run_in_executor(None, conn.recv)
+    await recv(conn)
     await asyncio.wait([write], timeout=STOPPED_FOR)
     conn.send(("sigcont",))
-    await loop.run_in_executor(None, conn.recv)
+    await recv(conn)
     try:
         await asyncio.wait_for(write, 20)
         outcome = "completed"

@@ -12,7 +12,7 @@ from typing import Any
 
 import netns
 import pytest
-from transport_harness import BLOCK_SIZE, enforce, fill_random, run_pair
+from transport_harness import BLOCK_SIZE, enforce, fill_random, link, recv, run_pair
 
 from emtransfer.allocator import Allocation
 from emtransfer.buffers import WriteOp
@@ -106,28 +106,17 @@ def _fences(transport: Any) -> bool:
 NOT_DECLARED = "not declared"
 
 
-async def _recv(conn: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, conn.recv)
-
-
-async def _connect(transport: Any, conn: Any) -> None:
-    await transport.start()
-    conn.send(("meta", transport.metadata()))
-    _, meta = await _recv(conn)
-    await transport.add_peer("peer", meta)
-
-
 async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -> None:
     from emtransfer.transport import GrantExpired, TransportError
 
-    await _connect(transport, conn)
+    await link(transport, conn)
     cases = _cases(registry)
     if role == "sender":
         for i, ops in enumerate(cases):
             fill_random(registry, seed=i)
             await transport.write("peer", ops, tag=f"case{i}")
             conn.send(("check", i, f"case{i}", _raw(ops)))
-            assert (await _recv(conn))[0] == "checked"
+            assert (await recv(conn))[0] == "checked"
         # 16 concurrent writes to disjoint destinations, one tag each
         fill_random(registry, seed=99)
         batches = [_alloc([k]).runs_to(_alloc([63 - k]), BLOCK_SIZE) for k in range(16)]
@@ -137,18 +126,18 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
         )
         for k, ops in enumerate(ops_list):
             conn.send(("check", 99, f"many{k}", _raw(ops)))
-            assert (await _recv(conn))[0] == "checked"
+            assert (await recv(conn))[0] == "checked"
         # the fence: a write under a tag the receiver discarded first, then one under a fresh tag
         if _fences(transport):
             fill_random(registry, seed=77)
             dropped = registry.write_ops(_alloc([1, 2, 3]).runs_to(_alloc([10, 11, 12]), 48))
             fresh = registry.write_ops(_alloc([4, 5]).runs_to(_alloc([20, 21]), 32))
             conn.send(("discard", "dropped"))
-            assert (await _recv(conn))[0] == "discarded"
+            assert (await recv(conn))[0] == "discarded"
             await transport.write("peer", dropped, tag="dropped")
             await transport.write("peer", fresh, tag="fresh")
             conn.send(("check-discard", 77, _raw(dropped), _raw(fresh)))
-            assert (await _recv(conn))[0] == "checked"
+            assert (await recv(conn))[0] == "checked"
         errors: list[str] = []
         # a grant past its deadline: never posted, on every transport
         try:
@@ -162,7 +151,7 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
             now = registry.write_ops(_alloc([30]).runs_to(_alloc([40]), BLOCK_SIZE))
             await transport.write("peer", now, tag="now")
             conn.send(("check-now", 55, _raw(now)))
-            assert (await _recv(conn))[0] == "checked"
+            assert (await recv(conn))[0] == "checked"
         # refusals: past the end of the peer's pool, an unknown peer, a removed peer
         pool_bytes = registry.byte_view("embeddings").numel()
         bad = [WriteOp("embeddings", 0, pool_bytes - 8, 16)]
@@ -175,7 +164,7 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
         # the receiver removes us: with remove_stops_inbound, nothing we write lands any more
         if transport.GUARANTEES.remove_stops_inbound:
             conn.send(("remove-me",))
-            assert (await _recv(conn))[0] == "removed"
+            assert (await recv(conn))[0] == "removed"
             fill_random(registry, seed=66)
             gone = registry.write_ops(_alloc([50]).runs_to(_alloc([51]), BLOCK_SIZE))
             try:
@@ -183,9 +172,9 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
             except (TransportError, TimeoutError):
                 pass
             conn.send(("check-removed", _raw(gone)))
-            assert (await _recv(conn))[0] == "checked"
+            assert (await recv(conn))[0] == "checked"
         conn.send(("done-writing",))
-        await _recv(conn)  # receiver confirms it is still healthy
+        await recv(conn)  # receiver confirms it is still healthy
         await transport.remove_peer("peer")
         try:
             await transport.write("peer", cases[0], tag="after-remove")
@@ -201,7 +190,7 @@ async def scenario_writes(role: str, transport: Any, registry: Any, conn: Any) -
         removal = "not run" if g.remove_stops_inbound else NOT_DECLARED
         snapshot: dict[str, Any] = {}
         while True:
-            msg = await _recv(conn)
+            msg = await recv(conn)
             if msg[0] == "done-writing":
                 break
             if msg[0] == "discard":
@@ -297,11 +286,11 @@ async def scenario_authorization(role: str, transport: Any, registry: Any, conn:
     from emtransfer.transport import TransportError
 
     enforce(transport)
-    await _connect(transport, conn)
+    await link(transport, conn)
     inside = registry.write_ops(_alloc([40]).runs_to(_alloc([40]), BLOCK_SIZE))
     ops = inside + registry.write_ops(_alloc([41]).runs_to(_alloc([41]), BLOCK_SIZE))
     if role == "sender":
-        assert (await _recv(conn))[0] == "granted"
+        assert (await recv(conn))[0] == "granted"
         for seed, tag in ((5, "ok"), (6, "never")):
             fill_random(registry, seed=seed)
             try:
@@ -309,7 +298,7 @@ async def scenario_authorization(role: str, transport: Any, registry: Any, conn:
             except (TransportError, TimeoutError):
                 pass  # refused at the source, or the connection was dropped
             conn.send(("written",))
-            assert (await _recv(conn))[0] == "checked"
+            assert (await recv(conn))[0] == "checked"
         await transport.close()
         conn.send(("ok", None))
         return
@@ -318,7 +307,7 @@ async def scenario_authorization(role: str, transport: Any, registry: Any, conn:
     outside: list[str] = []
     for tag in ("ok", "never"):
         before = {n: registry.byte_view(n).clone() for n in registry.layouts}
-        assert (await _recv(conn))[0] == "written"
+        assert (await recv(conn))[0] == "written"
         try:  # lands whole where nothing is enforced; the waiter fails where it is
             await asyncio.wait_for(transport.wait_landed("peer", tag, _nbytes(ops)), 4)
         except (TransportError, TimeoutError):

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import pytest
 import torch
-from transport_harness import BLOCK_SIZE, block_ops, fill_random, landed, make_registry
+from transport_harness import BLOCK_SIZE, block_ops, fill_random, landed, link, make_registry, recv
 
 from emtransfer.buffers import WriteOp
 from emtransfer.errors import ConfigError
@@ -472,20 +472,16 @@ async def scenario_stopped_receiver(role: str, transport: Any, registry: Any, co
     """The sender has the receiver stopped (SIGSTOP: alive, sockets open, silent) and writes
     to it: the write must fail, within ``write_timeout``, not hang; the receiver is woken
     after."""
-    loop = asyncio.get_running_loop()
-    await transport.start()
-    conn.send(("meta", transport.metadata()))
-    _, meta = await loop.run_in_executor(None, conn.recv)
-    await transport.add_peer("peer", meta)
+    await link(transport, conn)
     if role == "receiver":
-        await loop.run_in_executor(None, conn.recv)  # the sender is done
+        await recv(conn)  # the sender is done
         await transport.close()
         conn.send(("ok", None))
         return
     ops = block_ops(registry, [0, 1], [2, 3], 2 * BLOCK_SIZE)
     await transport.write("peer", ops, tag="alive")
     conn.send(("sigstop",))  # the harness stops the receiver and answers once it is stopped
-    await loop.run_in_executor(None, conn.recv)
+    await recv(conn)
     t0 = time.monotonic()
     try:
         await asyncio.wait_for(transport.write("peer", ops, tag="stopped"), 30)
@@ -494,7 +490,7 @@ async def scenario_stopped_receiver(role: str, transport: Any, registry: Any, co
         outcome = f"failed: {exc}"
     took = time.monotonic() - t0
     conn.send(("sigcont",))
-    await loop.run_in_executor(None, conn.recv)
+    await recv(conn)
     conn.send(("done",))
     await transport.close()
     conn.send(("ok", (outcome, took, transport.post_bound)))

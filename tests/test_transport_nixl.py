@@ -22,7 +22,16 @@ if (_why := transport_unavailable("nixl")) is not None:
 
 import msgspec
 import torch
-from transport_harness import BLOCK_SIZE, block_ops, fill_random, landed, make_registry, run_pair
+from transport_harness import (
+    BLOCK_SIZE,
+    block_ops,
+    fill_random,
+    landed,
+    link,
+    make_registry,
+    recv,
+    run_pair,
+)
 
 from emtransfer.buffers import WriteOp
 from emtransfer.errors import ConfigError
@@ -210,11 +219,7 @@ async def test_notifications_drained() -> None:
 
 
 async def _two_process_scenario(role: str, transport: Any, registry: Any, conn: Any) -> None:
-    loop = asyncio.get_running_loop()
-    await transport.start()
-    conn.send(("meta", transport.metadata()))
-    _, meta = await loop.run_in_executor(None, conn.recv)
-    await transport.add_peer("peer", meta)
+    await link(transport, conn)
     n = registry.num_blocks
     cases = [(f"r{k}/0", [k], [n - 1 - k], BLOCK_SIZE) for k in range(16)]
     cases.append(("big/0", list(range(n)), list(reversed(range(n))), n * BLOCK_SIZE))
@@ -225,11 +230,11 @@ async def _two_process_scenario(role: str, transport: Any, registry: Any, conn: 
         for k in range(3):  # aborted: the receiver never waits for these
             await transport.write("peer", block_ops(registry, [k], [k], 1), tag=f"aborted{k}")
         conn.send(("written",))
-        await loop.run_in_executor(None, conn.recv)
+        await recv(conn)
         await transport.close()
         conn.send(("ok", "sent"))  # the harness reads a None result as "no result yet"
     else:
-        await loop.run_in_executor(None, conn.recv)  # "written"
+        await recv(conn)  # "written"
         for tag, _, _, count in cases:
             nbytes = count * registry.token_nbytes
             await asyncio.wait_for(transport.wait_landed("peer", tag, nbytes), WAIT)

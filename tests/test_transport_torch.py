@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import pytest
-from transport_harness import run_pair, trust_all
+from transport_harness import recv, run_pair, trust_all
 
 from emtransfer.allocator import Run
 from emtransfer.buffers import WriteOp
@@ -33,16 +33,12 @@ def _transport(registry: Any) -> Any:
     return trust_all(TorchTransport(registry, grace=GRACE, write_timeout=20.0, init_timeout=30.0))
 
 
-async def _recv(conn: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, conn.recv)
-
-
 async def _link(transport: Any, conn: Any, *, add: bool = True, lie: bool = False) -> Any:
     """start, swap metadata, add the peer (``lie``: claim its pools are 1 MiB larger); return
     the peer's metadata."""
     await transport.start()
     conn.send(("meta", transport.metadata()))
-    _, meta = await _recv(conn)
+    _, meta = await recv(conn)
     if lie:
         doc = json.loads(meta)
         doc["pools"] = {k: v + (1 << 20) for k, v in doc["pools"].items()}
@@ -92,7 +88,7 @@ async def scenario_lying_sender(role: str, _: Any, registry: Any, conn: Any) -> 
         # a valid write afterwards: the link is broken, so it is drained, not landed
         await transport.write("peer", [WriteOp("embeddings", 0, 0, 4096)], tag="after")
         conn.send(("sent",))
-        await _recv(conn)
+        await recv(conn)
         await transport.close()
         conn.send(("ok", "sender done"))  # not None: the harness reads None as "no result yet"
         return
@@ -101,7 +97,7 @@ async def scenario_lying_sender(role: str, _: Any, registry: Any, conn: Any) -> 
         await asyncio.wait_for(transport.wait_landed("peer", "evil", 16), 20)
     except TransportError:
         refused = True
-    await _recv(conn)  # both writes completed on the sender: both were drained by now
+    await recv(conn)  # both writes completed on the sender: both were drained by now
     intact = _unchanged(registry, want)
     try:
         await transport.wait_landed("peer", "after", 4096)
@@ -190,7 +186,7 @@ async def scenario_concurrent(role: str, _: Any, registry: Any, conn: Any) -> An
     )
     bad = sum(int((registry.byte_view(n) != expect[n]).sum()) for n in registry.layouts)
     conn.send(("done",))
-    await _recv(conn)  # the peer checked too: no more writes in flight either way
+    await recv(conn)  # the peer checked too: no more writes in flight either way
     await transport.close()
     conn.send(("ok", (len(incoming), bad, _link_threads())))
 
@@ -212,7 +208,7 @@ async def scenario_close_pending(role: str, _: Any, registry: Any, conn: Any) ->
     transport = _transport(registry)
     await _link(transport, conn)
     if role == "sender":
-        await _recv(conn)
+        await recv(conn)
         t0 = time.monotonic()
         await transport.close()
         result = (time.monotonic() - t0, _link_threads())
@@ -228,7 +224,7 @@ async def scenario_close_pending(role: str, _: Any, registry: Any, conn: Any) ->
         return
     except TransportError:
         took = time.monotonic() - t0
-    await _recv(conn)
+    await recv(conn)
     await transport.close()
     conn.send(("ok", (took, _link_threads())))
 
@@ -265,7 +261,7 @@ async def scenario_relink(role: str, _: Any, registry: Any, conn: Any) -> Any:
     _pattern(registry, seed=5 if role == "sender" else 6)
     before = registry.byte_view("embeddings").clone()
     conn.send(("removed",))
-    await _recv(conn)  # both ends removed: both links are torn down
+    await recv(conn)  # both ends removed: both links are torn down
     await transport.add_peer("peer2", meta)
     op = WriteOp("embeddings", 0, 4096, 8192)
     if role == "sender":
@@ -276,7 +272,7 @@ async def scenario_relink(role: str, _: Any, registry: Any, conn: Any) -> Any:
         before[4096 : 4096 + 8192] = _pattern(_scratch_registry(), seed=5)["embeddings"][:8192]
         ok = bool((registry.byte_view("embeddings") == before).all())
     conn.send(("checked",))
-    await _recv(conn)
+    await recv(conn)
     await transport.close()
     conn.send(("ok", (ok, _link_threads())))
 
@@ -315,7 +311,7 @@ async def _framing(role: str, old_peer: bool, registry: Any, conn: Any) -> Any:
     transport = _transport(registry)
     await transport.start()
     conn.send(("meta", transport.metadata()))
-    _, meta = await _recv(conn)
+    _, meta = await recv(conn)
     doc = json.loads(meta)
     if old_peer:
         doc.pop("frame"), doc.pop("recv_max")
@@ -347,7 +343,7 @@ async def _framing(role: str, old_peer: bool, registry: Any, conn: Any) -> Any:
                 ]
         ok = torch_equal(registry.byte_view("embeddings"), expect)
     conn.send(("checked",))
-    await _recv(conn)
+    await recv(conn)
     await transport.close()
     conn.send(("ok", (ok, framing == ((1, 0) if old_peer else (tt._FRAME, tt._RECV_MAX)))))
 
@@ -438,18 +434,18 @@ async def scenario_discard_first(role: str, _: Any, registry: Any, conn: Any) ->
     _pattern(registry, seed=20 if role == "sender" else 21)
     await _link(transport, conn)
     if role == "sender":
-        await _recv(conn)  # discarded
+        await recv(conn)  # discarded
         await transport.write("peer", SLOW, tag="slow")
         await transport.write("peer", NEXT, tag="next")
         conn.send(("sent",))
-        await _recv(conn)
+        await recv(conn)
         await transport.close()
         conn.send(("ok", True))
         return
     await transport.discard("peer", "slow")
     before = {n: registry.byte_view(n).clone() for n in registry.layouts}
     conn.send(("discarded",))
-    await _recv(conn)  # sent
+    await recv(conn)  # sent
     ok = await _landed_next(transport, registry, before, seed=20)
     conn.send(("checked",))
     await transport.close()
@@ -465,16 +461,16 @@ async def scenario_discard_during_receive(role: str, _: Any, registry: Any, conn
     if role == "sender":
         await _send_raw(transport, peer, "slow", payload=False)
         conn.send(("header-sent",))
-        await _recv(conn)  # go: the receiver's discard is waiting
+        await recv(conn)  # go: the receiver's discard is waiting
         await _send_raw(transport, peer, "slow", payload=True)
         await transport.write("peer", SLOW, tag="slow")  # after discard: drained
         await transport.write("peer", NEXT, tag="next")
         conn.send(("sent",))
-        await _recv(conn)
+        await recv(conn)
         await transport.close()
         conn.send(("ok", (True, True, True)))
         return
-    await _recv(conn)  # header-sent
+    await recv(conn)  # header-sent
     receiving = await asyncio.to_thread(_receiving, transport, "slow", 20)
     task = asyncio.ensure_future(transport.discard("peer", "slow"))
     await asyncio.sleep(0)  # one step: discard registers its fence, then awaits it
@@ -484,7 +480,7 @@ async def scenario_discard_during_receive(role: str, _: Any, registry: Any, conn
     # the receive posted before discard() could not be cancelled: it completed before the return
     completed = torch_equal(_region(registry, SLOW[0]), _src(30, SLOW[0]))
     before = {n: registry.byte_view(n).clone() for n in registry.layouts}
-    await _recv(conn)  # sent
+    await recv(conn)  # sent
     ok = await _landed_next(transport, registry, before, seed=30)
     conn.send(("checked",))
     await transport.close()
@@ -501,13 +497,13 @@ async def scenario_discard_expires(role: str, _: Any, registry: Any, conn: Any) 
     if role == "sender":
         await _send_raw(transport, peer, "slow", payload=False)
         conn.send(("header-sent",))
-        await _recv(conn)  # expired
+        await recv(conn)  # expired
         await _send_raw(transport, peer, "slow", payload=True)  # lets the receiving thread go
         t0 = time.monotonic()
         await transport.close()
         conn.send(("ok", (True, True, time.monotonic() - t0)))
         return
-    await _recv(conn)  # header-sent
+    await recv(conn)  # header-sent
     receiving = await asyncio.to_thread(_receiving, transport, "slow", 20)
     t0 = time.monotonic()
     try:

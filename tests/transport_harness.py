@@ -38,6 +38,20 @@ def stop_child(pid: int) -> None:
         raise RuntimeError(f"process {pid} ended instead of stopping (status {status})")
 
 
+async def recv(conn: Any) -> Any:
+    """The next message on the harness pipe, read off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+
+
+async def link(transport: Any, conn: Any) -> None:
+    """Start ``transport``, swap metadata with the other side over the pipe, add it as
+    ``"peer"``."""
+    await transport.start()
+    conn.send(("meta", transport.metadata()))
+    _, meta = await recv(conn)
+    await transport.add_peer("peer", meta)
+
+
 def make_registry(num_blocks: int = NUM_BLOCKS) -> Any:
     import torch
 
