@@ -144,3 +144,30 @@ def test_outcomes_by_error_type() -> None:
     assert outcome_of(et.ProtocolError("x")) == "protocol_error"
     assert outcome_of(RuntimeError("x")) == "failed"
     assert set(OUTCOMES) >= {outcome_of(e("x")) for e in (et.TransferError, et.RidInFlight)}
+
+
+def test_durations_buckets_are_cumulative_and_inclusive_of_their_bound() -> None:
+    from emtransfer.runtime.metrics import Durations
+
+    h = Durations((0.5, 0.001, 2.0))  # any order: sorted
+    for v in (0.0005, 0.001, 0.3, 0.5, 2.0, 7.0):
+        h.observe(v)
+    assert h.buckets() == [("0.001", 2), ("0.5", 4), ("2.0", 5), ("+Inf", 6)]
+    assert h.sum == pytest.approx(9.8015)
+
+
+async def test_a_completed_transfer_moves_every_counter_of_both_sides() -> None:
+    settings = make_settings()
+    async with connected(settings) as (enc, lang, peer):
+        send = asyncio.create_task(enc.send("counted", make_payload(40)))
+        await lang.receive("counted", peer)
+        await send
+        nbytes = 40 * lang.token_nbytes  # every field of a token (embeddings and the side field)
+        for node, direction in ((lang, "in"), (enc, "out")):
+            assert value(node, "emtransfer_transfers_total", outcome="ok") == 1
+            assert value(node, "emtransfer_payload_bytes_total", direction=direction) == nbytes
+            assert value(node, "emtransfer_payload_tokens_total", direction=direction) == 40
+            assert value(node, "emtransfer_rounds_total") == 1
+            assert value(node, "emtransfer_transfer_duration_seconds_count") == 1
+            totals = node.metrics.totals()
+            assert totals["ok"] == 1 and totals[f"bytes_{direction}"] == nbytes

@@ -170,6 +170,7 @@ def test_every_serve_option_has_an_environment_variable(
         "EMTRANSFER_API_KEY": "k",
         "EMTRANSFER_API_KEY_EXEMPT": "/live",
         "EMTRANSFER_ACCESS_LOG": "true",
+        "EMTRANSFER_GC_FREEZE": "false",
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -179,13 +180,16 @@ def test_every_serve_option_has_an_environment_variable(
     assert opts.encoder_addrs == ("10.0.0.1:9100", "10.0.0.2:9100")
     assert opts.retry_interval == 0.5 and opts.shutdown_timeout == 12.0
     assert opts.api_key == "k" and opts.api_key_exempt == frozenset({"/live"})
-    assert opts.access_log is True
+    assert opts.access_log is True and opts.gc_freeze is False
     # a flag wins over its variable
     opts = resolve_serve(
-        parse("--role", "language", "--shutdown-timeout", "3", "--no-access-log", "--port", "1")
-    )
-    assert (opts.role, opts.shutdown_timeout, opts.access_log, opts.port) == (
-        "language", 3.0, False, 1
+        parse(
+            "--role", "language", "--shutdown-timeout", "3", "--no-access-log", "--port", "1",
+            "--gc-freeze",
+        )
+    )  # fmt: skip
+    assert (opts.role, opts.shutdown_timeout, opts.access_log, opts.port, opts.gc_freeze) == (
+        "language", 3.0, False, 1, True
     )  # fmt: skip
     # every option of serve (but --help and the settings, which have theirs) names its variable
     with pytest.raises(SystemExit):
@@ -221,3 +225,18 @@ def test_a_bad_environment_variable_is_named(
         monkeypatch.setenv("EMTRANSFER_ROLE", "encode")
     assert main(["serve"]) == 2
     assert why in capsys.readouterr().err
+
+
+def test_gc_freeze_is_on_by_default_and_freezes_what_exists() -> None:
+    import gc
+
+    from emtransfer.server.run import freeze_startup_objects
+
+    assert resolve_serve(parse("--role", "encode")).gc_freeze is True
+    assert resolve_serve(parse("--role", "encode", "--no-gc-freeze")).gc_freeze is False
+    before = gc.get_freeze_count()
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()  # the rest of the test session collects as before

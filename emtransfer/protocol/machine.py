@@ -21,6 +21,15 @@ from typing import Any, ClassVar, Generic, TypeVar
 from ..errors import ProtocolError
 from .events import Action, Event
 
+
+class StateEnum(Enum):
+    """The states of a machine. Members are singletons compared by identity, so they hash by
+    identity too: ``Enum.__hash__`` is a Python-level call, and the tables are read with a
+    state in the key several times per event, on every request's path."""
+
+    __hash__ = object.__hash__
+
+
 S = TypeVar("S", bound=Enum)
 #: a TIMEOUTS entry that names no setting: the deadline is the current grant's, which only the
 #: runtime knows (receiver: the grant's expiry plus the engine's post bound; sender: the

@@ -42,7 +42,7 @@ round accepts a partial grant, but not below ``min_grant_tokens`` (or the rest, 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import Enum, auto
+from enum import auto
 
 from ..errors import (
     AbortKind,
@@ -57,10 +57,10 @@ from ..errors import PeerLost as PeerLostError
 from ..guarantees import Guarantees
 from . import events as ev
 from .events import Action
-from .machine import GRANT_EXPIRY, Machine
+from .machine import GRANT_EXPIRY, Machine, StateEnum
 
 
-class ReceiverState(Enum):
+class ReceiverState(StateEnum):
     NEW = auto()
     ALLOCATING = auto()
     WAIT_CHUNK = auto()

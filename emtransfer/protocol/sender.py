@@ -32,7 +32,7 @@ as proof.
 
 from __future__ import annotations
 
-from enum import Enum, auto
+from enum import auto
 
 from ..errors import (
     AllocationTimeout,
@@ -44,10 +44,10 @@ from ..errors import (
 from ..errors import PeerLost as PeerLostError
 from . import events as ev
 from .events import Action
-from .machine import Machine
+from .machine import Machine, StateEnum
 
 
-class SenderState(Enum):
+class SenderState(StateEnum):
     NEW = auto()
     WAIT_INIT = auto()
     WAIT_DATA = auto()

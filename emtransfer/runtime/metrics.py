@@ -8,17 +8,13 @@ its capacity; one counter of requests ended, by outcome, covers the failures too
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    ProcessCollector,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from ..allocator import BlockAllocator
 from ..errors import (
@@ -96,6 +92,71 @@ def duration_buckets(settings: Settings | None) -> tuple[float, ...]:
     return tuple(sorted({*_DURATIONS, *timeouts, 2 * max(timeouts)}))
 
 
+class Count:
+    """One counter series that the node's loop adds to: a plain number, read when scraped.
+    prometheus_client's own counter takes a lock and checks its labels on every ``inc``; a
+    request moves about a dozen of them, on the loop that runs every request."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class Durations:
+    """One histogram that the node's loop observes into: a count per bucket and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket with le >= value
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            out.append((floatToGoString(bound), total))
+        return out
+
+
+class _LoopSeries:
+    """Exports the loop's counters and histograms as Prometheus families at scrape time
+    (every label set present from the start, no ``_created`` samples)."""
+
+    def __init__(self) -> None:
+        self.counters: list[tuple[str, str, str, dict[str, Count]]] = []
+        self.histograms: list[tuple[str, str, Durations]] = []
+
+    def counter(self, name: str, doc: str, label: str = "", values: Iterable[str] = ("",)) -> Any:
+        children = {v: Count() for v in values}
+        self.counters.append((name, doc, label, children))
+        return children if label else children[""]
+
+    def histogram(self, name: str, doc: str, bounds: Iterable[float]) -> Durations:
+        hist = Durations(bounds)
+        self.histograms.append((name, doc, hist))
+        return hist
+
+    def collect(self) -> Iterable[Metric]:
+        for name, doc, label, children in self.counters:
+            family = CounterMetricFamily(name, doc, labels=[label] if label else None)
+            for value, count in children.items():
+                family.add_metric([value] if label else [], count.value)
+            yield family
+        for name, doc, hist in self.histograms:
+            yield HistogramMetricFamily(name, doc, buckets=hist.buckets(), sum_value=hist.sum)
+
+
 class _NoCreated:
     """The registry's families without their ``_created`` samples (a per-registry choice: the
     process-wide switch of prometheus_client would change the host application's metrics)."""
@@ -138,36 +199,33 @@ class Metrics:
             str(settings.hidden_size) if settings else "",
             settings.dtype if settings else "",
         ).set(1)
-        self.transfers = Counter(
-            "emtransfer_transfers", "Requests ended, by outcome", ["outcome"], registry=r
+        series = _LoopSeries()
+        self._ended: dict[str, Count] = series.counter(
+            "emtransfer_transfers", "Requests ended, by outcome", "outcome", OUTCOMES
         )
-        self.bytes = Counter(
-            "emtransfer_payload_bytes", "Payload bytes moved", ["direction"], registry=r
+        self._bytes: dict[str, Count] = series.counter(
+            "emtransfer_payload_bytes", "Payload bytes moved", "direction", ("in", "out")
         )
-        self.tokens = Counter(
-            "emtransfer_payload_tokens", "Payload tokens delivered", ["direction"], registry=r
+        self._tokens: dict[str, Count] = series.counter(
+            "emtransfer_payload_tokens", "Payload tokens delivered", "direction", ("in", "out")
         )
-        self.rounds = Counter("emtransfer_rounds", "Protocol rounds completed", registry=r)
-        self.resumes = Counter("emtransfer_resumes", "Rounds after the first", registry=r)
-        self.prefetched = Counter(
+        self.rounds: Count = series.counter("emtransfer_rounds", "Protocol rounds completed")
+        self.resumes: Count = series.counter("emtransfer_resumes", "Rounds after the first")
+        self.prefetched: Count = series.counter(
             "emtransfer_resumes_pipelined",
             "Resume rounds granted while the round before was still on the wire",
-            registry=r,
         )
-        self.duration = Histogram(
-            "emtransfer_transfer_duration_seconds",
-            "Duration of requests that completed",
-            buckets=buckets,
-            registry=r,
-        )
-        self.alloc_wait = Histogram(
-            "emtransfer_alloc_wait_seconds", "Time waiting for blocks", buckets=buckets, registry=r
-        )
-        self.quarantines = Counter(
+        self.quarantines: Count = series.counter(
             "emtransfer_quarantines",
             "Allocations quarantined because a write might still land in them",
-            registry=r,
         )
+        self.duration = series.histogram(
+            "emtransfer_transfer_duration_seconds", "Duration of requests that completed", buckets
+        )
+        self.alloc_wait = series.histogram(
+            "emtransfer_alloc_wait_seconds", "Time waiting for blocks", buckets
+        )
+        r.register(series)
         gauge = Gauge("emtransfer_inflight_requests", "Requests in flight", registry=r)
         gauge.set_function(inflight or (lambda: 0))
         gauge = Gauge("emtransfer_peers", "Connected peers", registry=r)
@@ -188,26 +246,17 @@ class Metrics:
         )
         ProcessCollector(registry=r)  # process_cpu_seconds_total, memory, open fds
         # every label set exists from the start; children bound once, no lookup per request
-        self._ended = {o: self.transfers.labels(o) for o in OUTCOMES}
-        self.bytes_in, self.bytes_out = self.bytes.labels("in"), self.bytes.labels("out")
-        self.tokens_in, self.tokens_out = self.tokens.labels("in"), self.tokens.labels("out")
+        self.bytes_in, self.bytes_out = self._bytes["in"], self._bytes["out"]
+        self.tokens_in, self.tokens_out = self._tokens["in"], self._tokens["out"]
         self.transfers_ok = self._ended["ok"]
         self._collector = _NoCreated(r)
 
     def totals(self) -> dict[str, float]:
         """Running totals: requests ended by outcome (``ok``, ``timeout``, ...), ``rounds``,
         ``resumes``, ``bytes_in``, ``bytes_out`` (what a periodic summary subtracts)."""
-        out: dict[str, float] = {}
-        for counter, label in ((self.transfers, "outcome"), (self.bytes, "direction")):
-            for family in counter.collect():
-                for sample in family.samples:
-                    if sample.name.endswith("_total"):
-                        key = sample.labels[label]
-                        out[key if label == "outcome" else f"bytes_{key}"] = sample.value
-        for name, counter in (("rounds", self.rounds), ("resumes", self.resumes)):
-            out[name] = sum(
-                x.value for f in counter.collect() for x in f.samples if x.name.endswith("_total")
-            )
+        out = {outcome: count.value for outcome, count in self._ended.items()}
+        out["rounds"], out["resumes"] = self.rounds.value, self.resumes.value
+        out["bytes_in"], out["bytes_out"] = self.bytes_in.value, self.bytes_out.value
         return out
 
     def failed(self, error: BaseException) -> None:

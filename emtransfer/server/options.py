@@ -121,6 +121,7 @@ SERVE_ENV = {
     "api_key": "EMTRANSFER_API_KEY",
     "api_key_exempt": "EMTRANSFER_API_KEY_EXEMPT",
     "access_log": "EMTRANSFER_ACCESS_LOG",
+    "gc_freeze": "EMTRANSFER_GC_FREEZE",
 }
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
@@ -299,6 +300,17 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
             "access_log",
         ),
     )
+    serve.add_argument(
+        "--gc-freeze",
+        action=argparse.BooleanOptionalAction,
+        default=env_default("gc_freeze", True, bool),
+        help=_help(
+            "once the node runs, move every object that exists then out of the garbage "
+            "collector's reach (gc.freeze(), as vLLM and SGLang do after start-up): a full "
+            "collection then scans only what serving made, not every module and tensor loaded",
+            "gc_freeze",
+        ),
+    )
     add_settings_flags(serve)
     return serve
 
@@ -323,6 +335,8 @@ class ServeOptions:
     #: largest HTTP request body (None: room for a job of max_job_bytes in base64)
     max_body_bytes: int | None = None
     access_log: bool = False
+    #: gc.freeze() once the node runs (see ``--gc-freeze``)
+    gc_freeze: bool = True
     #: required as a bearer token on every HTTP request but ``api_key_exempt``; None: open
     api_key: str | None = None
     api_key_exempt: frozenset[str] = frozenset({"/health", "/live", "/metrics"})
@@ -406,6 +420,7 @@ def resolve_serve(args: argparse.Namespace) -> ServeOptions:
         log_summary_interval=args.log_summary_interval,
         max_body_bytes=args.max_body_bytes,
         access_log=args.access_log,
+        gc_freeze=args.gc_freeze,
         api_key=api_key,
         api_key_exempt=exempt,
     )
