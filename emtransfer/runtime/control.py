@@ -25,6 +25,7 @@ class TcpChannel(Channel):
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
+        self._transport = writer.transport
         self._decoder = FrameDecoder()
         self._ready: deque[bytes] = deque()
         self._closed = False
@@ -39,12 +40,13 @@ class TcpChannel(Channel):
         return self._desc
 
     def send(self, msg: m.Message) -> None:
-        if self._closed or self._writer.is_closing():
+        transport = self._transport  # the writer's, without its property calls per message
+        if self._closed or transport.is_closing():
             raise PeerLost(f"control connection {self._desc} closed")
-        if self._writer.transport.get_write_buffer_size() > MAX_SEND_BACKLOG:
+        if transport.get_write_buffer_size() > MAX_SEND_BACKLOG:
             self.close()
             raise PeerLost(f"peer {self._desc} stopped reading its control connection")
-        self._writer.write(frame(msg))
+        transport.write(frame(msg))
 
     async def drain(self) -> None:
         if self._closed:

@@ -237,7 +237,7 @@ class Session:
                             if name == GRANT_EXPIRY
                             else loop.time() + getattr(self.settings, name)
                         )
-                if queue.empty():
+                if not queue._items:
                     # the timer is armed only when the session would wait: a state left on
                     # the items already queued never needed one (its deadline is the same)
                     if when is not None and timer is None:
@@ -294,7 +294,9 @@ class Session:
             self.log.debug(
                 "transition", frm=before.name, to=m.state.name, trigger=type(event).__name__
             )
-        if m.state not in self._alloc_states:
+        if m.state not in self._alloc_states and (
+            self._alloc_token is not None or self._alloc_task is not None
+        ):
             self._cancel_alloc()
         for action in actions:
             await self._execute(action)
