@@ -110,7 +110,7 @@ class ByHand:
         self.nbytes = tokens * HIDDEN * 2
         self.src_pool = torch.empty(self.nbytes, dtype=torch.uint8)
         self.dst_pool = torch.empty(self.nbytes, dtype=torch.uint8)
-        self.view = memoryview(self.dst_pool.numpy())
+        self.view = self.dst_pool.numpy().data
 
     async def serve(self, data: torch.Tensor, n: int) -> None:
         loop = asyncio.get_running_loop()
@@ -120,7 +120,7 @@ class ByHand:
             (i, _) = HEADER.unpack(req)
             self.src_pool.copy_(flat)  # the payload into the sender's pool
             await loop.sock_sendall(self.b, HEADER.pack(i, self.nbytes))
-            await loop.sock_sendall(self.b, memoryview(self.src_pool.numpy()))
+            await loop.sock_sendall(self.b, self.src_pool.numpy().data)
 
     async def run(self, data: torch.Tensor, n: int) -> tuple[float, float]:
         loop = asyncio.get_running_loop()
@@ -142,6 +142,36 @@ class ByHand:
         return cpu() - c0, time.perf_counter() - t0
 
 
+class GcPauses:
+    """The collector's passes while on: how many, their total and longest time, by generation."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self._t0 = 0.0
+        self.passes = {0: [0, 0.0, 0.0], 1: [0, 0.0, 0.0], 2: [0, 0.0, 0.0]}
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if not self.on:
+            return
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        took = time.perf_counter() - self._t0
+        entry = self.passes[info["generation"]]
+        entry[0] += 1
+        entry[1] += took
+        entry[2] = max(entry[2], took)
+
+    def report(self, requests: int) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            f"gen{g}": {"passes": n, "total_ms": 1e3 * t, "longest_ms": 1e3 * m}
+            for g, (n, t, m) in self.passes.items()
+        }
+        out["us_per_request"] = 1e6 * sum(t for _, t, _ in self.passes.values()) / requests
+        return out
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -160,6 +190,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             gc.freeze()
         lines: dict[str, Any] = {}
         for conc in args.concurrency:
+            pauses = GcPauses()  # the emtransfer runs' collections, for this concurrency
             cpu_us: dict[str, list[float]] = {"emtransfer": [], "by hand": []}
             wall_us: dict[str, list[float]] = {"emtransfer": [], "by hand": []}
             for r in range(args.repeats):
@@ -168,7 +199,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     if line == "by hand" and conc != 1:
                         continue  # the socket pair serves one request at a time
                     if line == "emtransfer":
+                        pauses.on = True
                         c, w = await emtransfer_run(enc, lang, peer, args.requests, conc, data)
+                        pauses.on = False
                     else:
                         c, w = await hand.run(data["embeddings"], args.requests)
                     cpu_us[line].append(1e6 * c / args.requests)
@@ -178,6 +211,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 for k in cpu_us
                 if cpu_us[k]
             }
+            lines[str(conc)]["emtransfer"]["gc"] = pauses.report(args.requests * args.repeats)
+            gc.callbacks.remove(pauses._callback)
             if args.count_calls:  # deterministic, unlike time: Python calls per request
                 prof = cProfile.Profile()
                 await emtransfer_run(enc, lang, peer, args.requests, conc, data, prof)
@@ -185,7 +220,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 calls = stats.total_calls  # type: ignore[attr-defined]
                 lines[str(conc)]["emtransfer"]["python_calls"] = calls / args.requests
         out["lines"] = lines
-        out["gc"] = {"counts": gc.get_count(), "stats": gc.get_stats()}
     return out
 
 
@@ -206,6 +240,11 @@ def report(res: dict[str, Any]) -> None:
                 f"{conc:>5} {line:>11}  {c['median']:9.1f} ({c['min']:7.1f}-{c['max']:7.1f})  "
                 f"{w['median']:9.1f} ({w['min']:7.1f}-{w['max']:7.1f})"
             )
+        g = lines["emtransfer"]["gc"]
+        print(
+            f"{conc:>5} {'emtransfer':>11}  {g['us_per_request']:9.1f} us per request in the "
+            f"collector; full passes {g['gen2']['passes']}, longest {g['gen2']['longest_ms']:.1f} ms"
+        )
         if "python_calls" in lines["emtransfer"]:
             calls = lines["emtransfer"]["python_calls"]
             print(f"{conc:>5} {'emtransfer':>11}  {calls:9.1f} Python calls per request (cProfile)")
