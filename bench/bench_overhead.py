@@ -3,7 +3,7 @@ small shared machine, for comparing two versions of the code.
 
     python bench/bench_overhead.py [--transport tcp|nixl|local] [--requests 3000]
                                    [--concurrency 1,32] [--repeats 7] [--tokens 256]
-                                   [--gc default|freeze] [--json PATH]
+                                   [--gc default|freeze] [--count-calls] [--json PATH]
 
 An encode node and a language node run in this one process and loop, connected over a real
 control connection (TCP on 127.0.0.1) and the chosen data transport. Each measurement sends
@@ -18,6 +18,11 @@ The baseline is the same process moving the same bytes by hand: a copy into a st
 buffer, one ``sock_sendall`` of header and payload over a socket pair, the receive into the
 destination and a copy out, with one small request message per transfer (the work of the
 transfer benchmark's line (b) on tcp). The difference is the runtime's fixed cost per request.
+
+Each concurrency also reports the garbage collector's passes during the emtransfer runs (how
+many per generation, their total and the longest) and that time per request; ``--count-calls``
+runs one more measurement under cProfile for the Python calls per request, a figure that does
+not depend on the machine's load.
 
 ``--gc freeze`` calls ``gc.freeze()`` once both nodes run, as serving engines do after start-up
 (vLLM's engine core, and ``python -m emtransfer serve``): the collector then skips the objects
