@@ -920,6 +920,10 @@ class EncodeSide:
             )
             for i in range(msg["count"])
         ]
+        # one turn of the loop before answering: every send's first step registers its offer,
+        # so the receiver's Inits find them (an Init that comes first waits for its data, and
+        # beyond max_waiting_inits_per_peer of those a request is refused)
+        await asyncio.sleep(0)
 
     async def op_c_collect(self, msg: dict[str, Any]) -> dict[str, Any]:
         res = await asyncio.gather(*self.batches.pop(msg["prefix"]), return_exceptions=True)
