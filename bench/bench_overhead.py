@@ -103,6 +103,18 @@ async def emtransfer_run(
     return cpu() - c0, time.perf_counter() - t0
 
 
+async def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from ``sock``; ConnectionError if the other end closes first."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise ConnectionError("the by-hand peer closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
 class ByHand:
     """One socket pair; a request message per transfer, then header + payload back."""
 
@@ -120,29 +132,35 @@ class ByHand:
     async def serve(self, data: torch.Tensor, n: int) -> None:
         loop = asyncio.get_running_loop()
         flat = data.view(torch.uint8).reshape(-1)
-        for _ in range(n):
-            req = await loop.sock_recv(self.b, HEADER.size)
-            (i, _) = HEADER.unpack(req)
-            self.src_pool.copy_(flat)  # the payload into the sender's pool
-            await loop.sock_sendall(self.b, HEADER.pack(i, self.nbytes))
-            await loop.sock_sendall(self.b, self.src_pool.numpy().data)
+        try:
+            for _ in range(n):
+                (i, _) = HEADER.unpack(await recv_exactly(self.b, HEADER.size))
+                self.src_pool.copy_(flat)  # the payload into the sender's pool
+                await loop.sock_sendall(self.b, HEADER.pack(i, self.nbytes))
+                await loop.sock_sendall(self.b, self.src_pool.numpy().data)
+        except BaseException:
+            self.b.close()  # the receiving side sees the end instead of waiting for ever
+            raise
 
     async def run(self, data: torch.Tensor, n: int) -> tuple[float, float]:
         loop = asyncio.get_running_loop()
         server = asyncio.ensure_future(self.serve(data, n))
-        server.add_done_callback(lambda t: t.cancelled() or t.exception())
         c0, t0 = cpu(), time.perf_counter()
-        for i in range(n):
-            await loop.sock_sendall(self.a, HEADER.pack(i, 0))
-            head = b""
-            while len(head) < HEADER.size:
-                head += await loop.sock_recv(self.a, HEADER.size - len(head))
-            (_, size) = HEADER.unpack(head)
-            got = 0
-            while got < size:
-                got += await loop.sock_recv_into(self.a, self.view[got:size])
-            out = torch.empty_like(self.dst_pool)
-            out.copy_(self.dst_pool)  # the payload out of the receiver's pool
+        try:
+            for i in range(n):
+                await loop.sock_sendall(self.a, HEADER.pack(i, 0))
+                (_, size) = HEADER.unpack(await recv_exactly(self.a, HEADER.size))
+                got = 0
+                while got < size:
+                    took = await loop.sock_recv_into(self.a, self.view[got:size])
+                    if not took:
+                        raise ConnectionError("the by-hand sender closed the connection")
+                    got += took
+                out = torch.empty_like(self.dst_pool)
+                out.copy_(self.dst_pool)  # the payload out of the receiver's pool
+        except ConnectionError:
+            await server  # the sender failed: raise its error rather than ours
+            raise
         await server
         return cpu() - c0, time.perf_counter() - t0
 
@@ -167,6 +185,9 @@ class GcPauses:
         entry[0] += 1
         entry[1] += took
         entry[2] = max(entry[2], took)
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._callback)
 
     def report(self, requests: int) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -216,8 +237,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 for k in cpu_us
                 if cpu_us[k]
             }
+            pauses.close()
             lines[str(conc)]["emtransfer"]["gc"] = pauses.report(args.requests * args.repeats)
-            gc.callbacks.remove(pauses._callback)
             if args.count_calls:  # deterministic, unlike time: Python calls per request
                 prof = cProfile.Profile()
                 await emtransfer_run(enc, lang, peer, args.requests, conc, data, prof)

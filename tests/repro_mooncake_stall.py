@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("EMTRANSFER_WRITE_TIMEOUT", "1.5")
 
-from transport_harness import BLOCK_SIZE, block_ops, link, recv, run_pair
+from transport_harness import BLOCK_SIZE, block_ops, link, recv, run_pair, serve_until_sender_done
 
 STOPPED_FOR = 8.0
 
@@ -34,9 +34,7 @@ async def scenario(role: str, transport: Any, registry: Any, conn: Any) -> None:
 
     await link(transport, conn)
     if role == "receiver":
-        await recv(conn)  # the sender is done
-        await transport.close()
-        conn.send(("ok", None))
+        await serve_until_sender_done(transport, conn)
         return
     ops = block_ops(registry, list(range(24)), list(range(24, 48)), 24 * BLOCK_SIZE)
     await transport.write("peer", ops, tag="alive")

@@ -23,7 +23,16 @@ from typing import Any
 import msgspec
 import pytest
 import torch
-from transport_harness import BLOCK_SIZE, block_ops, fill_random, landed, link, make_registry, recv
+from transport_harness import (
+    BLOCK_SIZE,
+    block_ops,
+    fill_random,
+    landed,
+    link,
+    make_registry,
+    recv,
+    serve_until_sender_done,
+)
 
 from emtransfer.buffers import WriteOp
 from emtransfer.errors import ConfigError
@@ -474,9 +483,7 @@ async def scenario_stopped_receiver(role: str, transport: Any, registry: Any, co
     after."""
     await link(transport, conn)
     if role == "receiver":
-        await recv(conn)  # the sender is done
-        await transport.close()
-        conn.send(("ok", None))
+        await serve_until_sender_done(transport, conn)
         return
     ops = block_ops(registry, [0, 1], [2, 3], 2 * BLOCK_SIZE)
     await transport.write("peer", ops, tag="alive")

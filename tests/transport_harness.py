@@ -52,6 +52,14 @@ async def link(transport: Any, conn: Any) -> None:
     await transport.add_peer("peer", meta)
 
 
+async def serve_until_sender_done(transport: Any, conn: Any) -> None:
+    """The receiving side of a scenario in which only the sender acts: keep the transport up
+    until the sender says it is done, then close it and report success."""
+    await recv(conn)
+    await transport.close()
+    conn.send(("ok", None))
+
+
 def make_registry(num_blocks: int = NUM_BLOCKS) -> Any:
     import torch
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -137,10 +137,14 @@ class _LoopSeries:
         self.counters: list[tuple[str, str, str, dict[str, Count]]] = []
         self.histograms: list[tuple[str, str, Durations]] = []
 
-    def counter(self, name: str, doc: str, label: str = "", values: Iterable[str] = ("",)) -> Any:
+    def counter(self, name: str, doc: str) -> Count:
+        return self.labelled(name, doc, "", ("",))[""]
+
+    def labelled(self, name: str, doc: str, label: str, values: Iterable[str]) -> dict[str, Count]:
+        """One series per label value, every one of them from the start."""
         children = {v: Count() for v in values}
         self.counters.append((name, doc, label, children))
-        return children if label else children[""]
+        return children
 
     def histogram(self, name: str, doc: str, bounds: Iterable[float]) -> Durations:
         hist = Durations(bounds)
@@ -200,22 +204,22 @@ class Metrics:
             settings.dtype if settings else "",
         ).set(1)
         series = _LoopSeries()
-        self._ended: dict[str, Count] = series.counter(
+        self._ended = series.labelled(
             "emtransfer_transfers", "Requests ended, by outcome", "outcome", OUTCOMES
         )
-        self._bytes: dict[str, Count] = series.counter(
+        self._bytes = series.labelled(
             "emtransfer_payload_bytes", "Payload bytes moved", "direction", ("in", "out")
         )
-        self._tokens: dict[str, Count] = series.counter(
+        self._tokens = series.labelled(
             "emtransfer_payload_tokens", "Payload tokens delivered", "direction", ("in", "out")
         )
-        self.rounds: Count = series.counter("emtransfer_rounds", "Protocol rounds completed")
-        self.resumes: Count = series.counter("emtransfer_resumes", "Rounds after the first")
-        self.prefetched: Count = series.counter(
+        self.rounds = series.counter("emtransfer_rounds", "Protocol rounds completed")
+        self.resumes = series.counter("emtransfer_resumes", "Rounds after the first")
+        self.prefetched = series.counter(
             "emtransfer_resumes_pipelined",
             "Resume rounds granted while the round before was still on the wire",
         )
-        self.quarantines: Count = series.counter(
+        self.quarantines = series.counter(
             "emtransfer_quarantines",
             "Allocations quarantined because a write might still land in them",
         )
