@@ -2,7 +2,11 @@
 returned write has its bytes in the kernel, not yet in the peer's pool, and closing used to
 tear the data connection down (and the control connection after it) while the receiver was
 still reading, which failed the last requests as "peer lost while round 0 was landing". Now
-close half-closes each data connection and waits until the peer has read it all.
+close half-closes each data connection and waits until the peer has read it all. Over nixl
+the round's notification had arrived, but the receiver's wait was between two polls when the
+control connection's end removed the peer, and the removal dropped what had arrived; now a
+wait under way sees what arrived before the removal (the transports' contract, test_transport_
+nixl and test_transport_mooncake show it deterministically).
 
 Two processes, several rounds (the window is the last few in-flight writes)."""
 

@@ -463,6 +463,29 @@ async def test_remove_peer_waits_for_writes_and_fails_waiters() -> None:
 
 
 @needs_engine
+async def test_a_wait_under_way_sees_what_landed_before_the_peer_was_removed() -> None:
+    """The peer's write completed (its notification delivered) and the peer is removed before
+    the poller looked again (a node closing right after its send returned): the wait under
+    way succeeds; removal used to fail it without looking. One whose bytes had not all
+    arrived still fails."""
+    async with _pair() as (a, b, ra, rb):
+        b.poll_s = 3600.0  # the poller does not look between the write and the removal
+        ops = block_ops(ra, [4, 11], [50, 3], BLOCK_SIZE)
+        nbytes = sum(o.nbytes for o in ops)
+        waiting = asyncio.create_task(b.wait_landed("a", "r/0", nbytes))
+        short = asyncio.create_task(b.wait_landed("a", "r/1", 2 * nbytes))
+        await asyncio.sleep(0)  # one turn of the loop: both waiters registered (not a delay)
+        assert not waiting.done() and not short.done()
+        await asyncio.wait_for(a.write("b", ops, tag="r/0"), WAIT)
+        await asyncio.wait_for(a.write("b", ops, tag="r/1"), WAIT)
+        await b.remove_peer("a")
+        await asyncio.wait_for(waiting, WAIT)
+        assert landed(ra, rb, ops)
+        with pytest.raises(TransportError, match="removed"):
+            await asyncio.wait_for(short, WAIT)
+
+
+@needs_engine
 async def test_notifications_nobody_waits_for_are_dropped() -> None:
     async with _pair(notif_ttl=0.0) as (a, b, ra, _):
         for task in b._tasks:

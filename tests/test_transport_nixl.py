@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -196,6 +197,53 @@ async def test_remove_peer_waits_for_writes_in_flight() -> None:
             assert torch.equal(got, ra.byte_view(o.field)[o.src_offset : o.src_offset + o.nbytes])
         with pytest.raises(TransportError):
             await a.write("b", batches[0], tag="late")
+
+
+async def test_a_wait_under_way_sees_what_landed_before_the_peer_was_removed() -> None:
+    """The receiver waits (polling, backing off) for a round; the sender's write completes and
+    the peer is removed before the waiting poll comes round again (a node closing right after
+    its send returned: the control connection's end beats the next poll). The notification
+    had arrived by then: the wait succeeds (removal used to drop what had arrived, and the
+    wait failed with "unknown peer"). A wait whose bytes had not all arrived still fails,
+    saying so.
+
+    The sender runs on a loop of its own in a thread, so the receiver's loop can stay blocked
+    from the write's start to the removal: its waits get no turn in between."""
+    ra, rb = make_registry(), make_registry()
+    a, b = NixlTransport(ra), NixlTransport(rb)
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever, daemon=True)
+    thread.start()
+
+    def on_a(coro: Any) -> Any:  # blocks this loop until the sender's loop ran ``coro``
+        return asyncio.run_coroutine_threadsafe(coro, other).result(WAIT)
+
+    try:
+        on_a(a.start())
+        await b.start()
+        on_a(a.add_peer("b", b.metadata()))
+        await b.add_peer("a", a.metadata())
+        fill_random(ra, seed=5)
+        ops = block_ops(ra, [3, 9], [60, 2], BLOCK_SIZE)
+        nbytes = sum(o.nbytes for o in ops)
+        waiting = asyncio.ensure_future(b.wait_landed("a", "r/0", nbytes))
+        short = asyncio.ensure_future(b.wait_landed("a", "r/1", 2 * nbytes))
+        await asyncio.sleep(0.01)  # both waits polled and backed off (not a synchronisation)
+        on_a(a.write("b", ops, tag="r/0"))
+        on_a(a.write("b", ops, tag="r/1"))
+        await b.remove_peer("a")  # in this task: wait_for's task would give the waits a turn
+        await asyncio.wait_for(waiting, WAIT)
+        for o in ops:
+            got = rb.byte_view(o.field)[o.dst_offset : o.dst_offset + o.nbytes]
+            assert torch.equal(got, ra.byte_view(o.field)[o.src_offset : o.src_offset + o.nbytes])
+        with pytest.raises(TransportError, match="removed before 'r/1' landed"):
+            await asyncio.wait_for(short, WAIT)
+    finally:
+        on_a(a.close())
+        await b.close()
+        other.call_soon_threadsafe(other.stop)
+        thread.join(WAIT)
+        other.close()
 
 
 async def test_notifications_drained() -> None:

@@ -193,7 +193,11 @@ class Transport(ABC):
     async def wait_landed(self, peer_id: str, tag: str, nbytes: int) -> None:
         """Receiver side: return once ``nbytes`` (summed over every field and every write made
         under ``tag``) from ``peer_id`` are in the local pools, then forget the tag. Engines
-        whose sender-side completion already implies remote delivery need not wait."""
+        whose sender-side completion already implies remote delivery need not wait. Removing
+        the peer (:meth:`remove_peer`) fails a wait under way only if its bytes had not all
+        arrived by then: a write the peer completed before it went still counts (a node
+        closes right after its last send returned; its control connection's end may beat
+        this wait's next look at the engine)."""
 
     def landed(self, peer_id: str, tag: str, nbytes: int) -> bool:
         """Receiver side, without waiting: True when ``nbytes`` under ``tag`` from ``peer_id``

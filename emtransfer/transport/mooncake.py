@@ -227,12 +227,16 @@ class MooncakeTransport(Transport):
         self._peers[peer_id] = _Peer(meta.name, meta.session, dict(meta.pools), thread)
 
     async def remove_peer(self, peer_id: str) -> None:
-        """Refuse new writes to the peer, fail its waiters, wait for its writes in flight.
-        One-sided: the peer's writes *to us* stop with its own ``remove_peer`` (or exit)."""
+        """Refuse new writes to the peer, fail its waiters whose bytes had not all arrived
+        (what arrived before the removal counts: one last drain first), wait for its writes
+        in flight. One-sided: the peer's writes *to us* stop with its own ``remove_peer``
+        (or exit)."""
         self.grants.drop_peer(peer_id)
         peer = self._peers.pop(peer_id, None)
         if peer is None:
             return
+        self._drain()
+        self._wake()
         for pid, _, fut in list(self._waiters.values()):
             if pid == peer_id and not fut.done():
                 fut.set_exception(TransportError(f"mooncake: peer {peer_id!r} was removed"))

@@ -321,6 +321,7 @@ class NixlTransport(Transport):
         if peer.inflight:
             await asyncio.gather(*list(peer.inflight), return_exceptions=True)
         if self._agent is not None and all(p.agent != peer.agent for p in self._peers.values()):
+            self._drain()  # what arrived before the removal counts: waits under way see it
             self._landed.pop(peer.agent, None)
             if peer.pools:  # a peer that publishes no pools was never loaded
                 _try("remove_remote_agent", self._agent.remove_remote_agent, peer.agent)
@@ -374,16 +375,24 @@ class NixlTransport(Transport):
 
     async def wait_landed(self, peer_id: str, tag: str, nbytes: int) -> None:
         """Consume ``tag``'s notifications once they account for ``nbytes``; polls with a 20 us
-        to 1 ms backoff (asyncio rounds sleeps up to 1 ms) until the caller's timeout."""
+        to 1 ms backoff (asyncio rounds sleeps up to 1 ms) until the caller's timeout. A peer
+        removed meanwhile fails the wait only if its notifications had not all arrived by
+        then: a write it completed before it went is in the pools (``remove_peer`` drains
+        once more, into the bucket this wait holds, before it drops the peer's)."""
         key, delay = tag.encode(), 20e-6
+        peer = self._peer(peer_id)
+        bucket = self._landed.setdefault(peer.agent, {})
         while True:
-            peer = self._peer(peer_id)
             self._drain()
-            bucket = self._landed.setdefault(peer.agent, {})
             got = bucket.get(key)
             if nbytes <= 0 or (got is not None and got[0] >= nbytes):
                 bucket.pop(key, None)
                 return
+            if self._peers.get(peer_id) is not peer:
+                raise TransportError(
+                    f"nixl: peer {peer_id!r} was removed before {tag!r} landed "
+                    f"({got[0] if got else 0} of {nbytes} bytes notified)"
+                )
             await asyncio.sleep(delay)
             delay = min(2 * delay, 1e-3)
 
