@@ -246,6 +246,20 @@ async def test_a_wait_under_way_sees_what_landed_before_the_peer_was_removed() -
         other.close()
 
 
+async def test_landed_answers_without_waiting_and_consumes() -> None:
+    async with _pair() as (a, b, ra, _):
+        ops = block_ops(ra, [5], [6], BLOCK_SIZE)
+        nbytes = sum(o.nbytes for o in ops)
+        assert not b.landed("a", "r/0", nbytes)  # nothing written yet
+        assert not b.landed("nobody", "r/0", nbytes)
+        await asyncio.wait_for(a.write("b", ops, tag="r/0"), WAIT)
+        await _until(lambda: b.pending_notifs() == 1)
+        assert not b.landed("a", "r/0", nbytes + 1)  # not all of it: the caller must wait
+        assert b.landed("a", "r/0", nbytes)
+        assert b.pending_notifs() == 0  # consumed, as wait_landed would have
+        assert not b.landed("a", "r/0", nbytes)
+
+
 async def test_notifications_drained() -> None:
     async with _pair() as (a, b, ra, _):
         for k in range(20):

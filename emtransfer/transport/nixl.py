@@ -384,17 +384,27 @@ class NixlTransport(Transport):
         bucket = self._landed.setdefault(peer.agent, {})
         while True:
             self._drain()
-            got = bucket.get(key)
-            if nbytes <= 0 or (got is not None and got[0] >= nbytes):
-                bucket.pop(key, None)
+            if _take(bucket, key, nbytes):
                 return
             if self._peers.get(peer_id) is not peer:
+                got = bucket.get(key, (0,))[0]
                 raise TransportError(
                     f"nixl: peer {peer_id!r} was removed before {tag!r} landed "
-                    f"({got[0] if got else 0} of {nbytes} bytes notified)"
+                    f"({got} of {nbytes} bytes notified)"
                 )
             await asyncio.sleep(delay)
             delay = min(2 * delay, 1e-3)
+
+    def landed(self, peer_id: str, tag: str, nbytes: int) -> bool:
+        """One drain, no waiting: the notification is usually in before the sender's
+        ChunkDone (it travels ahead of the write's completion), so the receiver needs no
+        timer and no polling task for it."""
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return False
+        self._drain()
+        bucket = self._landed.get(peer.agent)
+        return bucket is not None and _take(bucket, tag.encode(), nbytes)
 
     async def discard(self, peer_id: str, tag: str) -> None:
         """Drop ``tag``'s notifications now rather than after ``notif_ttl`` (nothing to fence:
@@ -491,6 +501,15 @@ class NixlTransport(Transport):
         while True:
             await asyncio.sleep(self.sweep_interval)
             self._drain(prune=True)
+
+
+def _take(bucket: dict[bytes, list[float]], key: bytes, nbytes: int) -> bool:
+    """Consume ``key``'s notifications if they account for ``nbytes``."""
+    got = bucket.get(key)
+    if nbytes <= 0 or (got is not None and got[0] >= nbytes):
+        bucket.pop(key, None)
+        return True
+    return False
 
 
 def _try(what: str, fn: Callable[..., Any], *args: Any) -> Any:
