@@ -6,7 +6,8 @@ close half-closes each data connection and waits until the peer has read it all.
 the round's notification had arrived, but the receiver's wait was between two polls when the
 control connection's end removed the peer, and the removal dropped what had arrived; now a
 wait under way sees what arrived before the removal (the transports' contract, test_transport_
-nixl and test_transport_mooncake show it deterministically).
+nixl and test_transport_mooncake show it deterministically). Mooncake's removal failed its
+waiters without a last look in the same way.
 
 Two processes, several rounds (the window is the last few in-flight writes)."""
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.timeout(180)
 ROUNDS, CONCURRENT, TOKENS = 4, 48, 700
 
 
-@pytest.mark.parametrize("transport", transport_params("tcp", "nixl"))
+@pytest.mark.parametrize("transport", transport_params("tcp", "nixl", "mooncake"))
 def test_closing_right_after_the_sends_returned_loses_nothing(transport: str) -> None:
     lang = NodeProc("language", transport)
     failures: list[str] = []

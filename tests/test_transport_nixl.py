@@ -228,7 +228,7 @@ async def test_a_wait_under_way_sees_what_landed_before_the_peer_was_removed() -
         nbytes = sum(o.nbytes for o in ops)
         waiting = asyncio.ensure_future(b.wait_landed("a", "r/0", nbytes))
         short = asyncio.ensure_future(b.wait_landed("a", "r/1", 2 * nbytes))
-        await asyncio.sleep(0.01)  # both waits polled and backed off (not a synchronisation)
+        await asyncio.sleep(0)  # one loop turn: both waits started, polled once and asleep
         on_a(a.write("b", ops, tag="r/0"))
         on_a(a.write("b", ops, tag="r/1"))
         await b.remove_peer("a")  # in this task: wait_for's task would give the waits a turn
