@@ -199,6 +199,49 @@ async def test_remove_peer_waits_for_writes_in_flight() -> None:
             await a.write("b", batches[0], tag="late")
 
 
+async def test_write_nowait_posts_on_the_callers_turn() -> None:
+    """write_nowait posts a write under ``inline_max_bytes`` before it returns (its notification
+    reaches the peer with no turn of the sender's loop in between), refuses what write refuses
+    without sending a byte, and leaves larger writes to write(). A cancelled wait for a posted
+    write leaves it to run: remove_peer waits for it, and its bytes are in when that returns."""
+    async with _pair(inline_max_bytes=3 * BLOCK_SIZE * 4096) as (a, b, ra, rb):  # 3 blocks over
+        ops = block_ops(ra, [5, 2], [7, 30], 2 * BLOCK_SIZE)
+        nbytes = sum(o.nbytes for o in ops)
+        pending = a.write_nowait("b", ops, tag="now")
+        # posted already: the peer's engine sees it while this loop has not turned
+        seen = threading.Event()
+
+        def look() -> None:
+            while not seen.is_set() and not b.landed("a", "now", nbytes):
+                seen.wait(0.001)
+            seen.set()
+
+        thread = threading.Thread(target=look)
+        thread.start()
+        thread.join(WAIT)  # no await between the call and here: nothing else ran on this loop
+        assert seen.is_set() and not thread.is_alive(), "write_nowait did not post"
+        if pending is not None:
+            await asyncio.wait_for(pending, WAIT)
+        assert landed(ra, rb, ops)
+        with pytest.raises(TransportError, match="leaves the pools"):
+            a.write_nowait("b", [WriteOp("embeddings", 0, 1 << 40, 64)], tag="bad")
+        with pytest.raises(TransportError, match="unknown peer"):
+            a.write_nowait("nobody", ops, tag="bad")
+        big = block_ops(ra, [0, 1, 2], [3, 4, 5], 3 * BLOCK_SIZE)  # over inline_max_bytes
+        later = a.write_nowait("b", big, tag="big")
+        assert asyncio.iscoroutine(later), "a large write must go through write()"
+        await asyncio.wait_for(later, WAIT)
+        await asyncio.wait_for(b.wait_landed("a", "big", sum(o.nbytes for o in big)), WAIT)
+        assert b.pending_notifs() == 0, "a refused write sent a notification"
+        last = block_ops(ra, [9, 10], [11, 12], 2 * BLOCK_SIZE)
+        waiting = a.write_nowait("b", last, tag="last")
+        if waiting is not None:
+            task = asyncio.ensure_future(waiting)
+            task.cancel()
+        await asyncio.wait_for(a.remove_peer("b"), WAIT)
+        assert landed(ra, rb, last), "remove_peer returned before a posted write ended"
+
+
 async def test_a_wait_under_way_sees_what_landed_before_the_peer_was_removed() -> None:
     """The receiver waits (polling, backing off) for a round; the sender's write completes and
     the peer is removed before the waiting poll comes round again (a node closing right after

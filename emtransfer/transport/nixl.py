@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -330,17 +330,39 @@ class NixlTransport(Transport):
         self, peer_id: str, ops: Sequence[WriteOp], *, tag: str, deadline: float = float("inf")
     ) -> None:
         agent = self._require()
-        peer = self._peer(peer_id)
-        if not peer.pools:
-            raise TransportError(
-                f"nixl: peer {peer_id!r} accepts no writes (it published no pools)"
-            )
+        peer = self._writable(peer_id)
         # the write runs to its real end even if the caller is cancelled (a posted transfer
         # cannot be called back): remove_peer and close wait for it
         task = asyncio.ensure_future(self._write(agent, peer_id, peer, ops, tag, deadline))
         peer.inflight.add(task)
         task.add_done_callback(_forget_write(peer.inflight))
         await asyncio.shield(task)
+
+    def write_nowait(
+        self, peer_id: str, ops: Sequence[WriteOp], *, tag: str, deadline: float = float("inf")
+    ) -> Awaitable[None] | None:
+        """Posts on the caller's turn what :meth:`write` posts inline (host memory, under
+        ``inline_max_bytes``), with the same checks right before the post: no task and no hop
+        of the loop before the write is on the wire. Returns None if the engine finished it at
+        once, else its completion, shielded (a cancelled wait leaves the write to run to its
+        end; ``remove_peer`` and ``close`` wait for it as for any write). Larger writes, and
+        VRAM (whose staging copies must be synchronised first), go through :meth:`write`."""
+        if self._mem == "VRAM" or sum(op.nbytes for op in ops) >= self.inline_max_bytes:
+            return self.write(peer_id, ops, tag=tag, deadline=deadline)
+        agent = self._require()
+        peer = self._writable(peer_id)
+        local, remote, total = self._descs(peer, ops)
+        if total == 0:
+            return None
+        notif = tag.encode() + b"\0" + str(total).encode()
+        handle, state = self._post(agent, peer_id, peer, local, remote, notif, deadline)
+        watched = self._watch(handle, state, peer)
+        if watched is None:
+            return None
+        done = asyncio.wrap_future(watched)
+        peer.inflight.add(done)
+        done.add_done_callback(_forget_write(peer.inflight))
+        return asyncio.shield(done)
 
     async def _write(
         self,
@@ -365,13 +387,28 @@ class NixlTransport(Transport):
             handle, state = await asyncio.wrap_future(self._pool.submit(self._post, *args))
         else:
             handle, state = self._post(*args)
+        watched = self._watch(handle, state, peer)
+        if watched is not None:
+            await asyncio.wrap_future(watched)
+
+    def _writable(self, peer_id: str) -> _Peer:
+        peer = self._peer(peer_id)
+        if not peer.pools:
+            raise TransportError(
+                f"nixl: peer {peer_id!r} accepts no writes (it published no pools)"
+            )
+        return peer
+
+    def _watch(self, handle: Any, state: str, peer: _Peer) -> cf.Future[None] | None:
+        """A posted write: None if it ended at once (raises if that end is a failure), else
+        the poller's future for its end."""
         if state != "PROC":
             _try("release", handle.release)
             if state != "DONE":
                 raise TransportError(f"nixl: write to {peer.agent} failed ({state})")
-            return
+            return None
         assert self._poller is not None
-        await asyncio.wrap_future(self._poller.watch(handle, self.xfer_timeout, peer.agent))
+        return self._poller.watch(handle, self.xfer_timeout, peer.agent)
 
     async def wait_landed(self, peer_id: str, tag: str, nbytes: int) -> None:
         """Consume ``tag``'s notifications once they account for ``nbytes``; polls with a 20 us
