@@ -656,7 +656,7 @@ def summarize_lines(
 # -- --trace: a timeline of emtransfer's steps per request (profiling aid) -----------------------
 class Tracer:
     """Wraps, on this process's node objects only (emtransfer's code is untouched), the pool
-    copies, the transport's write and wait_landed, and control messages sent and received, and
+    copies, the transport's write, write_nowait and wait_landed, and control messages sent and received, and
     records ``(name, rid, start, end)`` in wall-clock seconds."""
 
     def __init__(self, rank: int) -> None:
@@ -665,6 +665,7 @@ class Tracer:
 
     def install(self, node: Any) -> None:
         from emtransfer.runtime.node import Peer
+        from emtransfer.transport import Transport
 
         ev = self.events
         reg, tr = node.registry, node.transport
@@ -693,9 +694,38 @@ class Tracer:
 
             setattr(obj, attr, wrapper)
 
+        def posted(obj: Any, attr: str, name: str, rid_of: Any) -> None:
+            # write_nowait: posts on the caller's turn, returns None (done) or what is left;
+            # the step ends when the write does, as for write
+            fn = getattr(obj, attr)
+
+            def wrapper(*a: Any, **kw: Any) -> Any:
+                t0, rid = time.time(), rid_of(a, kw)
+                try:
+                    pending = fn(*a, **kw)
+                except BaseException:
+                    ev.append((name, rid, t0, time.time()))
+                    raise
+                if pending is None:
+                    ev.append((name, rid, t0, time.time()))
+                    return None
+
+                async def rest() -> Any:
+                    try:
+                        return await pending
+                    finally:
+                        ev.append((name, rid, t0, time.time()))
+
+                return rest()
+
+            setattr(obj, attr, wrapper)
+
         sync(reg, "write", "stage", lambda a, kw: a[0].rid)
         sync(reg, "read_into", "copy_out", lambda a, kw: a[0].rid)
-        aio(tr, "write", "transport.write", lambda a, kw: kw["tag"].split("/")[0])
+        tag_rid = lambda a, kw: kw["tag"].split("/")[0]  # noqa: E731
+        aio(tr, "write", "transport.write", tag_rid)
+        if type(tr).write_nowait is not Transport.write_nowait:  # traced, still taken
+            posted(tr, "write_nowait", "transport.write", tag_rid)
         aio(tr, "wait_landed", "wait_landed", lambda a, kw: a[1].split("/")[0])
         on_message = node._on_message
 

@@ -8,8 +8,10 @@ import concurrent.futures as cf
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from emtransfer.transport.nixl_poller import CompletionPoller
+from emtransfer.transport.nixl_poller import FIRST_CHECK, STEP, CompletionPoller, Rate, next_delay
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -85,5 +87,74 @@ def test_cancelling_a_waiter_does_not_detach_the_write() -> None:
         eng.end("w")
         assert fut.result(5) is None and eng.released == ["w"]
         assert isinstance(fut, cf.Future)
+    finally:
+        p.close()
+
+
+POLL, MAX_POLL = 20e-6, 500e-6
+
+
+def _checks(duration: float, expect: float) -> tuple[float, int]:
+    """When a write of ``duration`` is noticed, and after how many checks, under the poller's
+    schedule (:func:`next_delay`) with ``expect`` as its expected service time."""
+    t, n = 0.0, 0
+    while True:
+        t += next_delay(t, expect, POLL, MAX_POLL)
+        n += 1
+        if t >= duration:
+            return t, n
+
+
+@given(
+    duration=st.floats(1e-6, 0.2),
+    guess=st.one_of(st.just(0.0), st.floats(0.05, 1.3)),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_write_is_noticed_soon_after_it_ends_with_few_checks(
+    duration: float, guess: float
+) -> None:
+    """Whether the rate is unknown (0) or its guess anywhere up to a third too slow, a write
+    is noticed at most an eighth of its duration (or one short poll) after it ended, and a
+    well-guessed one after a handful of checks (a doubling backoff notices it up to its whole
+    duration late)."""
+    expect = guess * duration
+    noticed, n = _checks(duration, expect)
+    assert noticed - duration <= max(POLL, STEP * duration, FIRST_CHECK * expect - duration) + 1e-12
+    assert noticed - duration <= MAX_POLL + 1e-12
+    if 0.5 <= guess <= 1.3 and duration >= 10 * POLL:
+        assert n <= 8 + duration / MAX_POLL, f"{n} checks for a write of {duration * 1e3:.3f} ms"
+
+
+def test_the_rate_is_learnt_from_large_writes_and_follows_a_change() -> None:
+    rate = Rate(weight=0.25, min_bytes=1 << 18)
+    assert rate.expect(8 << 20) == 0.0  # nothing learnt: every write is checked from poll_s
+    rate.learn(4 << 10, 1e-6)  # small writes are latency: no lesson
+    rate.learn(8 << 20, 0.0)
+    assert rate.bytes_per_s == 0.0
+    rate.learn(8 << 20, 1e-3)
+    assert rate.expect(8 << 20) == pytest.approx(1e-3)
+    for _ in range(40):  # the engine got twice as fast
+        rate.learn(8 << 20, 0.5e-3)
+    assert rate.expect(8 << 20) == pytest.approx(0.5e-3, rel=0.01)
+
+
+def test_a_write_queued_behind_another_is_timed_from_the_end_of_that_one() -> None:
+    """Service time, not time since posting: the second write of a peer is expected to take
+    its own time after the first ended, so the rate learnt is the engine's, not the queue's."""
+    eng, now = FakeEngine(), [100.0]
+    p = CompletionPoller(eng.check, eng.release, RuntimeError, clock=lambda: now[0])
+    try:
+        eng.state["a1"] = eng.state["a2"] = "PROC"
+        f1, f2 = p.watch("a1", 20, "A", 1 << 20), p.watch("a2", 20, "A", 1 << 20)
+        now[0] += 0.05  # a1 was 50 ms in service
+        eng.end("a1")
+        f1.result(5)
+        assert p.rate.expect(1 << 20) == pytest.approx(0.05)
+        now[0] += 0.001  # a2 ends 1 ms after a1, 51 ms after it was posted
+        eng.end("a2")
+        f2.result(5)
+        # learnt from 1 ms: 0.75 x (1 MiB / 50 ms) + 0.25 x (1 MiB / 1 ms); from 51 ms it
+        # would still expect about 50 ms
+        assert p.rate.expect(1 << 20) == pytest.approx(1 / (0.75 / 0.05 + 0.25 / 0.001))
     finally:
         p.close()

@@ -512,3 +512,18 @@ async def test_an_authenticated_transport_publishes_no_key_and_derives_its_ids()
     finally:
         await a.t.close()
         await b.t.close()
+
+
+def test_the_eager_path_stays_off_for_a_wrapper_that_would_miss_writes() -> None:
+    """The sender posts through ``write_nowait`` only where the engine has one, and where
+    whoever wrapped the instance's ``write`` (a tracer, a fault injector) wrapped it too."""
+    from emtransfer.runtime.encode import _posts_at_once
+    from emtransfer.transport.local import LocalTransport
+
+    t = TcpTransport(make_registry(4))
+    assert _posts_at_once(t)
+    t.write = t.write  # type: ignore[method-assign]
+    assert not _posts_at_once(t), "a wrapped write would miss the eager posts"
+    t.write_nowait = t.write_nowait  # type: ignore[method-assign]
+    assert _posts_at_once(t)
+    assert not _posts_at_once(LocalTransport(make_registry(4)))

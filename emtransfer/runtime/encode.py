@@ -153,12 +153,12 @@ class _WritePlan(NamedTuple):
 
 
 def _posts_at_once(transport: Transport) -> bool:
-    """Whether the sender may try ``write_nowait``: the engine implements it, and nobody
-    wrapped this instance's ``write`` (a tracer, a test's fault injector: they see every
-    write, as they did before the shortcut existed)."""
-    return (
-        type(transport).write_nowait is not Transport.write_nowait
-        and "write" not in transport.__dict__
+    """Whether the sender may try ``write_nowait``: the engine implements it, and whoever
+    wrapped this instance's ``write`` (a tracer, a test's fault injector) wrapped
+    ``write_nowait`` too, so it still sees every write."""
+    wrapped = transport.__dict__
+    return type(transport).write_nowait is not Transport.write_nowait and (
+        "write" not in wrapped or "write_nowait" in wrapped
     )
 
 

@@ -354,9 +354,8 @@ class NixlTransport(Transport):
         local, remote, total = self._descs(peer, ops)
         if total == 0:
             return None
-        notif = tag.encode() + b"\0" + str(total).encode()
-        handle, state = self._post(agent, peer_id, peer, local, remote, notif, deadline)
-        watched = self._watch(handle, state, peer)
+        args = (agent, peer_id, peer, local, remote, _notif(tag, total), deadline)
+        watched = self._watch(*self._post(*args), peer, total)
         if watched is None:
             return None
         done = asyncio.wrap_future(watched)
@@ -381,13 +380,12 @@ class NixlTransport(Transport):
             await asyncio.get_running_loop().run_in_executor(self._pool, stream.synchronize)
             if self._peers.get(peer_id) is not peer:
                 raise TransportError(f"nixl: peer {peer_id!r} was removed")
-        notif = tag.encode() + b"\0" + str(total).encode()
-        args = (agent, peer_id, peer, local, remote, notif, deadline)
+        args = (agent, peer_id, peer, local, remote, _notif(tag, total), deadline)
         if total >= self.inline_max_bytes:
             handle, state = await asyncio.wrap_future(self._pool.submit(self._post, *args))
         else:
             handle, state = self._post(*args)
-        watched = self._watch(handle, state, peer)
+        watched = self._watch(handle, state, peer, total)
         if watched is not None:
             await asyncio.wrap_future(watched)
 
@@ -399,16 +397,16 @@ class NixlTransport(Transport):
             )
         return peer
 
-    def _watch(self, handle: Any, state: str, peer: _Peer) -> cf.Future[None] | None:
-        """A posted write: None if it ended at once (raises if that end is a failure), else
-        the poller's future for its end."""
+    def _watch(self, handle: Any, state: str, peer: _Peer, nbytes: int) -> cf.Future[None] | None:
+        """A posted write of ``nbytes``: None if it ended at once (raises if that end is a
+        failure), else the poller's future for its end."""
         if state != "PROC":
             _try("release", handle.release)
             if state != "DONE":
                 raise TransportError(f"nixl: write to {peer.agent} failed ({state})")
             return None
         assert self._poller is not None
-        return self._poller.watch(handle, self.xfer_timeout, peer.agent)
+        return self._poller.watch(handle, self.xfer_timeout, peer.agent, nbytes)
 
     async def wait_landed(self, peer_id: str, tag: str, nbytes: int) -> None:
         """Consume ``tag``'s notifications once they account for ``nbytes``; polls with a 20 us
@@ -538,6 +536,11 @@ class NixlTransport(Transport):
         while True:
             await asyncio.sleep(self.sweep_interval)
             self._drain(prune=True)
+
+
+def _notif(tag: str, nbytes: int) -> bytes:
+    """A write's notification: ``tag NUL nbytes``."""
+    return tag.encode() + b"\0" + str(nbytes).encode()
 
 
 def _take(bucket: dict[bytes, list[float]], key: bytes, nbytes: int) -> bool:

@@ -5,10 +5,19 @@ with ``check_xfer_state``. Polling each write in its own executor job costs a th
 per write and, with many writes in flight, a check per write per backoff step. Here one thread
 keeps each peer's posted writes in posting order and checks them from the oldest: writes to a
 peer end in about that order, so a pass costs one check per write that ended plus one per
-peer for its first write still in progress, then a short sleep (``poll_s``, doubling up to
-``max_poll_s`` while nothing ends). A stalled peer delays only its own writes. A write still
-in progress at its deadline fails. Each write's future is a
-``concurrent.futures.Future`` marked running, so cancelling the waiter never detaches it.
+peer for its first write still in progress, then a sleep until the next check is due
+(:func:`next_delay`).
+
+When that is: a write's service starts when it is posted or when the write before it to the
+same peer ended, whichever is later. The poller learns the engine's rate from the writes that
+ended (:class:`Rate`), does not check a write before three quarters of its expected service
+time, and then checks it every eighth of the time it has been in service so far, always
+within ``[poll_s, max_poll_s]``. A write is noticed at most an eighth of its time (or
+``poll_s``) after it ended, with a handful of checks; a plain doubling backoff notices a
+write up to its whole duration late (an 8 MiB write of 0.78 ms, noticed after 1.12 ms). A
+stalled peer delays only its own writes. A write still in progress at its deadline fails.
+Each write's future is a ``concurrent.futures.Future`` marked running, so cancelling the
+waiter never detaches it.
 """
 
 from __future__ import annotations
@@ -21,13 +30,47 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+#: no check before this share of a write's expected service time, then steps of this share of
+#: the time it has been in service (the lateness bound, relative to the write's duration)
+FIRST_CHECK = 0.75
+STEP = 1 / 8
+
+
+def next_delay(elapsed: float, expect: float, poll_s: float, max_poll_s: float) -> float:
+    """Seconds until the next check of a write ``elapsed`` seconds into its service and
+    expected to take ``expect`` (0: unknown)."""
+    step = max(FIRST_CHECK * expect - elapsed, STEP * elapsed)
+    return min(max(step, poll_s), max_poll_s)
+
+
+class Rate:
+    """The engine's bytes per second, learnt from the service times of the writes that
+    ended (a moving average; writes under ``min_bytes`` are mostly latency and teach
+    nothing). Unknown until the first lesson: every write is then expected to take 0."""
+
+    def __init__(self, *, weight: float = 0.25, min_bytes: int = 256 << 10) -> None:
+        self.weight, self.min_bytes = weight, min_bytes
+        self.bytes_per_s = 0.0
+
+    def learn(self, nbytes: int, service_s: float) -> None:
+        if nbytes < self.min_bytes or service_s <= 0:
+            return
+        rate = nbytes / service_s
+        old = self.bytes_per_s
+        self.bytes_per_s = rate if not old else old + self.weight * (rate - old)
+
+    def expect(self, nbytes: int) -> float:
+        return nbytes / self.bytes_per_s if self.bytes_per_s else 0.0
+
 
 @dataclass(eq=False, slots=True)
 class _Posted:
     handle: Any
     future: cf.Future[None]
-    deadline: float  # time.monotonic()
+    deadline: float  # on the poller's clock
     where: str
+    nbytes: int
+    posted: float
 
 
 class CompletionPoller:
@@ -40,21 +83,26 @@ class CompletionPoller:
         poll_s: float = 20e-6,
         max_poll_s: float = 500e-6,
         name: str = "emtransfer-nixl-poll",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._check, self._release, self._fail = check, release, fail
         self.poll_s, self.max_poll_s = poll_s, max_poll_s
+        self._clock = clock  # for deadlines and service times (a test's own clock)
         self._posted: dict[str, deque[_Posted]] = {}  # per peer, in posting order
+        self._last_end: dict[str, float] = {}  # per peer: when its last write was seen to end
+        self.rate = Rate()
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def watch(self, handle: Any, timeout: float, where: str) -> cf.Future[None]:
-        """The future of a posted write still in progress (``PROC``) to peer ``where``: done
-        when it ends."""
+    def watch(self, handle: Any, timeout: float, where: str, nbytes: int = 0) -> cf.Future[None]:
+        """The future of a posted write of ``nbytes`` still in progress (``PROC``) to peer
+        ``where``: done when it ends."""
         fut: cf.Future[None] = cf.Future()
         fut.set_running_or_notify_cancel()  # a waiter's cancel must not detach the write
-        posted = _Posted(handle, fut, time.monotonic() + timeout, where)
+        now = self._clock()
+        posted = _Posted(handle, fut, now + timeout, where, nbytes, now)
         with self._cv:
             if self._stop:
                 self._end(posted, "ERR: transport closed")
@@ -79,11 +127,12 @@ class CompletionPoller:
         else:
             posted.future.set_exception(self._fail(f"write to {posted.where} failed ({state})"))
 
-    def _pass(self) -> bool:
-        """Check each peer's oldest writes until one is still in progress; True if any ended."""
+    def _pass(self) -> float | None:
+        """Check each peer's oldest writes until one is still in progress; the seconds until
+        the next check is due, None if nothing is left to watch."""
         with self._cv:
             heads = list(self._posted.items())
-        ended = False
+        delay: float | None = None
         for where, queue in heads:
             while queue:
                 head = queue[0]
@@ -91,18 +140,29 @@ class CompletionPoller:
                     state = self._check(head.handle)
                 except Exception as exc:
                     state = f"ERR: {exc}"
-                if state == "PROC" and time.monotonic() < head.deadline:
+                now = self._clock()
+                begun = max(head.posted, self._last_end.get(where, 0.0))
+                if state == "PROC" and now < head.deadline:
+                    wait = next_delay(
+                        now - begun, self.rate.expect(head.nbytes), self.poll_s, self.max_poll_s
+                    )
+                    delay = wait if delay is None else min(delay, wait)
                     break
                 with self._cv:
                     queue.popleft()
-                    if not queue and self._posted.get(where) is queue:
+                    more = bool(queue)
+                    if not more and self._posted.get(where) is queue:
                         del self._posted[where]
+                if state == "DONE":
+                    self.rate.learn(head.nbytes, now - begun)
+                if more:  # the next write's service starts now
+                    self._last_end[where] = now
+                else:  # a write posted from now on starts its own
+                    self._last_end.pop(where, None)
                 self._end(head, state)
-                ended = True
-        return ended
+        return delay
 
     def _run(self) -> None:
-        delay = self.poll_s
         while True:
             with self._cv:
                 self._cv.wait_for(lambda: bool(self._posted) or self._stop)
@@ -110,10 +170,8 @@ class CompletionPoller:
                     left = [p for q in self._posted.values() for p in q]
                     self._posted.clear()
                     break
-            if self._pass():
-                delay = self.poll_s  # something ended: the next may be about to
-            else:
+            delay = self._pass()
+            if delay is not None:
                 time.sleep(delay)
-                delay = min(2 * delay, self.max_poll_s)
         for posted in left:
             self._end(posted, "ERR: transport closed")
