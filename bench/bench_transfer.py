@@ -656,8 +656,8 @@ def summarize_lines(
 # -- --trace: a timeline of emtransfer's steps per request (profiling aid) -----------------------
 class Tracer:
     """Wraps, on this process's node objects only (emtransfer's code is untouched), the pool
-    copies, the transport's write, write_nowait and wait_landed, and control messages sent and received, and
-    records ``(name, rid, start, end)`` in wall-clock seconds."""
+    copies, the transport's write, write_nowait and wait_landed, and control messages sent and
+    received, and records ``(name, rid, start, end)`` in wall-clock seconds."""
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
