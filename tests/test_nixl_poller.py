@@ -149,12 +149,35 @@ def test_a_write_queued_behind_another_is_timed_from_the_end_of_that_one() -> No
         now[0] += 0.05  # a1 was 50 ms in service
         eng.end("a1")
         f1.result(5)
-        assert p.rate.expect(1 << 20) == pytest.approx(0.05)
+        assert p.rate_of("A").expect(1 << 20) == pytest.approx(0.05)
         now[0] += 0.001  # a2 ends 1 ms after a1, 51 ms after it was posted
         eng.end("a2")
         f2.result(5)
         # learnt from 1 ms: 0.75 x (1 MiB / 50 ms) + 0.25 x (1 MiB / 1 ms); from 51 ms it
         # would still expect about 50 ms
-        assert p.rate.expect(1 << 20) == pytest.approx(1 / (0.75 / 0.05 + 0.25 / 0.001))
+        assert p.rate_of("A").expect(1 << 20) == pytest.approx(1 / (0.75 / 0.05 + 0.25 / 0.001))
+    finally:
+        p.close()
+
+
+def test_each_peer_has_its_own_rate_and_a_removed_peer_is_forgotten() -> None:
+    """A peer on a slow link must not make the poller check a fast peer's writes late (or the
+    other way round); what was learnt of a removed peer goes with it."""
+    eng, now = FakeEngine(), [100.0]
+    p = CompletionPoller(eng.check, eng.release, RuntimeError, clock=lambda: now[0])
+    try:
+        eng.state["fast"] = eng.state["slow"] = "PROC"
+        fast, slow = p.watch("fast", 20, "A", 1 << 20), p.watch("slow", 20, "B", 1 << 20)
+        now[0] += 0.001
+        eng.end("fast")
+        fast.result(5)
+        now[0] += 0.099
+        eng.end("slow")
+        slow.result(5)
+        assert p.rate_of("A").expect(1 << 20) == pytest.approx(0.001)
+        assert p.rate_of("B").expect(1 << 20) == pytest.approx(0.1)
+        p.forget("B")
+        assert p.rate_of("B").expect(1 << 20) == 0.0
+        assert p.rate_of("A").expect(1 << 20) == pytest.approx(0.001)
     finally:
         p.close()

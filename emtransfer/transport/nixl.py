@@ -323,6 +323,8 @@ class NixlTransport(Transport):
         if self._agent is not None and all(p.agent != peer.agent for p in self._peers.values()):
             self._drain()  # what arrived before the removal counts: waits under way see it
             self._landed.pop(peer.agent, None)
+            if self._poller is not None:
+                self._poller.forget(peer.agent)
             if peer.pools:  # a peer that publishes no pools was never loaded
                 _try("remove_remote_agent", self._agent.remove_remote_agent, peer.agent)
 

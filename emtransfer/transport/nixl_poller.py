@@ -9,8 +9,8 @@ peer for its first write still in progress, then a sleep until the next check is
 (:func:`next_delay`).
 
 When that is: a write's service starts when it is posted or when the write before it to the
-same peer ended, whichever is later. The poller learns the engine's rate from the writes that
-ended (:class:`Rate`), does not check a write before three quarters of its expected service
+same peer ended, whichever is later. The poller learns each peer's rate from its writes that
+ended (:class:`Rate`: one per peer, since peers on other links run at other speeds), does not check a write before three quarters of its expected service
 time, and then checks it every eighth of the time it has been in service so far, always
 within ``[poll_s, max_poll_s]``. A write is noticed at most an eighth of its time (or
 ``poll_s``) after it ended, with a handful of checks; a plain doubling backoff notices a
@@ -90,7 +90,7 @@ class CompletionPoller:
         self._clock = clock  # for deadlines and service times (a test's own clock)
         self._posted: dict[str, deque[_Posted]] = {}  # per peer, in posting order
         self._last_end: dict[str, float] = {}  # per peer: when its last write was seen to end
-        self.rate = Rate()
+        self._rates: dict[str, Rate] = {}  # per peer
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -110,6 +110,16 @@ class CompletionPoller:
             self._posted.setdefault(where, deque()).append(posted)
             self._cv.notify()
         return fut
+
+    def rate_of(self, where: str) -> Rate:
+        """What the poller learnt of peer ``where``'s rate (nothing yet: a fresh one)."""
+        with self._cv:
+            return self._rates.get(where) or Rate()
+
+    def forget(self, where: str) -> None:
+        """The peer was removed: drop what was learnt of it."""
+        with self._cv:
+            self._rates.pop(where, None)
 
     def close(self) -> None:
         """Stop the thread; writes still watched fail (their handles are released)."""
@@ -142,10 +152,10 @@ class CompletionPoller:
                     state = f"ERR: {exc}"
                 now = self._clock()
                 begun = max(head.posted, self._last_end.get(where, 0.0))
+                rate = self._rates.get(where)
                 if state == "PROC" and now < head.deadline:
-                    wait = next_delay(
-                        now - begun, self.rate.expect(head.nbytes), self.poll_s, self.max_poll_s
-                    )
+                    expect = rate.expect(head.nbytes) if rate is not None else 0.0
+                    wait = next_delay(now - begun, expect, self.poll_s, self.max_poll_s)
                     delay = wait if delay is None else min(delay, wait)
                     break
                 with self._cv:
@@ -153,8 +163,10 @@ class CompletionPoller:
                     more = bool(queue)
                     if not more and self._posted.get(where) is queue:
                         del self._posted[where]
-                if state == "DONE":
-                    self.rate.learn(head.nbytes, now - begun)
+                    if state == "DONE":
+                        if rate is None:
+                            rate = self._rates[where] = Rate()
+                        rate.learn(head.nbytes, now - begun)
                 if more:  # the next write's service starts now
                     self._last_end[where] = now
                 else:  # a write posted from now on starts its own
