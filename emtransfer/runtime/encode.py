@@ -935,7 +935,8 @@ class EncodeNode(Node):
             if not offers:
                 del self._offers[rid]
             mine.bind(peer, tag)
-            mine.feed(event)
+            if not mine.step_now(event):  # the write is posted on this turn, not the next
+                mine.feed(event)
             return
         kind: AbortKind
         why, kind = self._failed_jobs.pop((peer.transport_id, rid, tag), (None, ""))
@@ -974,7 +975,8 @@ class EncodeNode(Node):
         if session is None or not session.running:
             self.answer_unknown(peer, SenderMachine, rid, tag, event)
             return
-        session.feed(event)
+        if not (isinstance(event, ev.ResumeReceived) and session.step_now(event)):
+            session.feed(event)  # a grant is taken at once (see _on_init); the rest in turn
         if isinstance(event, ev.AbortReceived) and peer.sessions.get(rid) is session:
             # the receiver gave this attempt up: a retry of the rid right behind the Abort
             # must not find it in the way (it still answers through its own peer)

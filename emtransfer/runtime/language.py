@@ -186,6 +186,7 @@ class ReceiverSession(Session):
     async def _wait_landed(self, round_: int, nbytes: int) -> ev.Event | None:
         """Wait for the round's bytes; if they cannot arrive, end the request instead."""
         assert self.peer is not None
+        await self.own_task()  # the timeout below belongs to this session's task
         try:
             async with asyncio.timeout(self.settings.chunk_timeout):
                 await self.node.transport.wait_landed(
@@ -296,6 +297,7 @@ class ReceiverSession(Session):
     async def _fence(self) -> None:
         """Ask the engine to fence the quarantined rounds; feed the machine the outcome."""
         assert self.peer is not None
+        await self.own_task()  # an engine's fence may time out: in this session's task
         try:
             for r in self.quarantined:
                 await self.node.transport.discard(self.peer.transport_id, self._tag(r))
@@ -600,7 +602,7 @@ class LanguageNode(Node):
     async def _run(
         self, session: ReceiverSession, expected: int | None, *, whole: bool, job: bool = False
     ) -> Any:
-        session.feed(ev.Start(expected, whole, job))
+        session.run_now(ev.Start(expected, whole, job))
         session.start()
         try:
             return await session.outcome()  # a cancel here leaves the session's result be

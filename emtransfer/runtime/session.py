@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -81,6 +81,15 @@ class _Mailbox:
     def qsize(self) -> int:
         return len(self._items)
 
+    def put_first(self, item: object) -> None:
+        """Queue ``item`` ahead of everything queued (the rest of a step begun inline)."""
+        self._items.appendleft(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
     def get_nowait(self) -> object:
         if not self._items:
             raise asyncio.QueueEmpty
@@ -116,6 +125,49 @@ class _Expired:
         self.token = token
 
 
+#: wakes a parked session after a step taken on a feeder's turn, so that it arms the deadline
+#: of the state that step reached (its token is no session's: it is never a Timeout)
+_WAKE = _Expired(object())
+
+
+class _Resume:
+    """The rest of a step begun on a feeder's turn (:meth:`Session.step_now`) that had to wait:
+    the session's task drives it to its end before it takes anything else from its queue. What
+    the task is resumed with (a result, a future's exception, a cancel) goes on to the step."""
+
+    __slots__ = ("coro", "pending")
+
+    def __init__(self, coro: Any, pending: Any) -> None:
+        self.coro = coro
+        self.pending = pending  # what the step yielded: the future it waits for (or None)
+
+    def __await__(self) -> Generator[Any, None, None]:
+        coro, pending = self.coro, self.pending
+        while True:
+            try:
+                yield pending
+            except BaseException as exc:  # the future failed, or the task was cancelled
+                try:
+                    pending = coro.throw(exc)
+                except StopIteration:
+                    return
+                continue
+            try:
+                pending = coro.send(None)
+            except StopIteration:
+                return
+
+
+class _Raise:
+    """A step begun on a feeder's turn raised (a bug): the task ends the request as if it
+    had raised there."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
 #: told about a session (on the node's loop) when it is watched and after every change of its
 #: machine's state, once that state's actions ran; see :meth:`Session.watch`
 StateObserver = Callable[["Session"], None]
@@ -148,6 +200,8 @@ class Session:
         self._error_override: TransferError | None = None
         self._deadline_token: object | None = None
         self._observer: StateObserver | None = None
+        self._inline = False  # a step runs on a feeder's turn right now
+        self._ended = False  # _finish ran
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -164,6 +218,56 @@ class Session:
     # -- feeding -------------------------------------------------------------------------------
     def feed(self, event: object) -> None:
         self.queue.put_nowait(event)
+
+    def step_now(self, item: object) -> bool:
+        """Take ``item`` on the caller's turn rather than on the session's next one: the peer
+        hears the outcome (an Init, a write) without waiting for the loop to come round to this
+        session, which can be long when many requests are in flight. Only while the session is
+        parked on an empty queue (it would take ``item`` next anyway) and on the node's loop;
+        False, nothing done, otherwise: then :meth:`feed` it. What the step queues is taken
+        too; if it has to wait, the session's task finishes it before anything else."""
+        queue = self.queue
+        waiter = queue._waiter
+        if self._inline or queue._items or waiter is None or waiter.done():
+            return False
+        self.run_now(item)
+        if not queue._items:
+            queue.put_nowait(_WAKE)  # the task arms the new state's deadline, or ends
+        return True
+
+    def run_now(self, item: object) -> None:
+        """Step ``item``, and what that queues, on the caller's turn (see :meth:`step_now`;
+        before :meth:`start`, the first event of the request)."""
+        queue = self.queue
+        self._inline = True
+        try:
+            while True:
+                coro = self.step(item)
+                try:
+                    pending = coro.send(None)
+                except StopIteration:
+                    pass
+                except Exception as exc:  # a bug: the task ends the request
+                    queue.put_first(_Raise(exc))
+                    return
+                else:  # it waits: the task resumes it first
+                    queue.put_first(_Resume(coro, pending))
+                    return
+                if self._loop_done():  # ended here: cleaned up before the caller wakes
+                    self._finish()
+                    return
+                if not queue._items:
+                    return
+                item = queue.get_nowait()
+        finally:
+            self._inline = False
+
+    async def own_task(self) -> None:
+        """Move a step begun on a feeder's turn into this session's task: call it before
+        awaiting anything bound to the running task (``asyncio.timeout``, an engine's waits
+        that may time out), which would otherwise be bound to the feeder's."""
+        if asyncio.current_task() is not self.task:
+            await asyncio.sleep(0)  # the step yields here; the task resumes it (_Resume)
 
     def watch(self, observer: StateObserver | None) -> None:
         """Follow the request from outside its coroutine (``emtransfer.sync``): ``observer`` is
@@ -255,10 +359,18 @@ class Session:
         finally:
             if timer is not None:
                 timer.cancel()
-            self._cancel_alloc()
-            self._drop_stale_grants()
-            self._cleanup()
-            self.node.session_ended(self)
+            self._finish()
+
+    def _finish(self) -> None:
+        """The session's end, once: what it still holds goes back and the node forgets it,
+        before its caller wakes to the result (a retry of the rid must not find it)."""
+        if self._ended:
+            return
+        self._ended = True
+        self._cancel_alloc()
+        self._drop_stale_grants()
+        self._cleanup()
+        self.node.session_ended(self)
 
     def _cleanup(self) -> None:
         """Release what the subclass holds beyond the machine's own allocations."""
@@ -316,6 +428,11 @@ class Session:
         )
 
     async def _to_event(self, item: object) -> ev.Event | None:
+        if isinstance(item, _Resume):  # the rest of a step begun inline: its end is the step's
+            await item
+            return None
+        if isinstance(item, _Raise):
+            raise item.exc
         if isinstance(item, _Expired):  # a deadline of a state left since: nothing happened
             return ev.Timeout() if item.token is self._deadline_token else None
         if isinstance(item, _Granted):
