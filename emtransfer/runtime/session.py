@@ -69,11 +69,7 @@ class _Mailbox:
 
     def put_nowait(self, item: object) -> None:
         self._items.append(item)
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wake()
 
     def empty(self) -> bool:
         return not self._items
@@ -84,6 +80,9 @@ class _Mailbox:
     def put_first(self, item: object) -> None:
         """Queue ``item`` ahead of everything queued (the rest of a step begun inline)."""
         self._items.appendleft(item)
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
