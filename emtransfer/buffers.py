@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import hugepages
 from .allocator import Allocation, Run
 from .errors import ConfigError, PayloadError
 
@@ -73,13 +74,17 @@ class BufferRegistry:
         num_blocks: int,
         block_size: int,
         device: str | torch.device = "cpu",
+        output_hugepages: bool = False,
     ) -> None:
+        """``output_hugepages``: fresh CPU outputs (:meth:`empty_like_payload`) of at least
+        :data:`emtransfer.hugepages.MIN_BYTES` get transparent huge pages."""
         if EMBEDDINGS not in fields:
             raise PayloadError(f"fields must include {EMBEDDINGS!r}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_slots = num_blocks * block_size
         self.device = torch.device(device)
+        self.output_hugepages = output_hugepages
         self.layouts: dict[str, FieldLayout] = {}
         self.pools: dict[str, torch.Tensor] = {}
         for name, (shape, dtype) in fields.items():
@@ -97,6 +102,7 @@ class BufferRegistry:
             num_blocks=settings.num_blocks,
             block_size=settings.block_size,
             device=settings.device,
+            output_hugepages=settings.output_hugepages,
         )
 
     @property
@@ -193,11 +199,17 @@ class BufferRegistry:
     def empty_like_payload(
         self, num_tokens: int, device: str | torch.device | None = None
     ) -> dict[str, torch.Tensor]:
+        """Fresh tensors for ``num_tokens`` tokens of every field (not yet touched: huge pages
+        asked for, see ``output_hugepages``)."""
         dev = self.device if device is None else torch.device(device)
-        return {
+        out = {
             name: torch.empty((num_tokens, *lay.shape), dtype=lay.dtype, device=dev)
             for name, lay in self.layouts.items()
         }
+        if self.output_hugepages and dev.type == "cpu":
+            for t in out.values():
+                hugepages.advise(t)
+        return out
 
     def read(
         self, allocation: Allocation, *, count: int, start: int = 0

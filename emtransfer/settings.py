@@ -189,6 +189,11 @@ class Settings(BaseSettings):
     """Shared secret both sides prove in the handshake (HMAC over the whole transcript); unset
     means no authentication. An empty or blank token is refused, not taken as a key."""
     verify_digest: bool = False
+    output_hugepages: bool = True
+    """CPU pools: ask the kernel for transparent huge pages, madvise(MADV_HUGEPAGE), on each
+    fresh output tensor of 4 MiB or more before the payload is copied into it, so its first
+    touch costs one page fault per 2 MiB instead of 512. Needs Linux with THP in madvise or
+    always mode; off: plain 4 KiB pages, e.g. where the host's THP defrag policy stalls."""
     tcp_data_port: int = Field(0, ge=0, le=65535)
     """Port of the tcp transport's data listener; 0 picks a free one."""
     tcp_advertise: str | None = None
