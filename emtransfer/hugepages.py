@@ -17,11 +17,23 @@ from functools import cache
 
 import torch
 
-HUGE = 2 << 20  # bytes of one transparent huge page on x86-64 and arm64 (4 KiB base pages)
+_THP = "/sys/kernel/mm/transparent_hugepage/"
+_THP_MODE = _THP + "enabled"
 MADV_HUGEPAGE = 14  # linux/mman-common.h
+
+
+def _pmd_size() -> int:
+    """Bytes of one transparent huge page: 2 MiB on x86-64 and on arm64 with 4 KiB pages."""
+    try:
+        with open(_THP + "hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+HUGE = _pmd_size()
 #: smallest tensor advised: below two huge pages the gain is at most one page's faults
 MIN_BYTES = 2 * HUGE
-_THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 @cache
@@ -47,10 +59,10 @@ def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 
 
 def advise(tensor: torch.Tensor) -> int:
-    """Ask for huge pages over the whole 2 MiB pages inside ``tensor``'s bytes (a CPU tensor
-    not yet touched, for the advice to pay). Returns the bytes advised: 0 when the tensor is
-    not on the CPU, smaller than :data:`MIN_BYTES`, or the advice is unavailable or refused
-    (a refusal is harmless: the pages stay small)."""
+    """Ask for huge pages over the whole huge pages (:data:`HUGE`) inside ``tensor``'s bytes
+    (a CPU tensor not yet touched, for the advice to pay). Returns the bytes advised: 0 when
+    the tensor is not on the CPU, smaller than :data:`MIN_BYTES`, or the advice is unavailable
+    or refused (a refusal is harmless: the pages stay small)."""
     if tensor.device.type != "cpu":
         return 0
     nbytes = tensor.numel() * tensor.element_size()

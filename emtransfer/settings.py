@@ -191,9 +191,10 @@ class Settings(BaseSettings):
     verify_digest: bool = False
     output_hugepages: bool = True
     """CPU pools: ask the kernel for transparent huge pages, madvise(MADV_HUGEPAGE), on each
-    fresh output tensor of 4 MiB or more before the payload is copied into it, so its first
-    touch costs one page fault per 2 MiB instead of 512. Needs Linux with THP in madvise or
-    always mode; off: plain 4 KiB pages, e.g. where the host's THP defrag policy stalls."""
+    fresh output tensor of two huge pages or more (4 MiB on x86-64) before the payload is
+    copied into it, so its first touch costs one page fault per huge page (2 MiB) instead of
+    512. Needs Linux with THP in madvise or always mode; off: plain pages, e.g. where the
+    host's THP defrag policy stalls."""
     tcp_data_port: int = Field(0, ge=0, le=65535)
     """Port of the tcp transport's data listener; 0 picks a free one."""
     tcp_advertise: str | None = None
