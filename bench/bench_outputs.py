@@ -52,7 +52,7 @@ def measure(src: torch.Tensor, advise: bool, iters: int, keep: int) -> dict[str,
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
-    available = hugepages._madvise() is not None
+    available = hugepages.available()
     print(f"huge pages available: {available} ({hugepages._THP_MODE})")
     print(f"{'MiB':>5} {'pages':>7} {'repeat':>6} {'median ms':>10} {'p90 ms':>8} {'faults':>8}")
     res: dict[str, Any] = {"available": available, "sizes": {}}

@@ -58,6 +58,11 @@ def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     return fn
 
 
+def available() -> bool:
+    """Whether huge pages can be asked for on this host (Linux, THP not ``never``)."""
+    return _madvise() is not None
+
+
 def advise(tensor: torch.Tensor) -> int:
     """Ask for huge pages over the whole huge pages (:data:`HUGE`) inside ``tensor``'s bytes
     (a CPU tensor not yet touched, for the advice to pay). Returns the bytes advised: 0 when

@@ -5,6 +5,7 @@ plain pages and no error, and a payload received into advised outputs arrives bi
 from __future__ import annotations
 
 import asyncio
+import mmap
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from emtransfer import hugepages
 from emtransfer.buffers import BufferRegistry
 
 pytestmark = pytest.mark.timeout(60)
-THP = hugepages._madvise() is not None
+THP = hugepages.available()
 NO_THP = "this kernel offers no transparent huge pages (not Linux, or THP is off); the "
 NO_THP += "no-THP path is covered by test_no_thp_means_plain_pages"
 
@@ -41,13 +42,18 @@ def _first_huge(t: torch.Tensor) -> int:
 
 @pytest.mark.skipif(not THP, reason=NO_THP)
 def test_advice_reaches_the_kernel() -> None:
-    t = torch.empty(8 << 20, dtype=torch.uint8)  # 8 MiB: three or four whole huge pages
+    # a mapping of its own, not memory the C allocator may have advised for an earlier tensor
+    mem = mmap.mmap(-1, 8 << 20)  # 8 MiB: three or four whole huge pages
+    t = torch.frombuffer(mem, dtype=torch.uint8)
     start = _first_huge(t)
-    got = hugepages.advise(t)
     end = (t.data_ptr() + t.numel()) & ~(hugepages.HUGE - 1)
+    assert "hg" not in _vm_flags(start)
+    got = hugepages.advise(t)
     assert got == end - start >= 3 * hugepages.HUGE
     assert "hg" in _vm_flags(start)  # MADV_HUGEPAGE is set on that range
     assert "hg" in _vm_flags(end - 1)
+    del t
+    mem.close()
 
 
 def test_too_small_or_not_on_the_cpu_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,8 +125,11 @@ def test_settings_switch_it(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.skipif(not THP, reason=NO_THP)
-async def test_received_into_advised_outputs_bit_exact() -> None:
+async def test_received_into_advised_outputs_bit_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 16 MiB payload that resumes over two rounds lands in one advised output, whole."""
+    advised: dict[int, int] = {}  # data_ptr -> bytes the real advice covered
+    real = hugepages.advise
+    monkeypatch.setattr(hugepages, "advise", lambda t: advised.setdefault(t.data_ptr(), real(t)))
     hidden = 4096
     s = make_settings(  # round 0 holds 1024 tokens: the rest resumes
         hidden_size=hidden, dtype="bfloat16", fields={}, block_size=64, default_blocks=16
@@ -136,4 +145,5 @@ async def test_received_into_advised_outputs_bit_exact() -> None:
     assert got.rounds == 2
     assert_same_payload(got.tensors, payload)
     emb = got.tensors["embeddings"]
+    assert advised.get(emb.data_ptr(), 0) >= 7 * hugepages.HUGE  # of its 16 MiB, before the copy
     assert "hg" in _vm_flags(_first_huge(emb))
