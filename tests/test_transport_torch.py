@@ -139,15 +139,25 @@ async def scenario_garbage(role: str, _: Any, registry: Any, conn: Any) -> Any:
             return
         except TransportError:
             pass
+    relink = "not tried"
+    if role == "receiver":  # its header receives are still posted: they would take the next
+        await transport.remove_peer("peer")  # link's first messages, so it cannot be relinked
+        try:
+            await transport.add_peer("again", json.dumps(peer).encode())
+            relink = "linked again"
+        except TransportError as exc:
+            relink = str(exc)
     t0 = time.monotonic()
     await transport.close()  # the receiver stopped following the sender: its STOP goes nowhere
-    conn.send(("ok", time.monotonic() - t0))
+    conn.send(("ok", (time.monotonic() - t0, relink)))
 
 
 @pytest.mark.timeout(90)
 def test_garbage_header_breaks_the_link_and_close_is_bounded() -> None:
-    for took in run_pair("torch", scenario_garbage, timeout=80):
-        assert took < GRACE + 5, took
+    (took_s, _), (took_r, relink) = run_pair("torch", scenario_garbage, timeout=80)
+    assert took_s < GRACE + 5, took_s
+    assert took_r < GRACE + 5, took_r
+    assert "cannot be linked again" in relink, relink
 
 
 # -- many concurrent writes, both directions ----------------------------------------------------
@@ -165,7 +175,9 @@ def _writes(registry: Any, rank: int) -> list[list[WriteOp]]:
     ]
 
 
-async def scenario_concurrent(role: str, _: Any, registry: Any, conn: Any) -> Any:
+async def scenario_concurrent(
+    role: str, _: Any, registry: Any, conn: Any, *, nowait: bool = False
+) -> Any:
     me, other = (0, 1) if role == "sender" else (1, 0)
     _pattern(registry, seed=100 + me)  # before linking: the peer writes once it linked
     transport = _transport(registry)
@@ -177,8 +189,16 @@ async def scenario_concurrent(role: str, _: Any, registry: Any, conn: Any) -> An
         for o in ops:
             src = theirs[o.field][o.src_offset : o.src_offset + o.nbytes]
             expect[o.field][o.dst_offset : o.dst_offset + o.nbytes] = src
+    mine = _writes(registry, me)
+    at_once = 0
+    if nowait:  # every write posted on this turn, far more than the peer keeps receives for
+        pending = [transport.write_nowait("peer", ops, tag=f"w{i}") for i, ops in enumerate(mine)]
+        at_once = sum(p is None for p in pending)
+        writes = [p for p in pending if p is not None]
+    else:
+        writes = [transport.write("peer", ops, tag=f"w{i}") for i, ops in enumerate(mine)]
     await asyncio.gather(
-        *(transport.write("peer", ops, tag=f"w{i}") for i, ops in enumerate(_writes(registry, me))),
+        *writes,
         *(
             asyncio.wait_for(transport.wait_landed("peer", f"w{i}", sum(o.nbytes for o in ops)), 30)
             for i, ops in enumerate(incoming)
@@ -188,15 +208,66 @@ async def scenario_concurrent(role: str, _: Any, registry: Any, conn: Any) -> An
     conn.send(("done",))
     await recv(conn)  # the peer checked too: no more writes in flight either way
     await transport.close()
-    conn.send(("ok", (len(incoming), bad, _link_threads())))
+    conn.send(("ok", (len(incoming), bad, _link_threads(), at_once)))
+
+
+async def scenario_concurrent_write(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    await scenario_concurrent(role, _, registry, conn, nowait=False)
+
+
+async def scenario_concurrent_nowait(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    await scenario_concurrent(role, _, registry, conn, nowait=True)
 
 
 @pytest.mark.timeout(90)
-def test_concurrent_writes_both_ways_do_not_interleave() -> None:
-    for count, bad, threads in run_pair("torch", scenario_concurrent, timeout=80):
+@pytest.mark.parametrize(
+    "scenario", [scenario_concurrent_write, scenario_concurrent_nowait], ids=["write", "nowait"]
+)
+def test_concurrent_writes_both_ways_do_not_interleave(scenario: Any) -> None:
+    for count, bad, threads, at_once in run_pair("torch", scenario, timeout=80):
         assert count == 64, count
         assert bad == 0, f"{bad} bytes differ"
         assert not threads, threads
+        if scenario is scenario_concurrent_nowait:
+            assert at_once == 64, f"{at_once} of 64 small writes posted at once"
+
+
+# -- a write posted at once whose send never ends --------------------------------------------
+async def scenario_nowait_stuck(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    """The receiver never adds the sender, so nothing receives: the sender's write posted at
+    once (done for its caller) never ends, and the link breaks write_timeout after its post."""
+    from emtransfer.transport import TransportError
+    from emtransfer.transport.torch import TorchTransport
+
+    transport = trust_all(TorchTransport(registry, grace=GRACE, write_timeout=2.0))
+    await _link(transport, conn, add=role == "sender")
+    result: Any = None
+    if role == "sender":
+        t0 = time.monotonic()
+        posted = transport.write_nowait("peer", [WriteOp("embeddings", 0, 0, 4096)], tag="w")
+        try:  # a wait of ours fails as soon as the link breaks
+            await asyncio.wait_for(transport.wait_landed("peer", "never", 1), 20)
+            broke = None
+        except TransportError:
+            broke = time.monotonic() - t0
+        try:
+            transport.write_nowait("peer", [WriteOp("embeddings", 0, 0, 64)], tag="after")
+            refused = False
+        except TransportError:
+            refused = True
+        result = (posted is None, broke, refused)
+    conn.send(("done",))
+    await recv(conn)
+    await transport.close()
+    conn.send(("ok", result))
+
+
+@pytest.mark.timeout(90)
+def test_a_write_posted_at_once_that_never_ends_breaks_the_link() -> None:
+    (posted, broke, refused), _ = run_pair("torch", scenario_nowait_stuck, timeout=80)
+    assert posted, "the small write was not posted at once"
+    assert broke is not None and 2.0 <= broke < 2.0 + 5, broke
+    assert refused, "a write after the link broke was posted"
 
 
 # -- close() with a waiter pending, and with a peer that never linked ---------------------------
@@ -284,9 +355,10 @@ def test_relink_after_remove_peer() -> None:
         assert not threads, threads
 
 
-# -- framing: one message per small write, frame 1 for an older peer -----------------------------
+# -- framing: one message per small write; frame 2 and frame 1 for older peers -----------------
 #: (ops, the sender's view of the receiver's header receive): WRITE_ALL (everything in one
-#: message), WRITE_HEAD (a header that fits, the payload after it), frame 1 (a header too long)
+#: message), WRITE_HEAD (a header that fits, the payload after it), a header too long for the
+#: receive (split into two writes under the tag; frame 1 for a frame-2 peer)
 FRAMED = [
     ([WriteOp("embeddings", 0, 0, 8192), WriteOp("embeddings", 1 << 17, 1 << 18, 100)], None),
     ([WriteOp("embeddings", 8192, 16384, 4096)], 64),
@@ -298,11 +370,18 @@ FRAMED = [
         64,
     ),
 ]
+#: per framing the peer speaks: the parts of each FRAMED write, as (messages, headers, packed)
+KINDS = {
+    3: [[(3, 1, True)], [(2, 1, False)], [(2, 1, False), (2, 1, False)]],
+    2: [[(3, 1, True)], [(2, 1, False)], [(4, 2, False)]],
+    1: [[(2 + len(ops), 2, False)] for ops, _ in FRAMED],
+}
 
 
-async def _framing(role: str, old_peer: bool, registry: Any, conn: Any) -> Any:
-    """Each framing lands intact; ``old_peer``: both ends read the other's metadata without
-    the frame-2 fields (what a node of an older version publishes) and use frame 1."""
+async def _framing(role: str, peer_frame: int, registry: Any, conn: Any) -> Any:
+    """Each framing lands intact. ``peer_frame`` < 3: both ends read the other's metadata as
+    a node of an older version publishes it (frame 2: no ``ring``; frame 1: no frame fields
+    at all) and use that framing, both ways."""
     from emtransfer.transport import torch as tt
 
     # the pattern goes in before the link exists: the sender may write as soon as it added us
@@ -313,24 +392,23 @@ async def _framing(role: str, old_peer: bool, registry: Any, conn: Any) -> Any:
     conn.send(("meta", transport.metadata()))
     _, meta = await recv(conn)
     doc = json.loads(meta)
-    if old_peer:
+    if peer_frame < 3:
+        doc.pop("ring")
+        doc["frame"] = peer_frame
+    if peer_frame < 2:
         doc.pop("frame"), doc.pop("recv_max")
     await transport.add_peer("peer", json.dumps(doc).encode())
     link = transport._peers["peer"]
-    framing = (link.frame, link.recv_max)
+    framing = (link.frame, link.recv_max, link.ring)
     if role == "sender":
         kinds = []
         for i, (ops, recv_max) in enumerate(FRAMED):
-            if recv_max is not None and not old_peer:
+            if recv_max is not None and peer_frame > 1:
                 link.recv_max = recv_max
-            msgs, nhead, packed = transport._frames(link, ops, f"f{i}")
-            kinds.append((len(msgs), nhead, packed))
+            parts = transport._frames(link, ops, f"f{i}")
+            kinds.append([(len(msgs), nhead, packed) for msgs, nhead, packed in parts])
             await transport.write("peer", ops, tag=f"f{i}")
-        ok = kinds == (
-            [(2 + len(ops), 2, False) for ops, _ in FRAMED]
-            if old_peer
-            else [(3, 1, True), (2, 1, False), (4, 2, False)]
-        )
+        ok = kinds == KINDS[peer_frame]
     else:
         theirs = _pattern(_scratch_registry(), seed=40)["embeddings"]
         for i, (ops, _) in enumerate(FRAMED):
@@ -345,21 +423,29 @@ async def _framing(role: str, old_peer: bool, registry: Any, conn: Any) -> Any:
     conn.send(("checked",))
     await recv(conn)
     await transport.close()
-    conn.send(("ok", (ok, framing == ((1, 0) if old_peer else (tt._FRAME, tt._RECV_MAX)))))
+    want = {3: (3, tt._RECV_MAX, tt._RING), 2: (2, tt._RECV_MAX, 1), 1: (1, 0, 1)}
+    conn.send(("ok", (ok, framing == want[peer_frame])))
 
 
 async def scenario_framing(role: str, _: Any, registry: Any, conn: Any) -> Any:
-    await _framing(role, False, registry, conn)
+    await _framing(role, 3, registry, conn)
+
+
+async def scenario_framing_frame2(role: str, _: Any, registry: Any, conn: Any) -> Any:
+    await _framing(role, 2, registry, conn)
 
 
 async def scenario_framing_old_peer(role: str, _: Any, registry: Any, conn: Any) -> Any:
-    await _framing(role, True, registry, conn)
+    await _framing(role, 1, registry, conn)
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("old_peer", [False, True], ids=["frame2", "older-peer"])
-def test_framings_land_intact(old_peer: bool) -> None:
-    scenario = scenario_framing_old_peer if old_peer else scenario_framing
+@pytest.mark.parametrize(
+    "scenario",
+    [scenario_framing, scenario_framing_frame2, scenario_framing_old_peer],
+    ids=["frame3", "frame2-peer", "frame1-peer"],
+)
+def test_framings_land_intact(scenario: Any) -> None:
     for ok, negotiated in run_pair("torch", scenario, timeout=80):
         assert negotiated, "the wrong framing was negotiated"
         assert ok, "a write did not land intact (or not in the framing expected)"
@@ -379,11 +465,13 @@ def _receiving(transport: Any, tag: str, timeout: float) -> bool:
 
 async def _send_raw(transport: Any, peer: dict[str, Any], tag: str, *, payload: bool) -> None:
     """Send the header of a write of ``SLOW`` under ``tag`` (``payload``: its payload instead),
-    straight onto the peer's tags: the transport's own encoding, sent in two steps."""
+    straight onto the peer's tags: the transport's own encoding (a header with the payload
+    after it), sent in two steps."""
     import torch.distributed as dist
 
-    pre, body, *srcs = transport._encode(transport._peers["peer"], SLOW, tag)
-    msgs, tg = (srcs, peer["tag"] + 1) if payload else ([pre, body], peer["tag"])
+    link = transport._peers["peer"]
+    head, *srcs = transport._part(link, *transport._check(link, SLOW, tag), pack=False)[0]
+    msgs, tg = (srcs, peer["tag"] + 1) if payload else ([head], peer["tag"])
 
     def send() -> None:
         for t in msgs:

@@ -1,9 +1,11 @@
 """torch.distributed data plane for torchrun deployments: gloo for CPU pools, NCCL for CUDA pools.
 
-A write is a header (ops as field, dst offset, nbytes; the tag) then one message per op. Per peer
-rank a link runs a sender thread draining a FIFO and a receiver thread that validates each header
-and receives straight into the pool (into scratch for a discarded tag); a STOP header each way ends
-it. docs/transports-torch.md has the protocol, the process-group set-up and the limitations."""
+A write is a header (ops as field, dst offset, nbytes; the tag) then one message per op, or, for
+a small write on CPU pools, one message with the payload appended. Per peer rank a link runs a
+sender thread draining a FIFO and a receiver thread that keeps header receives posted, validates
+each header and lands the write in the pool (drains it for a discarded tag); a small write is
+posted straight from the caller's turn (``write_nowait``). A STOP header each way ends the link.
+docs/transports-torch.md has the protocol, the process-group set-up and the limitations."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -36,10 +39,19 @@ if TYPE_CHECKING:
 
 _log = get_logger("emtransfer.transport")
 _MAGIC, _WRITE, _STOP = 0x454D54, 1, 2
-#: frame 2 (both ends advertise it): the preamble and body in one message, then the payloads
-#: (WRITE_HEAD), or all of it in one message (WRITE_ALL, CPU pools): fewer gloo rendezvous
+#: frame 2: the preamble and body in one message, then the payloads (WRITE_HEAD), or all of it
+#: in one message (WRITE_ALL, CPU pools): fewer gloo rendezvous
 _WRITE_HEAD, _WRITE_ALL = 3, 4
-_FRAME = 2
+#: the framing this end speaks; a link uses the lower of both ends'. 1: preamble, body and
+#: payloads as separate messages. 2: WRITE_HEAD / WRITE_ALL; a header too long for the peer's
+#: receive goes as frame 1. 3: as 2, but the receiver keeps ``ring`` header receives posted (a
+#: gloo send waits for its receive: the writer need not wait for the receiver to post the next),
+#: so its writers never send frame 1 (a header too long is split into several writes under the
+#: tag), may post small writes at once, and follow their STOP with one message for each
+#: receive it leaves posted
+_FRAME = 3
+_RING = 5  # header receives a frame-3 receiver keeps posted per link
+_MAX_RING = 64  # the most a peer may announce (the STOP's padding)
 _HEAD_MAX = 1 << 16  # bytes of ops and tag a frame-2 header carries at most
 _INLINE_MAX = 1 << 20  # payload bytes a WRITE_ALL carries at most
 _RECV_MAX = 32 + _HEAD_MAX + _INLINE_MAX  # what a frame-2 receiver posts for each header
@@ -47,9 +59,13 @@ _MAX_OPS, _MAX_TAG = 1 << 16, MAX_TAG_BYTES  # per write, both sides
 _MAX_DISCARDED = 4096  # per link: beyond this, the oldest discarded tag is forgotten
 _PRE = struct.Struct("=4q")  # a header's first message: magic, kind, ops, tag bytes
 _FOREVER = timedelta(days=3650)  # a gloo wait that expires closes every pair of the group
-#: (messages, future, grant deadline, header messages among them, packed); (None, None, 0, 0,
-#: False): our STOP. Packed: messages[0] is the header, the rest travel appended to it
-_Job = tuple[list[torch.Tensor] | None, "asyncio.Future[None] | None", float, int, bool]
+#: one write's messages, how many of them are headers, whether they travel as one message
+#: (messages[0] the header, the rest appended to it)
+_Part = tuple[list[torch.Tensor], int, bool]
+#: what a link's sender thread takes: (_SEND, parts, future, grant deadline), (_REAP, gloo
+#: works posted on the loop, None, 0) or (_STOP, None, None, 0)
+_SEND, _REAP, _STOPJOB = 0, 1, 2
+_Job = tuple[int, Any, "asyncio.Future[None] | None", float]
 
 
 def _err(msg: str) -> TransportError:
@@ -79,12 +95,25 @@ class _Link:
     fences: list[asyncio.Future[None]] = field(default_factory=list)
     jobs: queue.SimpleQueue[_Job] = field(default_factory=queue.SimpleQueue)
     threads: list[threading.Thread] = field(default_factory=list)
+    #: held to post on the loop's turn (write_nowait) and to queue our STOP: nothing is
+    #: posted behind the STOP
+    post_mu: threading.Lock = field(default_factory=threading.Lock)
+    #: writes posted on the loop's turn, and how many of them the sender thread saw end;
+    #: the loop times of those still running (oldest first), and the timer watching them
+    posts: int = 0
+    reaped: int = 0
+    running: deque[float] = field(default_factory=deque)
+    watchdog: asyncio.TimerHandle | None = None
+    #: receives left posted when the receiver thread ended on an error: kept alive (gloo
+    #: may still fill them), and the rank cannot be linked again
+    stale: list[Any] = field(default_factory=list)
     landed: dict[str, int] = field(default_factory=dict)
     waiters: dict[str, tuple[int, asyncio.Future[None]]] = field(default_factory=dict)
-    #: the peer's framing (1: preamble, body, payloads as separate messages; 2: see _FRAME)
-    #: and the header message it posts receives for (frame 2)
+    #: the link's framing (see _FRAME), the header message the peer posts receives for
+    #: (frame 2 on), and how many it keeps posted (frame 3)
     frame: int = 1
     recv_max: int = 0
+    ring: int = 1
 
 
 #: what torch.distributed's env:// rendezvous reads (torchrun sets them)
@@ -181,6 +210,7 @@ class TorchTransport(Transport):
                 "pools": dict(zip(self._fields, self._sizes, strict=True)),
                 "frame": _FRAME,
                 "recv_max": _RECV_MAX,
+                "ring": _RING,
             }
         ).encode()
 
@@ -190,8 +220,11 @@ class TorchTransport(Transport):
             rank, world, tag = (int(meta[k]) for k in ("rank", "world", "tag"))
             pools = {str(k): int(v) for k, v in meta["pools"].items()}
             frame, recv_max = int(meta.get("frame", 1)), int(meta.get("recv_max", 0))
+            ring = int(meta.get("ring", 1))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise _err(f"bad peer metadata: {exc!r}") from exc
+        if not 1 <= ring <= _MAX_RING:
+            raise _err(f"bad peer metadata: ring {ring} is not in 1..{_MAX_RING}")
         if list(pools) != self._fields or meta.get("device") != self._device.type:
             raise _err("the peer's fields or device kind differ")
         if world != self._world or not 0 <= rank < world or rank == self._rank:
@@ -199,9 +232,12 @@ class TorchTransport(Transport):
         old = self._links.get(rank)
         if peer_id in self._peers or (old and any(t.is_alive() for t in old.threads)):
             raise _err(f"{peer_id!r} or rank {rank} is still linked")
+        if old and old.stale:  # they would take the new link's first messages
+            raise _err(f"rank {rank}'s link broke with receives posted: it cannot be linked again")
         link = _Link(rank, tag, list(pools.values()), peer_id, peer_id)
-        if frame >= _FRAME and recv_max >= 32:  # an older peer gets the frame-1 messages
-            link.frame, link.recv_max = _FRAME, recv_max
+        if frame >= 2 and recv_max >= 32:  # an older peer gets the frame-1 messages
+            link.frame, link.recv_max = min(frame, _FRAME), recv_max
+            link.ring = ring if link.frame >= 3 else 1
         self._peers[peer_id] = self._links[rank] = link
         for fn in (self._sender, self._receiver):
             link.threads.append(
@@ -225,37 +261,99 @@ class TorchTransport(Transport):
         link = self._peer(peer_id)
         if not ops:
             return
-        msgs, nhead, packed = self._frames(link, ops, tag)
+        await self._queue(link, self._frames(link, ops, tag), tag, deadline)
+
+    async def _queue(self, link: _Link, parts: list[_Part], tag: str, deadline: float) -> None:
+        """Hand the write to the link's sender thread and wait for it, within write_timeout."""
         # the sender thread settles it through _settle (a no-op once it is cancelled): awaited
         # directly, its completion is one hop of the loop (shield and wait_for added three)
         fut = asyncio.get_running_loop().create_future()
         with self._mu:
             if link.error or link.sent_stop:  # nothing may queue behind our STOP
-                raise _err(f"peer {peer_id!r} is unusable: {link.error or 'stopped'}")
-            link.jobs.put((msgs, fut, deadline, nhead, packed))
+                raise _err(f"peer {link.name!r} is unusable: {link.error or 'stopped'}")
+            link.jobs.put((_SEND, parts, fut, deadline))
         try:
             async with asyncio.timeout(self._write_timeout):
                 await fut
         except TimeoutError:
             self._break(link, f"write {tag!r} did not complete in {self._write_timeout}s")
-            raise _err(f"write {tag!r} to {peer_id!r} timed out") from None
+            raise _err(f"write {tag!r} to {link.name!r} timed out") from None
 
-    def _frames(
-        self, link: _Link, ops: Sequence[WriteOp], tag: str
-    ) -> tuple[list[torch.Tensor], int, bool]:
-        """The messages of one write, how many of them are headers, and whether the sender
-        thread packs them into one: frame 1 for an older peer; else the header in one message,
-        and, for CPU pools, the payload appended to it when it fits the peer's receive."""
-        if link.frame < _FRAME:
-            return self._encode(link, ops, tag), 2, False
+    def write_nowait(
+        self, peer_id: str, ops: Sequence[WriteOp], *, tag: str, deadline: float = float("inf")
+    ) -> Awaitable[None] | None:
+        """A write that travels as one message (frame 3, CPU pools) is posted here, on the
+        caller's turn, and is done (None): its bytes were copied into that message, so the
+        source may be reused at once. The sender thread waits for the send to end, and a send
+        that does not end within write_timeout breaks the link, as a timed-out ``write`` does.
+        Every other write is ``write``."""
+        link = self._peers.get(peer_id)
+        if link is None or link.frame < 3 or self._cuda or not ops:
+            return self.write(peer_id, ops, tag=tag, deadline=deadline)
+        parts = self._frames(link, ops, tag)
+        if len(parts) != 1 or not parts[0][2]:
+            return self._queue(link, parts, tag, deadline)
+        msg = torch.cat(parts[0][0])
+        with link.post_mu:
+            if link.error or link.sent_stop or link.peer_id is None:
+                raise _err(f"peer {peer_id!r} is unusable: {link.error or 'stopped'}")
+            check_deadline(deadline, f"torch transport: write to rank {link.rank}")
+            work = dist.isend(msg, dst=link.rank, group=self._ctl, tag=link.tag)
+            link.jobs.put((_REAP, [work], None, 0.0))
+        link.posts += 1
+        loop = asyncio.get_running_loop()
+        link.running.append(loop.time())
+        if link.watchdog is None:
+            link.watchdog = loop.call_later(self._write_timeout, self._watch, link)
+        return None
+
+    def _watch(self, link: _Link) -> None:
+        """On the loop: the oldest write posted on the loop's turn that has not ended must end
+        within write_timeout of its post, or the link is broken."""
+        link.watchdog = None
+        while len(link.running) > link.posts - link.reaped:  # ended, oldest first
+            link.running.popleft()
+        if not link.running or link.error:
+            return
+        due = link.running[0] + self._write_timeout
+        loop = asyncio.get_running_loop()
+        if loop.time() >= due:
+            self._break(link, f"a write did not complete in {self._write_timeout}s")
+            return
+        link.watchdog = loop.call_at(due, self._watch, link)
+
+    def _frames(self, link: _Link, ops: Sequence[WriteOp], tag: str) -> list[_Part]:
+        """The messages of one write: frame 1 for an older peer; else one header per part (the
+        ops split where a header would not fit the peer's receive) and, for CPU pools, the
+        payload appended to it when it fits that receive too."""
+        if link.frame < 2:
+            return [(self._encode(link, ops, tag), 2, False)]
         rows, srcs, tb = self._check(link, ops, tag)
+        per = (link.recv_max - _PRE.size - len(tb)) // 24  # ops one header can carry
+        if per < 1:
+            raise _err(f"a {len(tb)}-byte tag leaves no room for an op in the peer's header")
+        if len(rows) > per and link.frame < 3:  # a frame-2 peer takes frame 1 for it
+            return [(self._encode(link, ops, tag), 2, False)]
+        return [
+            self._part(link, rows[i : i + per], srcs[i : i + per], tb)
+            for i in range(0, len(rows), per)
+        ]
+
+    def _part(
+        self,
+        link: _Link,
+        rows: list[tuple[int, int, int]],
+        srcs: list[torch.Tensor],
+        tb: bytes,
+        *,
+        pack: bool = True,
+    ) -> _Part:
+        """One header of ``rows`` and its payload slices (``pack``: appended when they fit)."""
         flat = [x for row in rows for x in row]
         body = struct.pack(f"={len(flat)}q", *flat) + tb
         hlen = _PRE.size + len(body)
-        if hlen > link.recv_max:  # ops and tag too long for its header receive
-            return self._encode(link, ops, tag), 2, False
         total = sum(nb for *_, nb in rows)
-        packed = not self._cuda and total <= _INLINE_MAX and hlen + total <= link.recv_max
+        packed = pack and not self._cuda and total <= _INLINE_MAX and hlen + total <= link.recv_max
         kind = _WRITE_ALL if packed else _WRITE_HEAD
         head = torch.frombuffer(
             bytearray(_PRE.pack(_MAGIC, kind, len(rows), len(tb)) + body), dtype=torch.uint8
@@ -385,11 +483,11 @@ class TorchTransport(Transport):
         self._stop(link)
 
     def _stop(self, link: _Link) -> None:
-        """Queue our STOP behind the writes already queued; once per link."""
-        with self._mu:
+        """Queue our STOP behind the writes already queued or posted; once per link."""
+        with link.post_mu, self._mu:
             if not link.sent_stop:
                 link.sent_stop = True
-                link.jobs.put((None, None, 0.0, 0, False))
+                link.jobs.put((_STOPJOB, None, None, 0.0))
 
     def _quiesce(self, links: list[_Link], timeout: float) -> bool:
         """Wait (bounded) for the links' threads to end; True once none receives into a pool."""
@@ -411,30 +509,45 @@ class TorchTransport(Transport):
         if self._cuda:
             torch.cuda.set_device(self._device)
         while True:
-            msgs, fut, deadline, nhead, packed = link.jobs.get()
-            if msgs is None:  # our last message on this link
+            kind, item, fut, deadline = link.jobs.get()
+            if kind == _STOPJOB:  # our last message on this link (and the padding, frame 3)
                 stop = torch.tensor([_MAGIC, _STOP, 0, 0], dtype=torch.int64)
                 try:
-                    self._wait([dist.isend(stop, dst=link.rank, group=self._ctl, tag=link.tag)])
+                    self._wait(
+                        [
+                            dist.isend(stop, dst=link.rank, group=self._ctl, tag=link.tag)
+                            for _ in range(link.ring)
+                        ]
+                    )
                 except Exception as e:
                     _log.debug("torch transport: STOP not delivered", rank=link.rank, error=str(e))
                 return
+            if kind == _REAP:  # a write posted on the loop's turn: wait for it to end
+                try:
+                    self._wait(item)
+                except Exception as e:
+                    self._break(link, f"send to rank {link.rank}: {e}")
+                finally:
+                    link.reaped += 1
+                continue
             assert fut is not None
             try:
                 with self._mu:
                     if link.peer_id is None or link.error:
                         raise _err(f"peer gone before the write started: {link.error or 'removed'}")
-                if packed:  # the payload appended to the header: one message
-                    msgs = [torch.cat(msgs)]
                 check_deadline(deadline, f"torch transport: write to rank {link.rank}")
-                works = [
-                    dist.isend(t, dst=link.rank, group=self._ctl, tag=link.tag)
-                    for t in msgs[:nhead]
-                ]
-                works += [
-                    dist.isend(t, dst=link.rank, group=self._data, tag=link.tag + 1)
-                    for t in msgs[nhead:]
-                ]
+                works = []
+                for msgs, nhead, packed in item:
+                    if packed:  # the payload appended to the header: one message
+                        msgs = [torch.cat(msgs)]
+                    works += [
+                        dist.isend(t, dst=link.rank, group=self._ctl, tag=link.tag)
+                        for t in msgs[:nhead]
+                    ]
+                    works += [
+                        dist.isend(t, dst=link.rank, group=self._data, tag=link.tag + 1)
+                        for t in msgs[nhead:]
+                    ]
                 self._wait(works)
                 self._post(_settle, fut, None)
             except Exception as e:
@@ -447,7 +560,7 @@ class TorchTransport(Transport):
         if self._cuda:
             torch.cuda.set_device(self._device)
         try:
-            if link.frame >= _FRAME:
+            if link.frame >= 2:
                 self._receive_frames(link)
             else:
                 pre = torch.empty(4, dtype=torch.int64)
@@ -457,47 +570,76 @@ class TorchTransport(Transport):
             self._break(link, f"receive from rank {link.rank} failed: {exc}")
 
     def _receive_frames(self, link: _Link) -> None:
-        """A frame-2 peer's writes (and the frame-1 ones it still sends for long headers).
-        Each header is received into one of two buffers of ``_RECV_MAX`` bytes; once its kind is
-        known the next header's receive is posted into the other, before this write is handled,
-        so the sender never waits on us to post it (a gloo send waits for its receive)."""
-        bufs = [torch.empty(_RECV_MAX, dtype=torch.uint8) for _ in range(2)]
+        """A frame-2 or frame-3 peer's writes, each header received into a buffer of
+        ``_RECV_MAX`` bytes. Frame 3: ``_RING`` receives stay posted, each posted again once
+        its write is handled; the peer's STOP is followed by its padding for the rest. Frame 2
+        (the peer may send a frame-1 write, whose body follows its header on the same tag):
+        one receive, the next posted into the other buffer once the header's kind allows,
+        before its write is handled. Either way the sender does not wait on us to post a
+        receive (a gloo send waits for its receive) while we handle a write."""
+        early = link.frame < 3
+        bufs = [torch.empty(_RECV_MAX, dtype=torch.uint8) for _ in range(2 if early else _RING)]
         raws = [b.numpy() for b in bufs]
-        mems = [r.data for r in raws]
-        k = 0
-        work = dist.irecv(bufs[k], src=link.rank, group=self._ctl, tag=self._tag)
-        while True:
-            self._wait([work])
-            buf, raw = bufs[k], raws[k]
-            magic, kind, n, tlen = _PRE.unpack_from(mems[k], 0)
-            if magic != _MAGIC or kind not in (_WRITE, _STOP, _WRITE_HEAD, _WRITE_ALL):
-                raise _err(f"not a header: {[magic, kind, n, tlen]}")
-            if kind == _STOP:
-                self._break(link, f"rank {link.rank} closed the link", quiet=True)
-                self._stop(link)
-                return
-            if not (0 < n <= _MAX_OPS and 0 <= tlen <= _MAX_TAG):
-                raise _err(f"a header announces {n} ops and a {tlen}-byte tag")
-            end = _PRE.size + 24 * n + tlen
-            if kind == _WRITE:  # frame 1: the body is a message of its own
-                body_t = torch.empty(24 * n + tlen, dtype=torch.uint8)
-                self._wait([dist.irecv(body_t, src=link.rank, group=self._ctl, tag=self._tag)])
-                body, payload = body_t.numpy(), None
-            elif end > _RECV_MAX or (kind == _WRITE_ALL and self._cuda):
-                raise _err(f"a header of kind {kind} this receiver cannot take")
-            else:
-                body = raw[_PRE.size : end]
-                payload = buf[end:] if kind == _WRITE_ALL else None
-            ops = body[: 24 * n].view(np.int64).reshape(n, 3).tolist()
-            tag = body[24 * n :].tobytes().decode("utf-8", "replace")
-            if payload is not None and sum(nb for *_, nb in ops) > payload.numel():
-                raise _err(f"write {tag!r}: its ops run past the message")
-            if kind != _WRITE:  # the next header goes to the other buffer, posted now
-                k ^= 1
-                work = dist.irecv(bufs[k], src=link.rank, group=self._ctl, tag=self._tag)
-            self._handle_write(link, ops, tag, payload)
-            if kind == _WRITE:
-                work = dist.irecv(bufs[k], src=link.rank, group=self._ctl, tag=self._tag)
+        posted: deque[tuple[int, Any]] = deque()
+        spare = deque(range(len(bufs)))
+
+        def post(k: int) -> None:
+            posted.append((k, dist.irecv(bufs[k], src=link.rank, group=self._ctl, tag=self._tag)))
+
+        for _ in range(1 if early else len(bufs)):
+            post(spare.popleft())
+        try:
+            while True:
+                k, work = posted[0]
+                self._wait([work])
+                posted.popleft()
+                head = self._header(link, bufs[k], raws[k], early)
+                if head is None:  # the peer's STOP
+                    self._wait([w for _, w in posted])  # its padding: nothing stays posted
+                    posted.clear()
+                    return
+                kind, ops, tag, payload = head
+                if early and kind != _WRITE:
+                    post(spare.popleft())
+                    self._handle_write(link, ops, tag, payload)
+                    spare.append(k)
+                else:
+                    self._handle_write(link, ops, tag, payload)
+                    post(k)
+        finally:  # gloo may still fill what is posted: keep it alive
+            link.stale = [*(w for _, w in posted), *bufs] if posted else []
+
+    def _header(
+        self, link: _Link, buf: torch.Tensor, raw: np.ndarray[Any, Any], early: bool
+    ) -> tuple[int, list[list[int]], str, torch.Tensor | None] | None:
+        """The write whose header arrived in ``buf``: its kind, ops, tag and (WRITE_ALL) its
+        payload, still in ``buf``; None for the peer's STOP."""
+        magic, kind, n, tlen = _PRE.unpack_from(raw.data, 0)
+        if magic != _MAGIC or kind not in (_WRITE, _STOP, _WRITE_HEAD, _WRITE_ALL):
+            raise _err(f"not a header: {[magic, kind, n, tlen]}")
+        if kind == _STOP:
+            self._break(link, f"rank {link.rank} closed the link", quiet=True)
+            self._stop(link)
+            return None
+        if not (0 < n <= _MAX_OPS and 0 <= tlen <= _MAX_TAG):
+            raise _err(f"a header announces {n} ops and a {tlen}-byte tag")
+        end = _PRE.size + 24 * n + tlen
+        if kind == _WRITE:  # frame 1: the body is a message of its own
+            if not early:
+                raise _err("a frame-1 write from a peer that speaks frame 3")
+            body_t = torch.empty(24 * n + tlen, dtype=torch.uint8)
+            self._wait([dist.irecv(body_t, src=link.rank, group=self._ctl, tag=self._tag)])
+            body, payload = body_t.numpy(), None
+        elif end > _RECV_MAX or (kind == _WRITE_ALL and self._cuda):
+            raise _err(f"a header of kind {kind} this receiver cannot take")
+        else:
+            body = raw[_PRE.size : end]
+            payload = buf[end:] if kind == _WRITE_ALL else None
+        ops = body[: 24 * n].view(np.int64).reshape(n, 3).tolist()
+        tag = body[24 * n :].tobytes().decode("utf-8", "replace")
+        if payload is not None and sum(nb for *_, nb in ops) > payload.numel():
+            raise _err(f"write {tag!r}: its ops run past the message")
+        return kind, ops, tag, payload
 
     def _receive_one(self, link: _Link, pre: torch.Tensor) -> bool:
         self._wait([dist.irecv(pre, src=link.rank, group=self._ctl, tag=self._tag)])
