@@ -479,6 +479,9 @@ class TorchTransport(Transport):
     def _retire(self, link: _Link, reason: str) -> None:
         with self._mu:
             link.peer_id = None
+        if link.watchdog is not None:  # on the loop: nothing is posted at once any more
+            link.watchdog.cancel()
+            link.watchdog = None
         self._fail(link, reason)
         self._stop(link)
 
