@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 bench/bench_transfer.py --transport nixl|torch|tcp|mooncake
              [--sizes 256,1024,2048,8192] [--reps 20] [--reps-large 10] [--warmup 3]
              [--small-n 400] [--small-conc 1,32] [--json PATH] [--plot PATH]
+             [--gc default|freeze]
              [--trace PATH] [--switch-interval MS]     (profiling aids, off by default)
 
 Rank 0 is the encode side (an ``EncodeNode``), rank 1 the language side (a ``LanguageNode``);
@@ -79,6 +80,7 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import datetime as dt
+import gc
 import itertools
 import json
 import os
@@ -973,6 +975,16 @@ class EncodeSide:
         return {"cpu_s": cpu_seconds()}
 
 
+def settle_gc(args: argparse.Namespace) -> None:
+    """``--gc freeze``: once this rank's nodes run, move everything alive into the collector's
+    permanent generation (``gc.freeze()``), as vLLM and SGLang do after start-up and as
+    ``python -m emtransfer serve`` does by default: a full collection then scans only what was
+    made since, not torch's and the engines' start-up objects."""
+    if args.gc == "freeze":
+        gc.collect()
+        gc.freeze()
+
+
 async def run_encode(args: argparse.Namespace) -> None:
     nodes = {
         "big": et.EncodeNode(big_settings(args), control="tcp"),
@@ -993,6 +1005,7 @@ async def run_encode(args: argparse.Namespace) -> None:
     try:
         for node in nodes.values():
             await node.start()
+        settle_gc(args)
         side.started.set_result(None)
         coord = await asyncio.wait_for(connected, 120)
         done, _ = await asyncio.wait([side.done, coord.closed], return_when=asyncio.FIRST_COMPLETED)
@@ -1335,6 +1348,7 @@ async def run_language(args: argparse.Namespace) -> dict[str, Any]:
         await coord.call("started")  # rank 0's nodes may still be starting (torch: after ours)
         await side.setup("big", f"{args.host}:{args.port + 2}")
         await side.setup("small", f"{args.host}:{args.port + 3}")
+        settle_gc(args)
         result["payloads"] = []
         for tokens in args.sizes:
             row = await side.big_payload(tokens)
@@ -1738,6 +1752,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="profiling aid: sys.setswitchinterval in ms on both ranks (default: Python's 5 ms)",
     )
     ap.add_argument(
+        "--gc",
+        default="default",
+        choices=("default", "freeze"),
+        help="freeze: gc.freeze() on both ranks once their nodes run, as serving engines do",
+    )
+    ap.add_argument(
         "--trace",
         type=Path,
         default=None,
@@ -1789,6 +1809,7 @@ def main() -> int:
             mooncake_version = version("mooncake-transfer-engine-non-cuda")
     result["config"] = {
         "transport": args.transport,
+        "gc": args.gc,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "torchrun --nproc-per-node 2 " + " ".join(sys.argv),
         "host": platform.node(),
