@@ -42,6 +42,7 @@ _MAGIC, _WRITE, _STOP = 0x454D54, 1, 2
 #: frame 2: the preamble and body in one message, then the payloads (WRITE_HEAD), or all of it
 #: in one message (WRITE_ALL, CPU pools): fewer gloo rendezvous
 _WRITE_HEAD, _WRITE_ALL = 3, 4
+_KINDS = (_WRITE, _STOP, _WRITE_HEAD, _WRITE_ALL)  # what a frame-2 or frame-3 header may be
 #: the framing this end speaks; a link uses the lower of both ends'. 1: preamble, body and
 #: payloads as separate messages. 2: WRITE_HEAD / WRITE_ALL; a header too long for the peer's
 #: receive goes as frame 1. 3: as 2, but the receiver keeps ``ring`` header receives posted (a
@@ -295,7 +296,7 @@ class TorchTransport(Transport):
             return self._queue(link, parts, tag, deadline)
         msg = torch.cat(parts[0][0])
         with link.post_mu:
-            if link.error or link.sent_stop or link.peer_id is None:
+            if link.error or link.sent_stop:  # a removed peer is not in _peers any more
                 raise _err(f"peer {peer_id!r} is unusable: {link.error or 'stopped'}")
             check_deadline(deadline, f"torch transport: write to rank {link.rank}")
             work = dist.isend(msg, dst=link.rank, group=self._ctl, tag=link.tag)
@@ -617,15 +618,9 @@ class TorchTransport(Transport):
     ) -> tuple[int, list[list[int]], str, torch.Tensor | None] | None:
         """The write whose header arrived in ``buf``: its kind, ops, tag and (WRITE_ALL) its
         payload, still in ``buf``; None for the peer's STOP."""
-        magic, kind, n, tlen = _PRE.unpack_from(raw.data, 0)
-        if magic != _MAGIC or kind not in (_WRITE, _STOP, _WRITE_HEAD, _WRITE_ALL):
-            raise _err(f"not a header: {[magic, kind, n, tlen]}")
-        if kind == _STOP:
-            self._break(link, f"rank {link.rank} closed the link", quiet=True)
-            self._stop(link)
+        _, kind, n, tlen = pre = _PRE.unpack_from(raw.data, 0)
+        if not self._preamble(link, pre, _KINDS):
             return None
-        if not (0 < n <= _MAX_OPS and 0 <= tlen <= _MAX_TAG):
-            raise _err(f"a header announces {n} ops and a {tlen}-byte tag")
         end = _PRE.size + 24 * n + tlen
         if kind == _WRITE:  # frame 1: the body is a message of its own
             if not early:
@@ -644,17 +639,25 @@ class TorchTransport(Transport):
             raise _err(f"write {tag!r}: its ops run past the message")
         return kind, ops, tag, payload
 
-    def _receive_one(self, link: _Link, pre: torch.Tensor) -> bool:
-        self._wait([dist.irecv(pre, src=link.rank, group=self._ctl, tag=self._tag)])
-        magic, kind, n, tlen = pre.tolist()
-        if magic != _MAGIC or kind not in (_WRITE, _STOP):
-            raise _err(f"not a header: {[magic, kind, n, tlen]}")
+    def _preamble(self, link: _Link, pre: Sequence[int], kinds: tuple[int, ...]) -> bool:
+        """Check a header's preamble (magic, kind among ``kinds``, ops, tag bytes); False for
+        the peer's STOP, answered with ours; raises for one this receiver cannot follow."""
+        magic, kind, n, tlen = pre
+        if magic != _MAGIC or kind not in kinds:
+            raise _err(f"not a header: {list(pre)}")
         if kind == _STOP:
             self._break(link, f"rank {link.rank} closed the link", quiet=True)
             self._stop(link)
             return False
         if not (0 < n <= _MAX_OPS and 0 <= tlen <= _MAX_TAG):
             raise _err(f"a header announces {n} ops and a {tlen}-byte tag")
+        return True
+
+    def _receive_one(self, link: _Link, pre: torch.Tensor) -> bool:
+        self._wait([dist.irecv(pre, src=link.rank, group=self._ctl, tag=self._tag)])
+        _, _, n, tlen = pream = pre.tolist()
+        if not self._preamble(link, pream, (_WRITE, _STOP)):
+            return False
         body = torch.empty(24 * n + tlen, dtype=torch.uint8)
         self._wait([dist.irecv(body, src=link.rank, group=self._ctl, tag=self._tag)])
         ops: list[list[int]] = body[: 24 * n].view(torch.int64).view(n, 3).tolist()
